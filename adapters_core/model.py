@@ -23,7 +23,7 @@ import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -272,7 +272,7 @@ class AdapterModel(nn.Module):
         plan = []
         for key, value in tensors.items():
             param = live_by_peft_name.get(key)
-            allowed = key.endswith(".bias") and config.bias != "none" or key.endswith("base_layer.weight")
+            allowed = (key.endswith(".bias") and config.bias != "none") or key.endswith("base_layer.weight")
             if param is None or not allowed:
                 raise AdapterMismatchError(f"unexpected key {peft_format.KEY_PREFIX}{key} in adapter file")
             if tuple(param.shape) != tuple(value.shape):
@@ -309,7 +309,11 @@ class AdapterModel(nn.Module):
         self._refresh_bias_trainability()
 
     def _refresh_bias_trainability(self) -> None:
-        modes = {self.peft_config[n].bias for n in self.state.active if n in self._trainable and n in self.peft_config}
+        modes = {
+            getattr(self.peft_config[n], "bias", "none")
+            for n in self.state.active
+            if n in self._trainable and n in self.peft_config
+        }
         if not modes - {"none"}:
             return
         for pname, p in self.model.named_parameters():
@@ -397,7 +401,7 @@ class AdapterModel(nn.Module):
         for target in self._targets[name]:
             layer = self._layers[target]
             if layer.info.kind == "embedding":
-                out[f"{prefix}{target}.base_layer.weight"] = layer.base_layer.weight.detach()
+                out[f"{prefix}{target}.base_layer.weight"] = layer.weight.detach()
         return out
 
     def save_adapter(self, directory: str | Path, name: str) -> Path:
@@ -512,7 +516,7 @@ class AdapterModel(nn.Module):
             repeat = max(int(kwargs.get("num_beams", 1) or 1), 1) * max(int(kwargs.get("num_return_sequences", 1) or 1), 1)
             adapter_names = [n for n in adapter_names for _ in range(repeat)]
         with self.route_rows(adapter_names):
-            return self.model.generate(*args, **kwargs)
+            return cast(Any, self.model).generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ introspection
     def trainable_parameters(self) -> list[nn.Parameter]:

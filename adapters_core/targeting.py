@@ -122,7 +122,8 @@ def find_targets(
     """
     spec = resolve_target_spec(config, model)
     modules = candidate_modules(model, wrapper_types)
-    output_embedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_output = getattr(model, "get_output_embeddings", None)
+    output_embedding = get_output() if callable(get_output) else None
     if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
         spec = sorted(
             name

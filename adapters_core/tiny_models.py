@@ -102,7 +102,7 @@ def _token_ids(tok_dir: Path) -> tuple[int, dict[str, int]]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    ids = {t: int(tok.convert_tokens_to_ids(t)) for t in SPECIAL_TOKENS}
+    ids = {t: int(tok.get_vocab()[t]) for t in SPECIAL_TOKENS}
     return len(tok), ids
 
 
@@ -171,7 +171,8 @@ def ensure_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0) -
     if marker.exists() and json.loads(marker.read_text()) == {"arch": arch, "seed": seed}:
         return out
     logger.info("building tiny %s base model in %s (seed %d)", arch, out, seed)
-    builders = {"llama": build_tiny_llama, "gpt2": build_tiny_gpt2}
-    if arch not in builders:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {sorted(builders)}")
-    return builders[arch](out, seed=seed)
+    if arch == "llama":
+        return build_tiny_llama(out, seed=seed)
+    if arch == "gpt2":
+        return build_tiny_gpt2(out, seed=seed)
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose 'llama' or 'gpt2'")

@@ -47,7 +47,7 @@ def _conv1d(module: nn.Module) -> BaseLayerInfo | None:
 
 def _bitsandbytes(module: nn.Module) -> BaseLayerInfo | None:
     if quant.is_quantized(module):
-        return BaseLayerInfo("linear", int(module.in_features), int(module.out_features), False, True)
+        return BaseLayerInfo("linear", int(getattr(module, "in_features")), int(getattr(module, "out_features")), False, True)
     return None
 
 

@@ -101,8 +101,8 @@ class LoraConfig(AdapterConfig):
         for key, value in self.rank_pattern.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer", field="rank_pattern")
-        for key, value in self.alpha_pattern.items():
-            if isinstance(value, bool) or not isinstance(value, int | float):
+        for key, alpha in self.alpha_pattern.items():
+            if isinstance(alpha, bool) or not isinstance(alpha, int | float):
                 raise ConfigError(f"alpha_pattern[{key!r}] must be a number", field="alpha_pattern")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError(

@@ -12,7 +12,7 @@ matmuls, DoRA rows included) at inference, or through per-adapter row groups whe
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -237,14 +237,14 @@ class LoraLayer(nn.Module):
             return self._bank_forward(x, result, rows.slots)
         for name in state.active:
             if name in self.specs:
-                result = self._apply(name, x, result)
+                result = self._add_adapter_output(name, x, result)
         return result
 
     def _lora_hidden(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``A(dropout(x))`` for linear layers, ``A``-row lookup for embeddings."""
         a = self.lora_A[name]
         if self.info.kind == "embedding":
-            base = self.base_layer
+            base = cast(nn.Embedding, self.base_layer)
             return F.embedding(
                 x, a.t(), padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
                 scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
@@ -254,7 +254,7 @@ class LoraLayer(nn.Module):
             x = dropout(x)
         return F.linear(x.to(a.dtype), a)
 
-    def _apply(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def _add_adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``result`` (the base output for these rows) plus adapter ``name``'s contribution."""
         spec = self.specs[name]
         b = self.lora_B[name]
@@ -304,7 +304,7 @@ class LoraLayer(nn.Module):
         out = result.clone()
         for name, rows in groups.items():
             idx = torch.tensor(rows, device=x.device)
-            out[idx] = self._apply(name, x[idx], result[idx])
+            out[idx] = self._add_adapter_output(name, x[idx], result[idx])
         return out
 
     def _bank_forward(self, x: torch.Tensor, result: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""AdapterForge HTTP service (FastAPI): API, SQL registry, artifact store, serving. Arrives in its own issue."""
