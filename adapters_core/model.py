@@ -44,7 +44,7 @@ from adapters_core.methods.lora.config import LoraConfig
 from adapters_core.methods.lora.layer import LoraLayer
 from adapters_core.modules_to_save import ModulesToSaveWrapper
 from adapters_core.state import BASE_ADAPTER, AdapterState, RowRouting
-from adapters_core.targeting import find_targets
+from adapters_core.targeting import candidate_modules, find_targets
 
 logger = logging.getLogger(__name__)
 
@@ -146,10 +146,9 @@ class AdapterModel(nn.Module):
     def _inject(self, name: str, config: LoraConfig, *, initialise: bool, dtype: torch.dtype) -> None:
         """Wrap the targeted modules (if not yet wrapped) and create adapter ``name`` on them."""
         self._check_new_name(name)
-        targets, spec = find_targets(
-            self.model, config, is_linear_like=base_layers.is_linear_like, wrapper_types=(LoraLayer, ModulesToSaveWrapper)
-        )
-        modules = dict(self.model.named_modules())
+        wrappers = (LoraLayer, ModulesToSaveWrapper)
+        targets, spec = find_targets(self.model, config, is_linear_like=base_layers.is_linear_like, wrapper_types=wrappers)
+        modules = dict(candidate_modules(self.model, wrappers))
         infos = {}
         for target in targets:
             module = modules[target]
@@ -191,9 +190,11 @@ class AdapterModel(nn.Module):
 
     def _find_modules_to_save(self, config: LoraConfig) -> list[str]:
         wanted = config.modules_to_save or []
+        if not wanted:
+            return []
         found = []
-        for module_name, module in self.model.named_modules():
-            if isinstance(module, LoraLayer) or ".original_module" in module_name or ".modules_to_save." in module_name:
+        for module_name, module in candidate_modules(self.model, (LoraLayer, ModulesToSaveWrapper)):
+            if isinstance(module, LoraLayer):
                 continue
             if any(module_name == m or module_name.endswith("." + m) for m in wanted):
                 found.append(module_name)
@@ -309,18 +310,18 @@ class AdapterModel(nn.Module):
         self._refresh_bias_trainability()
 
     def _refresh_bias_trainability(self) -> None:
+        """Base biases are trainable while an active trainable adapter has ``bias`` "all"/"lora_only"."""
+        if all(getattr(c, "bias", "none") == "none" for c in self.peft_config.values()):
+            return
         modes = {
             getattr(self.peft_config[n], "bias", "none")
             for n in self.state.active
             if n in self._trainable and n in self.peft_config
         }
-        if not modes - {"none"}:
-            return
         for pname, p in self.model.named_parameters():
             if not pname.endswith(".bias") or ".lora_" in pname or ".modules_to_save." in pname:
                 continue
-            if "all" in modes or ("lora_only" in modes and ".base_layer." in pname):
-                p.requires_grad_(True)
+            p.requires_grad_("all" in modes or ("lora_only" in modes and ".base_layer." in pname))
 
     def _require(self, name: str) -> None:
         if name not in self.peft_config:

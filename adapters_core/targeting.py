@@ -96,15 +96,18 @@ def resolve_target_spec(config: Any, model: nn.Module) -> str | list[str]:
 
 
 def candidate_modules(model: nn.Module, skip: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
-    """Named modules that may be targeted: everything except the insides of adapter wrappers."""
+    """Named modules that may be targeted: every module, without descending into adapter wrappers."""
     out: list[tuple[str, nn.Module]] = []
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if inside and any(name.startswith(p + ".") for p in inside):
-            continue
-        out.append((name, module))
-        if isinstance(module, skip):
-            inside.append(name)
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        out.append((prefix, module))
+        if skip and isinstance(module, skip):
+            return
+        for child_name, child in module._modules.items():
+            if child is not None:
+                walk(f"{prefix}.{child_name}" if prefix else child_name, child)
+
+    walk("", model)
     return out
 
 
@@ -125,11 +128,13 @@ def find_targets(
     get_output = getattr(model, "get_output_embeddings", None)
     output_embedding = get_output() if callable(get_output) else None
     if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
+        def unwrap(module: nn.Module) -> nn.Module:
+            return getattr(module, "base_layer", module) if wrapper_types and isinstance(module, wrapper_types) else module
+
         spec = sorted(
             name
             for name, module in modules
-            if name and is_linear_like(module) and module is not output_embedding
-            and not (wrapper_types and isinstance(module, wrapper_types) and not is_linear_like(module))
+            if name and is_linear_like(unwrap(module)) and unwrap(module) is not output_embedding
         )
         if not spec:
             raise TargetModulesNotFoundError("target_modules='all-linear' found no linear layer in the model")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -47,7 +47,8 @@ def _conv1d(module: nn.Module) -> BaseLayerInfo | None:
 
 def _bitsandbytes(module: nn.Module) -> BaseLayerInfo | None:
     if quant.is_quantized(module):
-        return BaseLayerInfo("linear", int(getattr(module, "in_features")), int(getattr(module, "out_features")), False, True)
+        linear = cast(nn.Linear, module)  # bitsandbytes layers subclass nn.Linear
+        return BaseLayerInfo("linear", linear.in_features, linear.out_features, False, True)
     return None
 
 

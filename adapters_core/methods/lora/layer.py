@@ -114,7 +114,8 @@ class LoraLayer(nn.Module):
         self.lora_B[name] = nn.Parameter(b.to(dtype=dtype, device=device))
         if config.lora_bias:
             self.lora_B_bias[name] = nn.Parameter(torch.zeros(info.out_features, dtype=dtype, device=device))
-        self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        if config.lora_dropout > 0:
+            self.lora_dropout[name] = nn.Dropout(config.lora_dropout)
         self.specs[name] = LoraAdapterSpec(r, alpha, scaling, config.use_dora, config.lora_bias)
         if config.use_dora:
             norm = self._dora_norm(name) if initialise else torch.empty(info.out_features)
@@ -249,9 +250,8 @@ class LoraLayer(nn.Module):
                 x, a.t(), padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
                 scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
             )
-        dropout = self.lora_dropout[name]
-        if self.training and not isinstance(dropout, nn.Identity):
-            x = dropout(x)
+        if self.training and name in self.lora_dropout:
+            x = self.lora_dropout[name](x)
         return F.linear(x.to(a.dtype), a)
 
     def _add_adapter_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -278,13 +278,12 @@ class LoraLayer(nn.Module):
 
     def _apply_dora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         spec = self.specs[name]
-        dropout = self.lora_dropout[name]
         needs_grad = torch.is_grad_enabled() and self.lora_A[name].requires_grad
         norm = self._dora_norm(name) if needs_grad else self._dora_norm_cached(name)
         mag = (self.lora_magnitude_vector[name] / norm).view(1, -1)
         bias = getattr(self.base_layer, "bias", None)
-        if self.training and not isinstance(dropout, nn.Identity):
-            x = dropout(x)
+        if self.training and name in self.lora_dropout:
+            x = self.lora_dropout[name](x)
             base_out = F.linear(x.to(result.dtype), self.base_weight().to(result.dtype))
         else:
             base_out = result - bias if bias is not None else result
