@@ -302,11 +302,15 @@ class AdapterModel(nn.Module):
 
     def _refresh_requires_grad(self) -> None:
         active = set(self.state.active)
+        changed = False
         for name, params in self._params.items():
             flag = name in active and name in self._trainable
             if params and params[0].requires_grad != flag:
+                changed = True
                 for p in params:
                     p.requires_grad_(flag)
+        if changed:  # layers cache which adapter tensors can change in place
+            self.state.epoch += 1
         self._refresh_bias_trainability()
 
     def _refresh_bias_trainability(self) -> None:

@@ -62,6 +62,7 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self._merge_norms: dict[str, torch.Tensor] = {}
         self._bank: LoraBank | None = None
+        self._routing_cache: tuple[int, frozenset[int], tuple[nn.Parameter, ...]] | None = None
         self._dora_norm_cache: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ adapters
@@ -209,8 +210,8 @@ class LoraLayer(nn.Module):
 
     def _dora_norm_cached(self, name: str) -> torch.Tensor:
         """``_dora_norm`` reused while neither A, B nor the base weight changed (never under grad)."""
-        a, b, w = self.lora_A[name], self.lora_B[name], self.base_layer.weight
-        key = (a._version, b._version, w._version, id(w))
+        a, b, w = self.lora_A[name], self.lora_B[name], self.weight
+        key = (_version(a), _version(b), _version(w), id(w))
         hit = self._dora_norm_cache.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -226,7 +227,7 @@ class LoraLayer(nn.Module):
             return result
         rows = state.rows
         if rows is not None:
-            if not rows.slot_set.intersection(state.slots[n] for n in self.specs):
+            if rows.slot_set.isdisjoint(self._routing_facts()[1]):
                 return result
             if x.shape[0] != rows.batch_size:
                 raise AdapterStateError(
@@ -310,11 +311,29 @@ class LoraLayer(nn.Module):
         bank = self._current_bank()
         return bank.apply(x, result, slots.to(x.device), embedding=self.base_layer if self.info.kind == "embedding" else None)
 
+    def _routing_facts(self) -> tuple[int, frozenset[int], tuple[nn.Parameter, ...]]:
+        """``(epoch, slot ids on this layer, parameters that may change in place)``, cached per epoch.
+
+        Only trainable (``requires_grad``) adapter tensors can be changed by an optimizer; every other
+        change (add, load, delete, merge, trainability) goes through the model and bumps the epoch.
+        """
+        state = self._state
+        cached = self._routing_cache
+        if cached is None or cached[0] != state.epoch:
+            slots = frozenset(state.slots[n] for n in self.specs)
+            mutable = tuple(p for n in self.specs for p in self.parameters_of(n) if p.requires_grad)
+            cached = (state.epoch, slots, mutable)
+            self._routing_cache = cached
+        return cached
+
     def _current_bank(self) -> LoraBank:
         """The stacked per-slot weights, rebuilt when an adapter or a weight changed."""
         state = self._state
-        signature = (state.epoch, *(p._version for n in self.specs for p in self.parameters_of(n)),
-                     self.base_layer.weight._version)
+        signature = (
+            state.epoch,
+            *(_version(p) for p in self._routing_facts()[2]),
+            _version(self.weight),
+        )
         bank = self._bank
         if bank is None or bank.signature != signature:
             with torch.no_grad():
@@ -387,3 +406,12 @@ class LoraLayer(nn.Module):
             if spec.lora_bias:
                 self.base_layer.bias.data -= self.lora_B_bias[name].detach() * spec.scaling
         self._bank = None
+
+
+def _version(t: torch.Tensor) -> int:
+    """In-place modification counter of ``t`` (inference tensors have none and cannot change outside
+    inference mode: -1)."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return -1
