@@ -28,7 +28,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from adapters_core import peft_format
+from adapters_core import peft_format, quant
 from adapters_core.config import AdapterConfig
 from adapters_core.errors import (
     AdapterExistsError,
@@ -240,6 +240,8 @@ class AdapterModel(nn.Module):
             return
         for p in self.model.parameters():
             p.requires_grad_(False)
+        # bitsandbytes' CPU-repacked 4-bit kernel has no backward: restore the layout before grad forwards
+        quant.install_backward_guard(self.model)
         self._base_frozen = True
 
     def _load_tensors(self, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> None:
@@ -529,8 +531,13 @@ class AdapterModel(nn.Module):
 
     def num_trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts."""
-        total = sum(p.numel() for p in self.parameters())
-        return sum(p.numel() for p in self.trainable_parameters()), total
+        total = sum(_numel(p) for p in self.parameters())
+        return sum(_numel(p) for p in self.trainable_parameters()), total
+
+
+def _numel(p: torch.Tensor) -> int:
+    """Number of values in ``p``; bitsandbytes packs two 4-bit values per stored byte."""
+    return p.numel() * 2 if type(p).__name__ == "Params4bit" else p.numel()
 
 
 def _peft_base_name(live_name: str) -> str:

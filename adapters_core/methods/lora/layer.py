@@ -111,6 +111,7 @@ class LoraLayer(nn.Module):
             )
         if new_base is not None:
             base_layers.write_linear_weight(self.base_layer, info, new_base)
+            self._dora_norm_cache.clear()
         self.lora_A[name] = nn.Parameter(a.to(dtype=dtype, device=device))
         self.lora_B[name] = nn.Parameter(b.to(dtype=dtype, device=device))
         if config.lora_bias:
@@ -374,6 +375,7 @@ class LoraLayer(nn.Module):
             if dry_run:
                 continue
             base_layers.write_linear_weight(self.base_layer, self.info, new)
+            self._dora_norm_cache.clear()
             if new_bias is not None:
                 self.base_layer.bias.data = new_bias.to(self.base_layer.bias.dtype)
             if norm is not None:
@@ -401,6 +403,7 @@ class LoraLayer(nn.Module):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             base_layers.write_linear_weight(self.base_layer, self.info, self._unmerge_one(name, self.base_weight()))
+            self._dora_norm_cache.clear()
             self._merge_norms.pop(name, None)
             spec = self.specs[name]
             if spec.lora_bias:
