@@ -55,6 +55,9 @@ class LoraBank:
         out_shape = result.shape
         res3 = result.reshape(result.shape[0], -1, result.shape[-1])
         if self.dora_gain is None and self.bias_scaled is None and res3.dtype == h.dtype:
+            if not torch.is_grad_enabled() and result.is_contiguous():
+                res3.baddbmm_(h, b.transpose(1, 2))  # no autograd graph: accumulate in place
+                return result
             return torch.baddbmm(res3, h, b.transpose(1, 2)).view(out_shape)
         delta = torch.bmm(h, b.transpose(1, 2))
         if self.bias_scaled is not None:

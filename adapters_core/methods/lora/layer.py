@@ -268,7 +268,12 @@ class LoraLayer(nn.Module):
             return result + out.to(result.dtype)
         scale = self._embed_scale(spec.scaling)
         if result.dtype == h.dtype:
-            flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
+            h2 = h.reshape(-1, h.shape[-1])
+            if not torch.is_grad_enabled() and result.is_contiguous():
+                # no autograd graph: accumulate into the fresh base output, saving a full copy of it
+                result.view(-1, result.shape[-1]).addmm_(h2, b.t(), alpha=scale)
+                return result
+            flat = torch.addmm(result.reshape(-1, result.shape[-1]), h2, b.t(), alpha=scale)
             return flat.view(result.shape)
         return result + (F.linear(h, b) * scale).to(result.dtype)
 
