@@ -121,6 +121,7 @@ class AdapterModel(nn.Module):
             self._load_tensors(name, lora, tensors)
         except Exception:
             self._remove(name)
+            self._prune_empty_wrappers()
             raise
         if is_trainable:
             self._trainable.add(name)
@@ -185,6 +186,7 @@ class AdapterModel(nn.Module):
                 self._wrap_saved(module_name).add(name)
         except Exception:
             self._remove(name)
+            self._prune_empty_wrappers()
             raise
         self._params[name] = self._collect_params(name)
 
@@ -214,15 +216,29 @@ class AdapterModel(nn.Module):
             return existing
         base = self.model.get_submodule(module_name)
         layer = LoraLayer(base, info, self.state)
+        layer.train(base.training)  # a model in eval mode stays in eval mode (no LoRA dropout)
         self._set_submodule(module_name, layer)
         self._layers[module_name] = layer
         return layer
+
+    def _prune_empty_wrappers(self) -> None:
+        """Put back the plain base modules of wrappers that hold no adapter (after a failed add/load)."""
+        for module_name, layer in list(self._layers.items()):
+            if not layer.specs and not layer.merged_adapters:
+                self._set_submodule(module_name, layer.base_layer)
+                del self._layers[module_name]
+        for module_name, wrapper in list(self._saved_modules.items()):
+            if not len(wrapper.modules_to_save):
+                self._set_submodule(module_name, wrapper.original_module)
+                del self._saved_modules[module_name]
 
     def _wrap_saved(self, module_name: str) -> ModulesToSaveWrapper:
         existing = self._saved_modules.get(module_name)
         if existing is not None:
             return existing
-        wrapper = ModulesToSaveWrapper(self.model.get_submodule(module_name), self.state)
+        original = self.model.get_submodule(module_name)
+        wrapper = ModulesToSaveWrapper(original, self.state)
+        wrapper.train(original.training)
         self._set_submodule(module_name, wrapper)
         self._saved_modules[module_name] = wrapper
         return wrapper
@@ -404,11 +420,14 @@ class AdapterModel(nn.Module):
                 module = pname[: -len(".base_layer.bias")] if pname.endswith(".base_layer.bias") else None
                 if module in self._targets[name]:
                     out[prefix + peft_name] = p.detach()
-        # HF PEFT saves the full embedding table when an embedding layer is a LoRA target
-        for target in self._targets[name]:
-            layer = self._layers[target]
-            if layer.info.kind == "embedding":
-                out[f"{prefix}{target}.base_layer.weight"] = layer.weight.detach()
+        # HF PEFT saves the input/output embedding tables when `embed_tokens` or `lm_head` is a target
+        if _embedding_is_targeted(config, self._targets[name]):
+            for getter in ("get_input_embeddings", "get_output_embeddings"):
+                fn = getattr(self.model, getter, None)
+                module = fn() if callable(fn) else None
+                for target in self._targets[name]:
+                    if self._layers[target] is module:
+                        out[f"{prefix}{target}.base_layer.weight"] = self._layers[target].weight.detach()
         return out
 
     def save_adapter(self, directory: str | Path, name: str) -> Path:
@@ -419,8 +438,11 @@ class AdapterModel(nn.Module):
     def save_pretrained(self, directory: str | Path, selected_adapters: list[str] | None = None) -> None:
         """HF PEFT's multi-adapter layout: ``default`` in ``directory``, others in ``directory/<name>``."""
         for name in selected_adapters or self.adapters:
-            target = Path(directory) if name == "default" else Path(directory) / name
-            self.save_adapter(target, name)
+            self._require(name)
+            root = name == "default"
+            target = Path(directory) if root else Path(directory) / name
+            config = self.peft_config[name]
+            peft_format.write_adapter(target, config, self.adapter_state_dict(name), readme=root)
 
     # ------------------------------------------------------------------ merging
     @property
@@ -444,9 +466,28 @@ class AdapterModel(nn.Module):
         if safe_merge:
             for layer in self._layers.values():
                 layer.merge(names, safe_merge=True, dry_run=True)
+        self._untie_merge_targets(names)
         for layer in self._layers.values():
             layer.merge(names, safe_merge=False)
         self.state.epoch += 1
+
+    def _untie_merge_targets(self, names: list[str]) -> None:
+        """Give layers about to be merged their own weight when it is tied to another module.
+
+        Merging into ``wte`` of a model whose ``lm_head`` shares the tensor would change the output
+        head too; after untying, merged outputs equal unmerged ones (at the cost of one more table).
+        """
+        owners: dict[int, int] = {}
+        for _, p in self.model.named_parameters(remove_duplicate=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+        for module_name, layer in self._layers.items():
+            weight = layer.weight
+            if owners.get(id(weight), 0) > 1 and any(n in layer.specs for n in names):
+                logger.warning("untying %s.weight from the module(s) sharing it before merging", module_name)
+                layer.base_layer.register_parameter("weight", nn.Parameter(weight.detach().clone(), requires_grad=False))
+                config = getattr(self.model, "config", None)
+                if config is not None and getattr(config, "tie_word_embeddings", False):
+                    config.tie_word_embeddings = False
 
     def unmerge_adapter(self) -> None:
         """Take all merged adapters back out of the base weights."""
@@ -514,6 +555,8 @@ class AdapterModel(nn.Module):
             self.state.rows = previous
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is not None:
+            _check_batch_size(adapter_names, args, kwargs)
         with self.route_rows(adapter_names):
             return self.model(*args, **kwargs)
 
@@ -521,6 +564,7 @@ class AdapterModel(nn.Module):
         """``model.generate`` with optional per-row adapters (rows are repeated for beams/samples)."""
         if adapter_names is not None:
             repeat = max(int(kwargs.get("num_beams", 1) or 1), 1) * max(int(kwargs.get("num_return_sequences", 1) or 1), 1)
+            _check_batch_size(adapter_names, args, kwargs)
             adapter_names = [n for n in adapter_names for _ in range(repeat)]
         with self.route_rows(adapter_names):
             return cast(Any, self.model).generate(*args, **kwargs)
@@ -533,6 +577,27 @@ class AdapterModel(nn.Module):
         """``(trainable, total)`` parameter counts."""
         total = sum(_numel(p) for p in self.parameters())
         return sum(_numel(p) for p in self.trainable_parameters()), total
+
+
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def _embedding_is_targeted(config: LoraConfig, targets: list[str]) -> bool:
+    """HF PEFT's rule for saving embedding tables with an adapter (names, not module types)."""
+    spec = config.target_modules
+    if isinstance(spec, str):
+        return any(re.search(rf"(^|\.){e}$", t) for t in targets for e in EMBEDDING_LAYER_NAMES)
+    return spec is not None and any(e in spec for e in EMBEDDING_LAYER_NAMES)
+
+
+def _check_batch_size(adapter_names: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """``adapter_names`` must name one adapter per row of the batch."""
+    candidates = [*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")]
+    batch = next((c for c in candidates if isinstance(c, torch.Tensor)), None)
+    if batch is not None and batch.dim() > 0 and batch.shape[0] != len(adapter_names):
+        raise AdapterStateError(
+            f"adapter_names has {len(adapter_names)} entries but the batch has {batch.shape[0]} rows"
+        )
 
 
 def _numel(p: torch.Tensor) -> int:

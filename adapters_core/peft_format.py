@@ -62,17 +62,19 @@ def read_adapter(directory: str | Path, *, allow_pickle: bool = False) -> tuple[
     return config, read_adapter_weights(directory, allow_pickle=allow_pickle)
 
 
-def write_adapter(directory: str | Path, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write ``adapter_config.json``, ``adapter_model.safetensors`` and a short README to ``directory``."""
+def write_adapter(
+    directory: str | Path, config: AdapterConfig, tensors: dict[str, torch.Tensor], *, readme: bool = True
+) -> Path:
+    """Write ``adapter_config.json``, ``adapter_model.safetensors`` and (``readme``) a short README."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared storage; clone so every key owns its bytes (as PEFT does)
     owned = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     save_file(owned, str(d / WEIGHTS_NAME), metadata={"format": "pt"})
     config.save(d)
-    readme = d / "README.md"
-    if not readme.exists():
-        readme.write_text(
+    readme_path = d / "README.md"
+    if readme and not readme_path.exists():
+        readme_path.write_text(
             f"# {config.peft_type} adapter\n\nHF PEFT format (`{CONFIG_NAME}` + `{WEIGHTS_NAME}`), written by the "
             f"AdapterForge engine.\nBase model: `{config.base_model_name_or_path}`.\n"
         )
