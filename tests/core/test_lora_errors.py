@@ -270,10 +270,11 @@ def test_adapter_from_bigger_base(
     assert am.adapters == ["big"]
 
 
-def test_failed_load_keeps_other_adapters(
+def test_failed_load_keeps_other_adapters_and_leaves_no_wrappers(
     big_llama_dir: Path, llama_with_a: AdapterModel, tmp_path: Path
 ) -> None:
-    """A failed load next to a loaded adapter: that one keeps working, mixed batches included."""
+    """A failed load next to a loaded adapter: that one keeps working (mixed batches included) and
+    no wrapper module the failed load created is left behind."""
     src = peft_save(
         big_llama_dir,
         tmp_path / "big",
@@ -288,24 +289,8 @@ def test_failed_load_keeps_other_adapters(
     with pytest.raises(AdapterMismatchError):
         am.load_adapter(src, "big")
     snap.assert_same_outputs(am)
-    assert torch.equal(logits_of(am, ids, adapter_names=["a", BASE_ADAPTER, "a"]), rows_before)
-
-
-def test_failed_load_leaves_no_wrappers_behind(
-    big_llama_dir: Path, llama_with_a: AdapterModel, tmp_path: Path
-) -> None:
-    src = peft_save(
-        big_llama_dir,
-        tmp_path / "big",
-        PeftLoraConfig(
-            r=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], init_lora_weights=False
-        ),
-    )
-    am = llama_with_a
-    snap = Snapshot(am, make_ids(am.model))
-    with pytest.raises(AdapterMismatchError):
-        am.load_adapter(src, "big")
     snap.assert_same_structure(am)
+    assert torch.equal(logits_of(am, ids, adapter_names=["a", BASE_ADAPTER, "a"]), rows_before)
 
 
 def test_rank_differs_from_config(good_dir: Path, llama: AdapterModel, tmp_path: Path) -> None:
