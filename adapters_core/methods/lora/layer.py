@@ -234,8 +234,8 @@ class LoraLayer(nn.Module):
                 raise AdapterStateError(
                     f"adapter_names has {rows.batch_size} entries but the batch has {x.shape[0]} rows"
                 )
-            grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.lora_A.values())
-            if grad or self.training:
+            trainable = self._routing_facts()[2]
+            if self.training or (torch.is_grad_enabled() and trainable):
                 return self._grouped_forward(x, result, rows.names)
             return self._bank_forward(x, result, rows.slots)
         for name in state.active:
