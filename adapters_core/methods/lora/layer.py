@@ -140,8 +140,8 @@ class LoraLayer(nn.Module):
         return [store[name] for store in stores if name in store]
 
     # ------------------------------------------------------------------ PEFT state dict
-    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        """Tensors of adapter ``name`` under HF PEFT's key suffixes (adapter name removed)."""
+    def _peft_params(self, name: str) -> dict[str, nn.Parameter]:
+        """Adapter ``name``'s parameters keyed by HF PEFT's key suffixes (adapter name removed)."""
         emb = self.info.kind == "embedding"
         out = {
             ("lora_embedding_A" if emb else "lora_A.weight"): self.lora_A[name],
@@ -151,37 +151,29 @@ class LoraLayer(nn.Module):
             out["lora_B.bias"] = self.lora_B_bias[name]
         if name in self.lora_magnitude_vector:
             out["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
-        return {k: v.detach() for k, v in out.items()}
+        return out
 
-    def expected_shapes(self, name: str) -> dict[str, tuple[int, ...]]:
-        """Shapes each PEFT key of adapter ``name`` must have on this layer."""
-        return {k: tuple(v.shape) for k, v in self.adapter_state_dict(name).items()}
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """Tensors of adapter ``name`` under HF PEFT's key suffixes."""
+        return {k: v.detach() for k, v in self._peft_params(name).items()}
 
     def load_tensors(self, name: str, tensors: dict[str, torch.Tensor], module_name: str) -> None:
-        """Copy PEFT-keyed ``tensors`` into adapter ``name`` (shapes checked first, nothing half-written)."""
-        expected = self.expected_shapes(name)
+        """Copy PEFT-keyed ``tensors`` into adapter ``name`` (all checked first, nothing half-written)."""
+        params = self._peft_params(name)
         for key, tensor in tensors.items():
-            if key not in expected:
+            if key not in params:
                 raise AdapterMismatchError(f"unexpected key {module_name}.{key} for this adapter config")
-            if tuple(tensor.shape) != expected[key]:
+            expected = tuple(params[key].shape)
+            if tuple(tensor.shape) != expected:
                 raise AdapterMismatchError(
                     f"shape mismatch for {module_name}.{key}: file has {tuple(tensor.shape)}, this base model "
-                    f"needs {expected[key]} (was the adapter trained on a different base model or rank?)"
+                    f"needs {expected} (was the adapter trained on a different base model or rank?)"
                 )
-        missing = sorted(set(expected) - set(tensors))
+        missing = sorted(set(params) - set(tensors))
         if missing:
             raise AdapterMismatchError(f"missing keys for {module_name}: {', '.join(missing)}")
-        emb = self.info.kind == "embedding"
-        targets = {
-            ("lora_embedding_A" if emb else "lora_A.weight"): self.lora_A[name],
-            ("lora_embedding_B" if emb else "lora_B.weight"): self.lora_B[name],
-        }
-        if name in self.lora_B_bias:
-            targets["lora_B.bias"] = self.lora_B_bias[name]
-        if name in self.lora_magnitude_vector:
-            targets["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
         with torch.no_grad():
-            for key, param in targets.items():
+            for key, param in params.items():
                 param.copy_(tensors[key])
         self._bank = None
         self._dora_norm_cache.pop(name, None)
