@@ -1,0 +1,1 @@
+"""Training: data formats, validation, tokenisation, packing, and the training loop."""
