@@ -128,6 +128,15 @@ class AdapterModel(nn.Module):
         self._activate_if_first(name)
         self._refresh_requires_grad()
 
+    def load_adapter_weights(self, path: str | Path, name: str) -> None:
+        """Copy the weights of the PEFT adapter in ``path`` into the existing adapter ``name``
+        (e.g. resuming from a checkpoint); keys and shapes must match exactly."""
+        self._require(name)
+        tensors = peft_format.read_adapter_weights(path)
+        config = self._lora_config(self.peft_config[name])
+        self._load_tensors(name, config, {k.removeprefix(peft_format.KEY_PREFIX): v for k, v in tensors.items()})
+        self.state.epoch += 1
+
     def _lora_config(self, config: AdapterConfig) -> LoraConfig:
         if not isinstance(config, LoraConfig):
             raise UnknownPeftTypeError(

@@ -1,0 +1,323 @@
+"""The training loop: one adapter of an :class:`AdapterModel`, through accelerate.
+
+Resumable: a checkpoint (``checkpoint-<step>/``) holds the adapter in PEFT format, the optimizer and
+scheduler state, the RNG states and the data position (epoch, next micro-batch). The data order of
+epoch ``e`` is a permutation drawn from a generator seeded with ``seed + e``, so a resumed run sees
+exactly the batches the uninterrupted run would have, and its loss curve is the same up to
+floating-point noise.
+
+Gradient accumulation weights each micro-batch by its number of loss tokens, so an optimizer step
+is the token-mean loss over all of its micro-batches, whatever their sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from accelerate import Accelerator
+from transformers import get_scheduler
+
+from adapters_core.model import AdapterModel
+from adapters_core.training.hyperparameters import Hyperparameters
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "trainer_state.json"
+Batch = dict[str, torch.Tensor]
+Collate = Callable[[list[Any]], Batch]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Reported after every optimizer step."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    learning_rate: float
+    tokens_per_second: float
+    eta_seconds: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    step: int
+    loss: float
+    token_accuracy: float
+
+
+class TrainingCallbacks(Protocol):
+    """What the service plugs in: progress/eval/checkpoint reports and a cancellation check."""
+
+    def on_progress(self, progress: Progress) -> None: ...
+    def on_eval(self, result: EvalResult) -> None: ...
+    def on_checkpoint(self, step: int, path: Path) -> None: ...
+    def should_cancel(self) -> bool: ...
+
+
+class NoCallbacks:
+    """Callbacks that do nothing (library use)."""
+
+    def on_progress(self, progress: Progress) -> None:
+        logger.info(
+            "step %d/%d loss %.4f lr %.2e %.0f tok/s eta %.0fs",
+            progress.step, progress.total_steps, progress.loss, progress.learning_rate,
+            progress.tokens_per_second, progress.eta_seconds,
+        )
+
+    def on_eval(self, result: EvalResult) -> None:
+        logger.info("eval at step %d: loss %.4f token accuracy %.3f", result.step, result.loss, result.token_accuracy)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        logger.info("checkpoint at step %d: %s", step, path)
+
+    def should_cancel(self) -> bool:
+        return False
+
+
+@dataclass
+class TrainResult:
+    status: Literal["completed", "cancelled", "early_stopped"]
+    global_step: int
+    total_steps: int
+    losses: list[float] = field(default_factory=list)
+    evals: list[EvalResult] = field(default_factory=list)
+    best_checkpoint: Path | None = None
+    last_checkpoint: Path | None = None
+
+
+@dataclass
+class _Position:
+    step: int = 0
+    epoch: int = 0
+    micro_batch: int = 0
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def _label_tokens(batch: Batch) -> int:
+    """Tokens that count in a causal-LM loss (labels are shifted by one inside the model)."""
+    return int((batch["labels"][..., 1:] != -100).sum())
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _resolve_precision(hp: Hyperparameters) -> str:
+    if hp.mixed_precision != "auto":
+        return hp.mixed_precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+class Trainer:
+    """Trains adapter ``adapter_name`` of ``model`` on ``train_rows`` (collated by ``collate``)."""
+
+    def __init__(
+        self,
+        model: AdapterModel,
+        adapter_name: str,
+        train_rows: Sequence[Any],
+        collate: Collate,
+        hp: Hyperparameters,
+        output_dir: str | Path,
+        *,
+        eval_rows: Sequence[Any] | None = None,
+        callbacks: TrainingCallbacks | None = None,
+    ) -> None:
+        if not train_rows:
+            raise ValueError("no training rows")
+        self.model = model
+        self.adapter_name = adapter_name
+        self.train_rows = train_rows
+        self.eval_rows = eval_rows
+        self.collate = collate
+        self.hp = hp
+        self.output_dir = Path(output_dir)
+        self.callbacks = callbacks or NoCallbacks()
+        self.accelerator = Accelerator(
+            mixed_precision=_resolve_precision(hp), gradient_accumulation_steps=1, cpu=not torch.cuda.is_available()
+        )
+        model.set_adapter(adapter_name)
+        if hp.gradient_checkpointing:
+            self._enable_gradient_checkpointing()
+        params = model.trainable_parameters()
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.learning_rate,
+        )
+        self.micro_batches_per_epoch = math.ceil(len(train_rows) / hp.batch_size)
+        steps_per_epoch = math.ceil(self.micro_batches_per_epoch / hp.gradient_accumulation_steps)
+        self.total_steps = hp.max_steps or steps_per_epoch * hp.epochs
+        self.scheduler = get_scheduler(
+            hp.lr_scheduler,
+            optimizer=self.optimizer,
+            num_warmup_steps=int(hp.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+        self.steps_per_epoch = steps_per_epoch
+        self.prepared, self.optimizer, self.scheduler = self.accelerator.prepare(model, self.optimizer, self.scheduler)
+        self.position = _Position()
+
+    def _enable_gradient_checkpointing(self) -> None:
+        base = self.model.model
+        enable = getattr(base, "gradient_checkpointing_enable", None)
+        if not callable(enable):
+            raise ValueError("gradient_checkpointing: this base model does not support it")
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # ------------------------------------------------------------------ data
+    def _micro_batches(self) -> Any:
+        """Yield ``(epoch, index, batch)`` from the current position on, epoch after epoch."""
+        bs = self.hp.batch_size
+        epoch, start = self.position.epoch, self.position.micro_batch
+        while True:
+            order = _epoch_order(len(self.train_rows), self.hp.seed, epoch)
+            for i in range(start, self.micro_batches_per_epoch):
+                rows = [self.train_rows[j] for j in order[i * bs : (i + 1) * bs]]
+                yield epoch, i, self.collate(rows)
+            epoch, start = epoch + 1, 0
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-<step>`` atomically (a temp dir renamed into place)."""
+        step = self.position.step
+        final = self.output_dir / f"checkpoint-{step}"
+        tmp = self.output_dir / f".tmp-checkpoint-{step}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.model.save_adapter(tmp / "adapter", self.adapter_name)
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+        (tmp / STATE_NAME).write_text(json.dumps(vars(self.position), indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        self.callbacks.on_checkpoint(step, final)
+        return final
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore weights, optimizer, scheduler, RNG and data position from ``path``."""
+        d = Path(path)
+        self.model.load_adapter_weights(d / "adapter", self.adapter_name)
+        self.optimizer.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(d / "scheduler.pt", weights_only=True))
+        rng = torch.load(d / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        self.position = _Position(**json.loads((d / STATE_NAME).read_text()))
+        logger.info("resumed from %s at step %d", d, self.position.step)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> EvalResult:
+        assert self.eval_rows is not None
+        self.prepared.eval()
+        loss_sum, correct, tokens = 0.0, 0, 0
+        bs = self.hp.batch_size
+        for i in range(0, len(self.eval_rows), bs):
+            batch = {k: v.to(self.accelerator.device) for k, v in self.collate(list(self.eval_rows[i : i + bs])).items()}
+            out = self.prepared(**batch)
+            n = _label_tokens(batch)
+            loss_sum += float(out.loss) * n
+            labels = batch["labels"][..., 1:]
+            mask = labels != -100
+            pred = out.logits[..., :-1, :].argmax(-1)
+            correct += int(((pred == labels) & mask).sum())
+            tokens += n
+        self.prepared.train()
+        return EvalResult(self.position.step, loss_sum / max(tokens, 1), correct / max(tokens, 1))
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, resume_from: str | Path | None = None) -> TrainResult:
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        else:
+            torch.manual_seed(self.hp.seed)
+            random.seed(self.hp.seed)
+        result = TrainResult("completed", self.position.step, self.total_steps, losses=self.position.losses)
+        self.prepared.train()
+        accum = self.hp.gradient_accumulation_steps
+        batches = self._micro_batches()
+        started, tokens_seen = time.perf_counter(), 0
+        start_step = self.position.step
+        while self.position.step < self.total_steps:
+            if self.callbacks.should_cancel():
+                result.status = "cancelled"
+                break
+            group = [next(batches) for _ in range(accum)]
+            step_tokens = sum(_label_tokens(b) for _, _, b in group)
+            step_loss = 0.0
+            for _, _, batch in group:
+                batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+                weight = _label_tokens(batch) / max(step_tokens, 1)
+                loss = self.prepared(**batch).loss * weight
+                self.accelerator.backward(loss)
+                step_loss += float(loss.detach())
+                tokens_seen += int(batch["input_ids"].numel())
+            if self.hp.max_grad_norm is not None:
+                self.accelerator.clip_grad_norm_(self.model.trainable_parameters(), self.hp.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            epoch, index, _ = group[-1]
+            pos = self.position
+            pos.step += 1
+            pos.epoch, pos.micro_batch = (epoch, index + 1) if index + 1 < self.micro_batches_per_epoch else (epoch + 1, 0)
+            pos.losses.append(step_loss)
+            elapsed = time.perf_counter() - started
+            done = pos.step - start_step
+            self.callbacks.on_progress(
+                Progress(
+                    step=pos.step, total_steps=self.total_steps, epoch=pos.epoch, loss=step_loss,
+                    learning_rate=float(self.scheduler.get_last_lr()[0]),
+                    tokens_per_second=tokens_seen / max(elapsed, 1e-9),
+                    eta_seconds=elapsed / done * (self.total_steps - pos.step),
+                )
+            )
+            if self._should(self.hp.eval_steps, pos.step) and self.eval_rows and self._evaluate_and_maybe_stop(result):
+                result.status = "early_stopped"
+                break
+            if self._should(self.hp.save_steps, pos.step) and pos.step < self.total_steps:
+                result.last_checkpoint = self.save_checkpoint()
+        result.global_step = self.position.step
+        result.losses = self.position.losses
+        return result
+
+    def _should(self, every: int | None, step: int) -> bool:
+        if every is None:
+            return step % self.steps_per_epoch == 0 or step == self.total_steps
+        return step % every == 0
+
+    def _evaluate_and_maybe_stop(self, result: TrainResult) -> bool:
+        ev = self.evaluate()
+        result.evals.append(ev)
+        self.callbacks.on_eval(ev)
+        pos = self.position
+        if pos.best_eval_loss is None or ev.loss < pos.best_eval_loss:
+            pos.best_eval_loss, pos.best_step, pos.bad_evals = ev.loss, pos.step, 0
+            best = self.output_dir / "best"
+            self.model.save_adapter(best, self.adapter_name)
+            result.best_checkpoint = best
+            return False
+        pos.bad_evals += 1
+        patience = self.hp.early_stopping_patience
+        return patience is not None and pos.bad_evals >= patience

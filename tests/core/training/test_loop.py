@@ -1,0 +1,119 @@
+"""The training loop: it learns, it resumes exactly, it stops early, it cancels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from adapters_core import AdapterModel, ConfigError, LoraConfig
+from adapters_core.training.hyperparameters import Hyperparameters
+from adapters_core.training.loop import EvalResult, NoCallbacks, Progress, Trainer
+from tests.conftest import load_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _rows(n: int, length: int = 12, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, 300, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def _collate(rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    ids = torch.tensor(rows)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _model(path: Path, targets: Any = ("q_proj", "v_proj"), **kw: Any) -> AdapterModel:
+    am = AdapterModel(load_model(path))
+    torch.manual_seed(0)
+    am.add_adapter("a", LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=list(targets), **kw))
+    return am
+
+
+class Recorder(NoCallbacks):
+    def __init__(self, cancel_at: int | None = None) -> None:
+        self.progress: list[Progress] = []
+        self.evals: list[EvalResult] = []
+        self.cancel_at = cancel_at
+
+    def on_progress(self, progress: Progress) -> None:
+        self.progress.append(progress)
+
+    def on_eval(self, result: EvalResult) -> None:
+        self.evals.append(result)
+
+    def should_cancel(self) -> bool:
+        return self.cancel_at is not None and bool(self.progress) and self.progress[-1].step >= self.cancel_at
+
+
+def _weights(am: AdapterModel) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in am.adapter_state_dict("a").items()}
+
+
+def test_resumed_run_matches_uninterrupted_run(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    rows = _rows(10)
+    hp = Hyperparameters(max_steps=6, batch_size=2, gradient_accumulation_steps=2, save_steps=2, learning_rate=1e-2,
+                         warmup_ratio=0.2, seed=3)
+    full_model = _model(tiny_llama_dir)
+    full = Trainer(full_model, "a", rows, _collate, hp, tmp_path / "full").train()
+    assert full.status == "completed" and len(full.losses) == 6
+
+    stopped_model = _model(tiny_llama_dir)
+    stopped = Trainer(stopped_model, "a", rows, _collate, hp, tmp_path / "stopped", callbacks=Recorder(cancel_at=3))
+    part = stopped.train()
+    assert part.status == "cancelled" and part.global_step == 3
+    assert part.last_checkpoint == tmp_path / "stopped" / "checkpoint-2"
+
+    resumed_model = _model(tiny_llama_dir)
+    rest = Trainer(resumed_model, "a", rows, _collate, hp, tmp_path / "stopped").train(resume_from=part.last_checkpoint)
+    assert rest.status == "completed" and rest.global_step == 6
+    torch.testing.assert_close(torch.tensor(rest.losses), torch.tensor(full.losses), rtol=1e-5, atol=1e-6)
+    for key, value in _weights(full_model).items():
+        torch.testing.assert_close(_weights(resumed_model)[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_training_lowers_loss_and_reports_progress(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    rows = _rows(4, seed=1)
+    recorder = Recorder()
+    hp = Hyperparameters(max_steps=25, batch_size=4, learning_rate=5e-2, lr_scheduler="constant", warmup_ratio=0.0)
+    model = _model(tiny_llama_dir, modules_to_save=["lm_head"])
+    result = Trainer(model, "a", rows, _collate, hp, tmp_path, callbacks=recorder).train()
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    assert [p.step for p in recorder.progress] == list(range(1, 26))
+    assert all(p.total_steps == 25 and p.tokens_per_second > 0 for p in recorder.progress)
+    assert recorder.progress[-1].eta_seconds == 0
+
+
+def test_early_stopping_keeps_best_adapter(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    train_rows, eval_rows = _rows(4, seed=1), _rows(4, seed=2)  # memorising random rows hurts held-out loss
+    hp = Hyperparameters(max_steps=40, batch_size=4, learning_rate=5e-2, lr_scheduler="constant", warmup_ratio=0.0,
+                         eval_steps=2, early_stopping_patience=2)
+    recorder = Recorder()
+    am = _model(tiny_llama_dir)
+    result = Trainer(am, "a", train_rows, _collate, hp, tmp_path, eval_rows=eval_rows, callbacks=recorder).train()
+    assert result.status == "early_stopped" and result.global_step < 40
+    losses = [e.loss for e in recorder.evals]
+    best = min(losses)
+    assert losses[-1] > best and losses[-2] > best  # two evaluations without improvement
+    assert result.best_checkpoint is not None and (result.best_checkpoint / "adapter_model.safetensors").exists()
+
+
+def test_hyperparameters_name_the_bad_field() -> None:
+    with pytest.raises(ConfigError) as err:
+        Hyperparameters.from_dict({"learning_rate": -1})
+    assert err.value.field == "learning_rate"
+    with pytest.raises(ConfigError) as err:
+        Hyperparameters.from_dict({"epochz": 3})
+    assert err.value.field == "epochz"
+    with pytest.raises(ConfigError) as err:
+        Hyperparameters(lr_scheduler="exotic")
+    assert err.value.field == "lr_scheduler"
