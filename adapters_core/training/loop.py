@@ -174,7 +174,10 @@ class Trainer:
             num_training_steps=self.total_steps,
         )
         self.steps_per_epoch = steps_per_epoch
-        self.prepared, self.optimizer, self.scheduler = self.accelerator.prepare(model, self.optimizer, self.scheduler)
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        # the scheduler stays ours: accelerate would step it once per process per optimizer step
+        self.prepared, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.position = _Position()
 
     def _enable_gradient_checkpointing(self) -> None:
@@ -186,21 +189,32 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _micro_batches(self) -> Any:
-        """Yield ``(epoch, index, batch)`` from the current position on, epoch after epoch."""
+        """Yield ``(epoch, index, batch, counts)`` from the current position on, epoch after epoch.
+
+        ``batch_size`` is the global micro-batch: with several processes each takes every
+        ``world``-th row of it. A process left without rows (a short last batch) gets a row with a
+        zero loss weight (``counts`` False), so every process still joins the gradient all-reduce.
+        """
         bs = self.hp.batch_size
         epoch, start = self.position.epoch, self.position.micro_batch
         while True:
             order = _epoch_order(len(self.train_rows), self.hp.seed, epoch)
             for i in range(start, self.micro_batches_per_epoch):
-                rows = [self.train_rows[j] for j in order[i * bs : (i + 1) * bs]]
-                yield epoch, i, self.collate(rows)
+                global_rows = order[i * bs : (i + 1) * bs]
+                mine = global_rows[self.rank :: self.world]
+                counts = bool(mine)
+                rows = [self.train_rows[j] for j in (mine or global_rows[:1])]
+                yield epoch, i, self.collate(rows), counts
             epoch, start = epoch + 1, 0
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoint-<step>`` atomically (a temp dir renamed into place)."""
+        """Write ``checkpoint-<step>`` atomically (a temp dir renamed into place; main process only)."""
         step = self.position.step
         final = self.output_dir / f"checkpoint-{step}"
+        if not self.accelerator.is_main_process:
+            self.accelerator.wait_for_everyone()
+            return final
         tmp = self.output_dir / f".tmp-checkpoint-{step}"
         tmp.mkdir(parents=True, exist_ok=True)
         self.model.save_adapter(tmp / "adapter", self.adapter_name)
@@ -211,6 +225,7 @@ class Trainer:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        self.accelerator.wait_for_everyone()
         self.callbacks.on_checkpoint(step, final)
         return final
 
@@ -264,21 +279,24 @@ class Trainer:
                 result.status = "cancelled"
                 break
             group = [next(batches) for _ in range(accum)]
-            step_tokens = sum(_label_tokens(b) for _, _, b in group)
+            local_tokens = sum(_label_tokens(b) for _, _, b, counts in group if counts)
+            step_tokens = self._sum_over_processes(float(local_tokens))
             step_loss = 0.0
-            for _, _, batch in group:
+            for _, _, batch, counts in group:
                 batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-                weight = _label_tokens(batch) / max(step_tokens, 1)
+                # DDP averages gradients over processes: scale so the step is the global token mean
+                weight = (_label_tokens(batch) if counts else 0) / max(step_tokens, 1.0) * self.world
                 loss = self.prepared(**batch).loss * weight
                 self.accelerator.backward(loss)
-                step_loss += float(loss.detach())
-                tokens_seen += int(batch["input_ids"].numel())
+                step_loss += float(loss.detach()) / self.world
+                tokens_seen += int(batch["input_ids"].numel()) if counts else 0
+            step_loss = self._sum_over_processes(step_loss)
             if self.hp.max_grad_norm is not None:
                 self.accelerator.clip_grad_norm_(self.model.trainable_parameters(), self.hp.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            epoch, index, _ = group[-1]
+            epoch, index, _, _ = group[-1]
             pos = self.position
             pos.step += 1
             pos.epoch, pos.micro_batch = (epoch, index + 1) if index + 1 < self.micro_batches_per_epoch else (epoch + 1, 0)
@@ -301,6 +319,12 @@ class Trainer:
         result.global_step = self.position.step
         result.losses = self.position.losses
         return result
+
+    def _sum_over_processes(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.reduce(t, reduction="sum").item())
 
     def _should(self, every: int | None, step: int) -> bool:
         if every is None:

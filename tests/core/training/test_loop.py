@@ -117,3 +117,30 @@ def test_hyperparameters_name_the_bad_field() -> None:
     with pytest.raises(ConfigError) as err:
         Hyperparameters(lr_scheduler="exotic")
     assert err.value.field == "lr_scheduler"
+
+
+def test_two_process_ddp_matches_single_process(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """2 CPU processes (gloo) with the same global batch train the same adapter as 1 process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[3]
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"world{n}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+               str(29500 + n + os.getpid() % 1000), str(worker), str(tiny_llama_dir), str(out)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[n] = (json.loads((out / "result.json").read_text()), load_file(out / "adapter" / "adapter_model.safetensors"))
+    (single, w1), (ddp, w2) = outs[1], outs[2]
+    assert single["world"] == 1 and ddp["world"] == 2 and ddp["steps"] == 4
+    torch.testing.assert_close(torch.tensor(ddp["losses"]), torch.tensor(single["losses"]), rtol=1e-4, atol=1e-5)
+    for key, value in w1.items():
+        torch.testing.assert_close(w2[key], value, rtol=1e-4, atol=1e-5)
