@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from adapters_core.errors import AdapterError
 from adapters_core.training.examples import ROLES, Example, ExampleForm, Message
+from adapters_core.training.tokenize import encode_example
 
 logger = logging.getLogger(__name__)
 
@@ -333,34 +334,12 @@ def read_examples(source: Source) -> tuple[list[Example], ValidationReport]:
 # --------------------------------------------------------------------------------------------- tokens
 
 
-def _ids(encoded: Any) -> list[int]:
-    """Token ids out of whatever ``apply_chat_template``/``__call__`` returned."""
-    if isinstance(encoded, Mapping) or hasattr(encoded, "input_ids"):
-        encoded = encoded["input_ids"]
-    return list(encoded)
-
-
 def count_tokens(example: Example, tokenizer: Any) -> int:
-    """Number of tokens ``example`` takes.
-
-    chat: ``tokenizer.apply_chat_template(messages, tokenize=True)``, with
-    :data:`FALLBACK_CHAT_TEMPLATE` when the tokenizer has no chat template; completion: prompt tokens +
-    completion tokens (+1 for EOS); text: text tokens (+1 for EOS). Texts are tokenized without the
-    tokenizer's own special tokens; EOS is counted only when the tokenizer defines one.
-    """
-    if example.form == "chat":
-        messages = [{"role": m.role, "content": m.content} for m in example.messages]
-        template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
-        return len(
-            _ids(
-                tokenizer.apply_chat_template(
-                    messages, chat_template=template, tokenize=True, return_dict=False
-                )
-            )
-        )
-    eos = 1 if getattr(tokenizer, "eos_token_id", None) is not None else 0
-    texts = [example.prompt, example.completion] if example.form == "completion" else [example.text]
-    return sum(len(_ids(tokenizer(t, add_special_tokens=False))) for t in texts) + eos
+    """Number of tokens ``example`` takes in training: exactly what
+    :func:`adapters_core.training.tokenize.encode_example` produces (chat template, or
+    :data:`FALLBACK_CHAT_TEMPLATE` when the tokenizer has none; EOS after completions and texts)."""
+    template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
+    return len(encode_example(example, tokenizer, chat_template=template)[0])
 
 
 def token_summary(

@@ -166,6 +166,16 @@ def tokenize_example(
     """Token ids and labels of one example, truncated to its first ``max_seq_len`` tokens."""
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    ids, flags = encode_example(example, tokenizer, train_on_inputs=train_on_inputs, chat_template=chat_template)
+    ids, flags = ids[:max_seq_len], flags[:max_seq_len]
+    labels = [t if f else IGNORE_INDEX for t, f in zip(ids, flags, strict=True)]
+    return TokenizedExample(input_ids=[int(t) for t in ids], labels=labels, line=example.line)
+
+
+def encode_example(
+    example: Example, tokenizer: Any, *, train_on_inputs: bool = False, chat_template: str | None = None
+) -> tuple[list[int], list[bool]]:
+    """All token ids of ``example`` (untruncated) and whether each one counts in the loss."""
     if example.form == "chat":
         ids, flags = tokenize_chat(
             example, tokenizer, train_on_inputs=train_on_inputs, chat_template=chat_template
@@ -180,9 +190,7 @@ def tokenize_example(
         flags = [True] * len(ids)
     else:
         raise ValueError(f"line {example.line}: unknown example form {example.form!r}")
-    ids, flags = ids[:max_seq_len], flags[:max_seq_len]
-    labels = [t if f else IGNORE_INDEX for t, f in zip(ids, flags, strict=True)]
-    return TokenizedExample(input_ids=[int(t) for t in ids], labels=labels, line=example.line)
+    return [int(t) for t in ids], flags
 
 
 def tokenize_dataset(
