@@ -1,0 +1,101 @@
+"""One call from JSONL data to a trained adapter: validate → tokenise → pack (or pad) → train → save.
+
+The Celery training task is a thin wrapper over :func:`train_adapter`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapters_core.config import AdapterConfig
+from adapters_core.errors import ConfigError
+from adapters_core.model import AdapterModel
+from adapters_core.training.data import FALLBACK_CHAT_TEMPLATE, ValidationReport, validate_or_raise
+from adapters_core.training.examples import Example, TokenizedExample
+from adapters_core.training.hyperparameters import Hyperparameters
+from adapters_core.training.loop import Trainer, TrainingCallbacks, TrainResult
+from adapters_core.training.packing import collate_packed, collate_padded, pack
+from adapters_core.training.tokenize import tokenize_dataset
+
+logger = logging.getLogger(__name__)
+
+DataSource = str | Path | bytes | Sequence[str]
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished (or stopped) run produced."""
+
+    result: TrainResult
+    adapter_dir: Path
+    train_report: ValidationReport
+    eval_report: ValidationReport | None
+
+
+def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    if not 0 < fraction < 1:
+        raise ConfigError(f"validation_split must be in (0, 1), got {fraction!r}", field="validation_split")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(examples) * fraction))
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def _rows(
+    examples: list[Example], tokenizer: Any, hp: Hyperparameters
+) -> tuple[list[Any], Any]:
+    template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
+    tokenized: list[TokenizedExample] = tokenize_dataset(
+        examples, tokenizer, max_seq_len=hp.max_seq_len, train_on_inputs=hp.train_on_inputs, chat_template=template
+    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if hp.packing:
+        return list(pack(tokenized, hp.max_seq_len)), functools.partial(collate_packed, pad_token_id=pad)
+    return list(tokenized), functools.partial(collate_padded, pad_token_id=pad)
+
+
+def train_adapter(
+    model: AdapterModel,
+    tokenizer: Any,
+    adapter_name: str,
+    config: AdapterConfig,
+    train_data: DataSource,
+    hp: Hyperparameters,
+    output_dir: str | Path,
+    *,
+    eval_data: DataSource | None = None,
+    validation_split: float | None = None,
+    callbacks: TrainingCallbacks | None = None,
+    resume_from: str | Path | None = None,
+) -> TrainOutcome:
+    """Train a new adapter ``adapter_name`` (from ``config``) on ``train_data`` and save it.
+
+    Data problems raise :class:`~adapters_core.training.data.DataError` (every problem, by line)
+    before any training. The adapter is written in PEFT format to ``output_dir/adapter``.
+    """
+    examples, report = validate_or_raise(train_data, tokenizer, hp.max_seq_len)
+    eval_examples: list[Example] | None = None
+    eval_report = None
+    if eval_data is not None:
+        eval_examples, eval_report = validate_or_raise(eval_data, tokenizer, hp.max_seq_len)
+    elif validation_split is not None:
+        examples, eval_examples = _split(examples, validation_split, hp.seed)
+    if adapter_name not in model.adapters:
+        model.add_adapter(adapter_name, config)
+    rows, collate = _rows(examples, tokenizer, hp)
+    eval_rows = _rows(eval_examples, tokenizer, hp)[0] if eval_examples else None
+    out = Path(output_dir)
+    trainer = Trainer(model, adapter_name, rows, collate, hp, out / "checkpoints", eval_rows=eval_rows, callbacks=callbacks)
+    result = trainer.train(resume_from=resume_from)
+    adapter_dir = out / "adapter"
+    if trainer.accelerator.is_main_process:
+        model.save_adapter(adapter_dir, adapter_name)
+    logger.info("training %s: %s after %d steps; adapter in %s", adapter_name, result.status, result.global_step, adapter_dir)
+    return TrainOutcome(result, adapter_dir, report, eval_report)
