@@ -108,6 +108,15 @@ class _Position:
     losses: list[float] = field(default_factory=list)
 
 
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The complete ``checkpoint-<step>`` with the highest step in ``directory`` (temp dirs ignored)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return None
+    done = [p for p in d.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / STATE_NAME).exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
 def _label_tokens(batch: Batch) -> int:
     """Tokens that count in a causal-LM loss (labels are shifted by one inside the model)."""
     return int((batch["labels"][..., 1:] != -100).sum())

@@ -59,10 +59,13 @@ def _weights(am: AdapterModel) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in am.adapter_state_dict("a").items()}
 
 
+HP_RESUME = Hyperparameters(max_steps=6, batch_size=2, gradient_accumulation_steps=2, save_steps=2,
+                            learning_rate=1e-2, warmup_ratio=0.2, seed=3)
+
+
 def test_resumed_run_matches_uninterrupted_run(tiny_llama_dir: Path, tmp_path: Path) -> None:
     rows = _rows(10)
-    hp = Hyperparameters(max_steps=6, batch_size=2, gradient_accumulation_steps=2, save_steps=2, learning_rate=1e-2,
-                         warmup_ratio=0.2, seed=3)
+    hp = HP_RESUME
     full_model = _model(tiny_llama_dir)
     full = Trainer(full_model, "a", rows, _collate, hp, tmp_path / "full").train()
     assert full.status == "completed" and len(full.losses) == 6
@@ -144,3 +147,46 @@ def test_two_process_ddp_matches_single_process(tiny_llama_dir: Path, tmp_path: 
     torch.testing.assert_close(torch.tensor(ddp["losses"]), torch.tensor(single["losses"]), rtol=1e-4, atol=1e-5)
     for key, value in w1.items():
         torch.testing.assert_close(w2[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_run_killed_with_sigkill_resumes_from_last_checkpoint(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A real SIGKILL mid-run (no cleanup): the resumed run ends where an uninterrupted run ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from adapters_core.training.loop import latest_checkpoint
+
+    root = Path(__file__).resolve().parents[3]
+    out = tmp_path / "killed"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.core.training.kill_worker", str(tiny_llama_dir), str(out), "4"],
+        cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    last = latest_checkpoint(out)
+    assert last is not None and last.name == "checkpoint-4"
+
+    full_model = _model(tiny_llama_dir)
+    full = Trainer(full_model, "a", _rows(10), _collate, HP_RESUME, tmp_path / "full").train()
+    resumed_model = _model(tiny_llama_dir)
+    rest = Trainer(resumed_model, "a", _rows(10), _collate, HP_RESUME, out).train(resume_from=last)
+    assert rest.global_step == 6
+    torch.testing.assert_close(torch.tensor(rest.losses), torch.tensor(full.losses), rtol=1e-5, atol=1e-6)
+    for key, value in _weights(full_model).items():
+        torch.testing.assert_close(_weights(resumed_model)[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_step(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    rows = _rows(4)
+    results = []
+    for flag in (False, True):
+        hp = Hyperparameters(max_steps=2, batch_size=4, learning_rate=1e-2, gradient_checkpointing=flag)
+        am = _model(tiny_llama_dir)
+        am.add_adapter("none", LoraConfig(r=2, target_modules=["k_proj"]))  # an inactive adapter stays frozen
+        results.append((Trainer(am, "a", rows, _collate, hp, tmp_path / str(flag)).train(), _weights(am)))
+    (plain, w_plain), (ckpt, w_ckpt) = results
+    torch.testing.assert_close(torch.tensor(ckpt.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-6)
+    for key, value in w_plain.items():
+        torch.testing.assert_close(w_ckpt[key], value, rtol=1e-4, atol=1e-6)
