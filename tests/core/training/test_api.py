@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from adapters_core import AdapterModel, LoraConfig
@@ -22,14 +21,6 @@ PAIRS = [
     ("Who are you?", "A tiny model."),
     ("Say hello.", "Hello there!"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _hp(**kw: Any) -> Hyperparameters:

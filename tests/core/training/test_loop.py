@@ -14,14 +14,6 @@ from adapters_core.training.loop import EvalResult, NoCallbacks, Progress, Train
 from tests.conftest import load_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _rows(n: int, length: int = 12, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(10, 300, (length,), generator=g).tolist() for _ in range(n)]
