@@ -27,6 +27,7 @@ import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
 
+from adapters_core.errors import AdapterStateError
 from adapters_core.model import AdapterModel
 from adapters_core.training.hyperparameters import Hyperparameters
 
@@ -167,6 +168,10 @@ class Trainer:
         if hp.gradient_checkpointing:
             self._enable_gradient_checkpointing()
         params = model.trainable_parameters()
+        if not params:
+            raise AdapterStateError(
+                f"adapter {adapter_name!r} has no trainable parameters (load it with is_trainable=True)"
+            )
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(

@@ -182,3 +182,14 @@ def test_gradient_checkpointing_gives_the_same_step(tiny_llama_dir: Path, tmp_pa
     torch.testing.assert_close(torch.tensor(ckpt.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-6)
     for key, value in w_plain.items():
         torch.testing.assert_close(w_ckpt[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_adapter_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from adapters_core import AdapterStateError
+
+    am = _model(tiny_llama_dir)
+    am.save_adapter(tmp_path / "a", "a")
+    frozen = AdapterModel(load_model(tiny_llama_dir))
+    frozen.load_adapter(tmp_path / "a", "a")  # is_trainable=False
+    with pytest.raises(AdapterStateError, match="is_trainable=True"):
+        Trainer(frozen, "a", _rows(2), _collate, Hyperparameters(max_steps=1), tmp_path / "run")
