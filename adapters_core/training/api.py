@@ -20,7 +20,7 @@ from adapters_core.training.data import FALLBACK_CHAT_TEMPLATE, ValidationReport
 from adapters_core.training.examples import Example, TokenizedExample
 from adapters_core.training.hyperparameters import Hyperparameters
 from adapters_core.training.loop import Trainer, TrainingCallbacks, TrainResult
-from adapters_core.training.packing import collate_packed, collate_padded, pack
+from adapters_core.training.packing import collate_packed, collate_padded, pack, supports_packing
 from adapters_core.training.tokenize import tokenize_dataset
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,11 @@ def train_adapter(
         eval_examples, eval_report = validate_or_raise(eval_data, tokenizer, hp.max_seq_len)
     elif validation_split is not None:
         examples, eval_examples = _split(examples, validation_split, hp.seed)
+    if hp.packing and not supports_packing(model):
+        raise ConfigError(
+            "packing: this model cannot keep packed examples from attending to each other; set packing=false",
+            field="packing",
+        )
     if adapter_name not in model.adapters:
         model.add_adapter(adapter_name, config)
     rows, collate = _rows(examples, tokenizer, hp)
