@@ -1,0 +1,99 @@
+"""Service settings: one class, environment prefix ``ADAPTERFORGE_``.
+
+With nothing set, everything lives under ``DATA_DIR`` (default ``~/.adapterforge``): SQLite
+database, Celery filesystem broker, artifact store, and the tiny demo base model built on first
+start. Production sets ``DATABASE_URL`` (``postgresql+psycopg://...``) and ``BROKER_URL``
+(``redis://...``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_DB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
+_BROKER_SCHEMES = ("redis", "rediss", "filesystem", "amqp", "memory")
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; see each field's description."""
+
+    model_config = SettingsConfigDict(env_prefix="ADAPTERFORGE_", extra="ignore")
+
+    data_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".adapterforge",
+        description="Root of the embedded defaults: database, broker queue, artifact store, demo model.",
+    )
+    base_model: str | None = Field(
+        default=None,
+        description="HF model id or local path of the resident base model; unset = the locally built demo model.",
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; unset = SQLite file in DATA_DIR."
+    )
+    broker_url: str | None = Field(
+        default=None, description="Celery broker URL; unset = Celery's filesystem broker in DATA_DIR."
+    )
+    device: str = Field(default="auto", description="torch device for the base model: auto, cpu, cuda, cuda:N.")
+    host: str = Field(default="127.0.0.1", description="Address `adapterforge up` binds.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port `adapterforge up` binds.")
+    api_keys: list[str] = Field(
+        default_factory=list, description="Accepted bearer tokens; empty = no authentication (local use)."
+    )
+    max_upload_bytes: int = Field(default=2 * 1024**3, gt=0, description="Largest dataset/adapter upload.")
+    max_batch_tokens: int = Field(default=8192, gt=0, description="Token budget of one serving batch.")
+    max_queue_depth: int = Field(default=256, gt=0, description="Waiting generate requests before 429.")
+    adapter_slots: int = Field(default=64, gt=0, description="Adapters resident on the device at once.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme == "postgres":  # a common spelling SQLAlchemy 2 refuses
+            return "postgresql+psycopg://" + value.split("://", 1)[1]
+        if scheme not in _DB_SCHEMES:
+            raise ValueError(f"unsupported database URL scheme {scheme!r}; use sqlite:// or postgresql+psycopg://")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in _BROKER_SCHEMES:
+            raise ValueError(f"unsupported broker URL scheme {scheme!r}; use redis:// (or filesystem://)")
+        return value
+
+    @model_validator(mode="after")
+    def _expand(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser()
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to SQLite in ``data_dir``."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'adapterforge.db'}"
+
+    @property
+    def uses_filesystem_broker(self) -> bool:
+        return self.broker_url is None or self.broker_url.startswith("filesystem")
+
+    @property
+    def broker_dir(self) -> Path:
+        """Queue folder of the embedded filesystem broker."""
+        return self.data_dir / "broker"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "store"
+
+    @property
+    def demo_model_dir(self) -> Path:
+        return self.data_dir / "demo-model"
