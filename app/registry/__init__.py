@@ -1,0 +1,1 @@
+"""The SQL registry: models (``models``) and, as they land, query functions per resource."""
