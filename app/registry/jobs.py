@@ -1,0 +1,156 @@
+"""Job rows: creation, leases, heartbeats, cancellation, events, listing.
+
+A worker runs a job only while it holds the job's lease (``lease_owner`` + ``lease_expires_at``),
+taken and renewed by conditional UPDATEs so two workers can never both hold it. A job whose lease
+expired (its worker died) can be claimed again; each claim counts an attempt, and a job out of
+attempts is failed with an error saying so. Statuses: queued → running → succeeded / failed /
+cancelled.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.registry.models import Job, JobEvent, utcnow
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class JobConflict(Exception):
+    """The job is in a state that does not allow the operation (e.g. cancelling a finished job)."""
+
+
+class JobNotFound(Exception):
+    """No job with this id."""
+
+
+def create_job(session: Session, *, type: str, adapter_name: str, spec: dict[str, Any],
+               dataset_id: str | None = None, validation_dataset_id: str | None = None,
+               max_attempts: int = 3) -> Job:
+    """Insert a queued job (the caller commits, then enqueues its id)."""
+    job = Job(type=type, adapter_name=adapter_name, spec=spec, dataset_id=dataset_id,
+              validation_dataset_id=validation_dataset_id, max_attempts=max_attempts, status="queued")
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, "queued", "job created")
+    return job
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFound(f"no job {job_id!r}")
+    return job
+
+
+def claim(session: Session, job_id: str, owner: str, lease_seconds: float, now: datetime | None = None) -> Job | None:
+    """Take the job's lease if it is queued, or running with an expired lease; ``None`` if not ours.
+
+    A job that has used up its attempts is failed instead (and ``None`` returned).
+    """
+    now = now or utcnow()
+    claimable = and_(
+        Job.id == job_id,
+        Job.cancel_requested.is_(False),
+        or_(Job.status == "queued", and_(Job.status == "running", Job.lease_expires_at < now)),
+    )
+    job = session.execute(select(Job).where(claimable).with_for_update()).scalar_one_or_none()
+    if job is None:
+        return None
+    if job.attempts >= job.max_attempts:
+        job.status, job.finished_at = "failed", now
+        job.error = {"code": "attempts_exhausted",
+                     "message": f"gave up after {job.attempts} attempts (the worker died or lost its lease each time)"}
+        job.lease_owner = job.lease_expires_at = None
+        add_event(session, job.id, "failed", job.error["message"])
+        return None
+    resumed = job.status == "running"
+    job.status, job.lease_owner = "running", owner
+    job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+    job.attempts += 1
+    job.started_at = job.started_at or now
+    add_event(session, job.id, "resumed" if resumed else "started", f"attempt {job.attempts} on {owner}",
+              {"attempt": job.attempts, "owner": owner})
+    session.flush()
+    return job
+
+
+def heartbeat(session: Session, job_id: str, owner: str, lease_seconds: float, now: datetime | None = None) -> bool:
+    """Extend ``owner``'s lease; False when it no longer holds it or a cancel was requested."""
+    now = now or utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running", Job.cancel_requested.is_(False))
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def finish(session: Session, job_id: str, owner: str, status: str, *, error: dict[str, Any] | None = None,
+           result_version_id: str | None = None, now: datetime | None = None) -> Job:
+    """End a running job held by ``owner`` (``JobConflict`` if the lease was lost meanwhile)."""
+    if status not in TERMINAL:
+        raise ValueError(f"not a terminal status: {status!r}")
+    job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
+    if job is None:
+        raise JobNotFound(f"no job {job_id!r}")
+    if job.status != "running" or job.lease_owner != owner:
+        raise JobConflict(f"job {job_id} is not held by {owner} (status {job.status})")
+    job.status, job.finished_at = status, now or utcnow()
+    job.error, job.result_version_id = error, result_version_id
+    job.lease_owner = job.lease_expires_at = None
+    add_event(session, job.id, status, (error or {}).get("message", status))
+    session.flush()
+    return job
+
+
+def request_cancel(session: Session, job_id: str, now: datetime | None = None) -> Job:
+    """Queued jobs are cancelled at once; running ones are flagged for the worker; terminal ones conflict."""
+    job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
+    if job is None:
+        raise JobNotFound(f"no job {job_id!r}")
+    if job.status in TERMINAL:
+        raise JobConflict(f"job {job_id} is already {job.status}")
+    job.cancel_requested = True
+    if job.status == "queued":
+        job.status, job.finished_at = "cancelled", now or utcnow()
+        add_event(session, job.id, "cancelled", "cancelled before it started")
+    else:
+        add_event(session, job.id, "cancel_requested", "the worker stops at the next step")
+    session.flush()
+    return job
+
+
+def stale_jobs(session: Session, *, queued_for: float, now: datetime | None = None) -> list[str]:
+    """Ids the reconciler should enqueue again: running with an expired lease, or queued for longer
+    than ``queued_for`` seconds (the broker message may be lost)."""
+    now = now or utcnow()
+    rows = session.execute(
+        select(Job.id).where(
+            Job.cancel_requested.is_(False),
+            or_(
+                and_(Job.status == "running", Job.lease_expires_at < now),
+                and_(Job.status == "queued", Job.created_at < now - timedelta(seconds=queued_for)),
+            ),
+        ).order_by(Job.created_at)
+    )
+    return list(rows.scalars())
+
+
+def add_event(session: Session, job_id: str, kind: str, message: str = "", data: dict[str, Any] | None = None) -> JobEvent:
+    event = JobEvent(job_id=job_id, kind=kind, message=message, data=data or {})
+    session.add(event)
+    session.flush()
+    return event
+
+
+def list_events(session: Session, job_id: str, *, after: int = 0, limit: int = 100) -> list[JobEvent]:
+    """Events with id greater than ``after``, oldest first (``after`` is the cursor)."""
+    rows = session.execute(
+        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit)
+    )
+    return list(rows.scalars())

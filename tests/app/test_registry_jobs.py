@@ -1,0 +1,97 @@
+"""Job leases, retries, cancellation and events (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.registry.jobs import (
+    JobConflict,
+    claim,
+    create_job,
+    finish,
+    get_job,
+    heartbeat,
+    list_events,
+    request_cancel,
+    stale_jobs,
+)
+from app.registry.migrate import upgrade
+from app.registry.models import utcnow
+
+
+@pytest.fixture
+def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
+    upgrade(db_url)
+    engine = create_engine(db_url)
+    yield sessionmaker(engine, expire_on_commit=False)
+    engine.dispose()
+
+
+def _job(sessions: sessionmaker[Session], **kw: object) -> str:
+    with sessions.begin() as s:
+        return create_job(s, type="train", adapter_name="bot", spec={"method": "lora"}, **kw).id  # type: ignore[arg-type]
+
+
+def test_one_lease_at_a_time_and_expired_leases_are_retaken(sessions: sessionmaker[Session]) -> None:
+    job_id = _job(sessions)
+    now = utcnow()
+    with sessions.begin() as s:
+        assert claim(s, job_id, "w1", 60, now=now) is not None
+    with sessions.begin() as s:
+        assert claim(s, job_id, "w2", 60, now=now + timedelta(seconds=30)) is None  # w1 still holds it
+        assert heartbeat(s, job_id, "w1", 60, now=now + timedelta(seconds=30))
+        assert not heartbeat(s, job_id, "w2", 60, now=now)
+    later = now + timedelta(seconds=200)  # w1 died: its lease ran out
+    with sessions.begin() as s:
+        assert stale_jobs(s, queued_for=3600, now=later) == [job_id]
+        job = claim(s, job_id, "w2", 60, now=later)
+        assert job is not None and job.attempts == 2 and job.lease_owner == "w2"
+    with sessions.begin() as s:
+        assert not heartbeat(s, job_id, "w1", 60, now=later)  # the old worker lost it
+        with pytest.raises(JobConflict):
+            finish(s, job_id, "w1", "succeeded")
+        finish(s, job_id, "w2", "succeeded", now=later)
+    with sessions.begin() as s:
+        kinds = [e.kind for e in list_events(s, job_id)]
+        assert kinds == ["queued", "started", "resumed", "succeeded"]
+        first_two = list_events(s, job_id, limit=2)
+        assert [e.kind for e in list_events(s, job_id, after=first_two[-1].id)] == ["resumed", "succeeded"]
+
+
+def test_attempt_limit_fails_the_job_with_a_clear_error(sessions: sessionmaker[Session]) -> None:
+    job_id = _job(sessions, max_attempts=2)
+    t = utcnow()
+    for i in range(2):
+        with sessions.begin() as s:
+            assert claim(s, job_id, f"w{i}", 10, now=t + timedelta(seconds=100 * i)) is not None
+    with sessions.begin() as s:
+        assert claim(s, job_id, "w9", 10, now=t + timedelta(seconds=500)) is None
+        job = get_job(s, job_id)
+        assert job.status == "failed" and job.error is not None
+        assert job.error["code"] == "attempts_exhausted" and "2 attempts" in job.error["message"]
+
+
+def test_cancel_queued_running_and_finished(sessions: sessionmaker[Session]) -> None:
+    queued, running = _job(sessions), _job(sessions)
+    with sessions.begin() as s:
+        assert request_cancel(s, queued).status == "cancelled"
+        claim(s, running, "w1", 60)
+    with sessions.begin() as s:
+        job = request_cancel(s, running)
+        assert job.status == "running" and job.cancel_requested
+        assert not heartbeat(s, running, "w1", 60)  # the worker learns it must stop
+        finish(s, running, "w1", "cancelled")
+    with sessions.begin() as s, pytest.raises(JobConflict, match="already cancelled"):
+        request_cancel(s, running)
+
+
+def test_queued_jobs_whose_message_was_lost_are_found(sessions: sessionmaker[Session]) -> None:
+    job_id = _job(sessions)
+    with sessions.begin() as s:
+        assert stale_jobs(s, queued_for=60, now=utcnow()) == []
+        assert stale_jobs(s, queued_for=60, now=utcnow() + timedelta(seconds=120)) == [job_id]
