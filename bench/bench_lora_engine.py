@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import json
 import logging
 import os
 import platform
@@ -33,12 +32,12 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from _runner import add_common_arguments, run_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
@@ -397,29 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=None, help="timed forward rounds (default 20, --quick 4)"
     )
     parser.add_argument("--quick", action="store_true", help="few repeats: a smoke run, numbers are noisy")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this path")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
-    args = parser.parse_args(argv)
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    t0 = time.perf_counter()
-    results = run(args)
-    results["runtime_s"] = time.perf_counter() - t0
-    print(report(results))
-    print(f"\ntotal runtime {results['runtime_s']:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
-        logger.info("wrote %s", args.json)
-    return 1 if args.strict and not all(results["pass"].values()) else 0
+    add_common_arguments(parser)
+    return run_bench(parser.parse_args(argv), run, report, quiet_loggers=())
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.registry.migrate import upgrade
 
 PG_URL = os.environ.get("ADAPTERFORGE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -48,3 +51,12 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         with admin.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture
+def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
+    """Sessions on a freshly migrated database (pool large enough for the concurrency tests)."""
+    upgrade(db_url)
+    engine = create_engine(db_url, pool_size=25 if db_url.startswith("postgresql") else 5)
+    yield sessionmaker(engine, expire_on_commit=False)
+    engine.dispose()

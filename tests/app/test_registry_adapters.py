@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-from sqlalchemy import create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.registry.adapters import (
@@ -18,17 +17,8 @@ from app.registry.adapters import (
     resolve_ref,
     set_alias,
 )
-from app.registry.migrate import upgrade
 
 SPEC = VersionSpec(method="lora", config={"r": 8}, files={"adapter_model.safetensors": {"sha256": "0" * 64}}, size=10)
-
-
-@pytest.fixture
-def sessions(db_url: str) -> sessionmaker[Session]:
-    upgrade(db_url)
-    engine = create_engine(db_url, pool_size=25 if db_url.startswith("postgresql") else 5)
-    yield sessionmaker(engine, expire_on_commit=False)
-    engine.dispose()
 
 
 def test_versions_count_up_and_refs_resolve(sessions: sessionmaker[Session]) -> None:

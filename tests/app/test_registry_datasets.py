@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-from sqlalchemy import create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.registry.datasets import DatasetNotFound, create_dataset, delete_dataset, get_dataset, list_datasets
 from app.registry.jobs import JobConflict, claim, create_job, finish
-from app.registry.migrate import upgrade
-
-
-@pytest.fixture
-def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
-    upgrade(db_url)
-    engine = create_engine(db_url)
-    yield sessionmaker(engine, expire_on_commit=False)
-    engine.dispose()
 
 
 def _dataset(s: Session, n: int) -> str:

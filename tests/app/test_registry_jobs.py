@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.registry.jobs import (
@@ -20,16 +18,7 @@ from app.registry.jobs import (
     request_cancel,
     stale_jobs,
 )
-from app.registry.migrate import upgrade
 from app.registry.models import utcnow
-
-
-@pytest.fixture
-def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
-    upgrade(db_url)
-    engine = create_engine(db_url)
-    yield sessionmaker(engine, expire_on_commit=False)
-    engine.dispose()
 
 
 def _job(sessions: sessionmaker[Session], **kw: object) -> str:
