@@ -47,6 +47,19 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(default=8192, gt=0, description="Token budget of one serving batch.")
     max_queue_depth: int = Field(default=256, gt=0, description="Waiting generate requests before 429.")
     adapter_slots: int = Field(default=64, gt=0, description="Adapters resident on the device at once.")
+    job_lease_seconds: float = Field(
+        default=60.0, gt=0, description="How long a worker's claim on a job lasts without a heartbeat (it renews every third)."
+    )
+    job_max_attempts: int = Field(default=3, ge=1, description="Tries of one job (worker deaths included) before it fails.")
+    requeue_after_seconds: float = Field(
+        default=300.0, gt=0, description="A job still queued this long after its last enqueue is enqueued again."
+    )
+    reconcile_interval_seconds: float = Field(
+        default=15.0, ge=0, description="How often the API looks for lost or orphaned jobs; 0 disables the reconciler."
+    )
+    visibility_timeout_seconds: int = Field(
+        default=3600, gt=0, description="Redis broker: an unacknowledged message is redelivered after this long."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("database_url")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.registry.models import Job, JobEvent, utcnow
@@ -125,20 +125,29 @@ def request_cancel(session: Session, job_id: str, now: datetime | None = None) -
     return job
 
 
-def stale_jobs(session: Session, *, queued_for: float, now: datetime | None = None) -> list[str]:
-    """Ids the reconciler should enqueue again: running with an expired lease, or queued for longer
-    than ``queued_for`` seconds (the broker message may be lost)."""
+def stale_jobs(session: Session, *, queued_for: float, now: datetime | None = None) -> list[tuple[str, str, str]]:
+    """``(id, type, reason)`` of jobs the reconciler should enqueue again: running with an expired
+    lease (reason ``lease_expired``), or still queued ``queued_for`` seconds after their last enqueue
+    (``message_lost``: the broker may have dropped it). Duplicate messages are harmless: a claim
+    succeeds once."""
     now = now or utcnow()
+    last_enqueue = func.coalesce(Job.enqueued_at, Job.created_at)
     rows = session.execute(
-        select(Job.id).where(
+        select(Job.id, Job.type, Job.status).where(
             Job.cancel_requested.is_(False),
             or_(
                 and_(Job.status == "running", Job.lease_expires_at < now),
-                and_(Job.status == "queued", Job.created_at < now - timedelta(seconds=queued_for)),
+                and_(Job.status == "queued", last_enqueue < now - timedelta(seconds=queued_for)),
             ),
         ).order_by(Job.created_at)
     )
-    return list(rows.scalars())
+    return [(job_id, job_type, "lease_expired" if status == "running" else "message_lost")
+            for job_id, job_type, status in rows]
+
+
+def mark_enqueued(session: Session, job_id: str, now: datetime | None = None) -> None:
+    """Record that a message for the job was just sent (the reconciler waits before sending another)."""
+    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=now or utcnow()))
 
 
 def add_event(session: Session, job_id: str, kind: str, message: str = "", data: dict[str, Any] | None = None) -> JobEvent:

@@ -10,6 +10,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -60,3 +61,61 @@ def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
     engine = create_engine(db_url, pool_size=25 if db_url.startswith("postgresql") else 5)
     yield sessionmaker(engine, expire_on_commit=False)
     engine.dispose()
+
+
+class RecordingQueue:
+    """A job queue that records what the API enqueued (API tests run no worker)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str]] = []
+        self.fail = False
+
+    def enqueue(self, job_id: str, job_type: str) -> None:
+        if self.fail:
+            raise ConnectionError("broker unreachable")
+        self.sent.append((job_id, job_type))
+
+    def ping(self) -> None:
+        if self.fail:
+            raise ConnectionError("broker unreachable")
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny demo base model, built once per test session."""
+    from adapters_core.tiny_models import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.mktemp("demo-model"))
+
+
+@pytest.fixture(scope="session")
+def base_host(demo_model_dir: Path) -> Any:
+    """The API's view of the demo base model (tokenizer + meta architecture), shared by API tests."""
+    from app.base_model import BaseModelHost
+    from app.settings import Settings
+
+    return BaseModelHost.load(Settings(base_model=str(demo_model_dir)))
+
+
+@pytest.fixture
+def api_settings(db_url: str, tmp_path: Path, demo_model_dir: Path) -> Any:
+    from app.settings import Settings
+
+    upgrade(db_url)
+    return Settings(data_dir=tmp_path / "data", database_url=db_url, base_model=str(demo_model_dir),
+                    reconcile_interval_seconds=0, max_upload_bytes=8 * 1024 * 1024)
+
+
+@pytest.fixture
+def client(api_settings: Any, base_host: Any) -> Iterator[Any]:
+    """A TestClient on a fresh database (SQLite and PostgreSQL); ``client.queue`` records enqueues."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    queue = RecordingQueue()
+    app = create_app(api_settings, queue=queue, base_model=base_host)
+    with TestClient(app) as test_client:
+        test_client.queue = queue  # type: ignore[attr-defined]
+        test_client.settings = api_settings  # type: ignore[attr-defined]
+        yield test_client

@@ -15,6 +15,7 @@ from app.registry.jobs import (
     get_job,
     heartbeat,
     list_events,
+    mark_enqueued,
     request_cancel,
     stale_jobs,
 )
@@ -37,7 +38,7 @@ def test_one_lease_at_a_time_and_expired_leases_are_retaken(sessions: sessionmak
         assert not heartbeat(s, job_id, "w2", 60, now=now)
     later = now + timedelta(seconds=200)  # w1 died: its lease ran out
     with sessions.begin() as s:
-        assert stale_jobs(s, queued_for=3600, now=later) == [job_id]
+        assert stale_jobs(s, queued_for=3600, now=later) == [(job_id, "train", "lease_expired")]
         job = claim(s, job_id, "w2", 60, now=later)
         assert job is not None and job.attempts == 2 and job.lease_owner == "w2"
     with sessions.begin() as s:
@@ -83,4 +84,6 @@ def test_queued_jobs_whose_message_was_lost_are_found(sessions: sessionmaker[Ses
     job_id = _job(sessions)
     with sessions.begin() as s:
         assert stale_jobs(s, queued_for=60, now=utcnow()) == []
-        assert stale_jobs(s, queued_for=60, now=utcnow() + timedelta(seconds=120)) == [job_id]
+        assert stale_jobs(s, queued_for=60, now=utcnow() + timedelta(seconds=120)) == [(job_id, "train", "message_lost")]
+        mark_enqueued(s, job_id, now=utcnow() + timedelta(seconds=100))
+        assert stale_jobs(s, queued_for=60, now=utcnow() + timedelta(seconds=120)) == []  # rung again just now

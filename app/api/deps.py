@@ -1,0 +1,44 @@
+"""FastAPI dependencies: the per-app services kept on ``app.state`` and a database session per request."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from app.base_model import BaseModelHost
+from app.db import Database
+from app.metrics import ApiMetrics
+from app.queue import JobQueue
+from app.settings import Settings
+from app.storage import LocalArtifactStore
+
+
+@dataclass
+class Services:
+    """Everything a route may need; built once per app in the lifespan."""
+
+    settings: Settings
+    db: Database
+    store: LocalArtifactStore
+    queue: JobQueue
+    base_model: BaseModelHost
+    metrics: ApiMetrics
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def get_session(services: Annotated[Services, Depends(get_services)]) -> Iterator[Session]:
+    """A session per request; the route commits what it means to keep."""
+    with services.db.sessions() as session:
+        yield session
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+SessionDep = Annotated[Session, Depends(get_session)]

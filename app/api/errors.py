@@ -1,0 +1,142 @@
+"""One error shape for every route: ``{"error": {"code", "message", "param"}}`` with the right status.
+
+Routes raise :class:`ApiError` (or one of the domain errors mapped in :func:`install_error_handlers`);
+request validation failures become 422 naming the offending field, malformed JSON 400, unknown
+routes 404, wrong methods 405. Nothing a client sends may turn into a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters_core.errors import AdapterError, ConfigError
+from app.registry.adapters import InvalidName, NotFound
+from app.registry.datasets import DatasetNotFound
+from app.registry.jobs import JobConflict, JobNotFound
+from app.storage import ArtifactTooLarge
+
+logger = logging.getLogger(__name__)
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error answered to the client as ``{"error": {...}}``."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code or _STATUS_CODES.get(status, "error")
+        self.message = message
+        self.param = param
+        self.headers = headers
+
+
+def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "param": param}}
+
+
+def error_response(status: int, code: str, message: str, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message, param), status_code=status, headers=headers)
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"description": code.replace("_", " "), "content": {"application/json": {"example": error_body(code, "...")}}}
+    for status, code in _STATUS_CODES.items() if status in (400, 404, 409, 413, 415, 422)
+}
+
+
+def _loc_to_param(loc: Sequence[Any]) -> str | None:
+    """``("body", "adapter", "config", "r")`` → ``"adapter.config.r"``."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form", "cookie")]
+    return ".".join(parts) or None
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    errors: list[dict[str, Any]] = [dict(e) for e in exc.errors()]
+    first: dict[str, Any] = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        ctx: dict[str, Any] = first.get("ctx") or {}
+        detail = ctx.get("error", first.get("msg"))
+        return error_response(400, "invalid_json", f"request body is not valid JSON: {detail}")
+    param = _loc_to_param(first.get("loc", ()))
+    messages = []
+    for err in errors[:5]:
+        where = _loc_to_param(err.get("loc", ())) or "body"
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        messages.append(f"{where}: {msg}")
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return error_response(422, "invalid_request", "; ".join(messages) + more, param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every error a route can raise to the one JSON error shape."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, "error")
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return error_response(404, "not_found", str(exc), exc.param)
+
+    @app.exception_handler(InvalidName)
+    async def _invalid_name(_: Request, exc: InvalidName) -> JSONResponse:
+        return error_response(422, "invalid_request", str(exc), exc.param)
+
+    @app.exception_handler(JobNotFound)
+    async def _job_not_found(_: Request, exc: JobNotFound) -> JSONResponse:
+        return error_response(404, "not_found", str(exc), "job_id")
+
+    @app.exception_handler(DatasetNotFound)
+    async def _dataset_not_found(_: Request, exc: DatasetNotFound) -> JSONResponse:
+        return error_response(404, "not_found", str(exc), "dataset_id")
+
+    @app.exception_handler(JobConflict)
+    async def _conflict(_: Request, exc: JobConflict) -> JSONResponse:
+        return error_response(409, "conflict", str(exc))
+
+    @app.exception_handler(ArtifactTooLarge)
+    async def _too_large(_: Request, exc: ArtifactTooLarge) -> JSONResponse:
+        return error_response(413, "payload_too_large", str(exc))
+
+    @app.exception_handler(ConfigError)
+    async def _config(_: Request, exc: ConfigError) -> JSONResponse:
+        return error_response(422, "invalid_request", str(exc), getattr(exc, "field", None))
+
+    @app.exception_handler(AdapterError)
+    async def _adapter(_: Request, exc: AdapterError) -> JSONResponse:
+        return error_response(422, "invalid_adapter", str(exc))

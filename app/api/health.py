@@ -1,0 +1,75 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select
+
+from app.api.deps import Services, ServicesDep
+from app.registry.models import AdapterVersion, Job
+
+logger = logging.getLogger(__name__)
+router = APIRouter(tags=["health"])
+metrics_router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="Liveness", description="200 while the process serves HTTP.")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+def _checks(services: Services) -> dict[str, Any]:
+    checks: dict[str, Any] = {}
+    try:
+        services.db.ping()
+        checks["database"] = {"ok": True}
+    except Exception as exc:
+        checks["database"] = {"ok": False, "error": f"{exc.__class__.__name__}: {exc}"[:300]}
+    try:
+        services.queue.ping()
+        checks["broker"] = {"ok": True}
+    except Exception as exc:
+        checks["broker"] = {"ok": False, "error": f"{exc.__class__.__name__}: {exc}"[:300]}
+    checks["base_model"] = {"ok": services.base_model is not None, "name": services.base_model.name}
+    return checks
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness",
+    description="200 when the database and the broker answer and the base model is loaded; 503 otherwise, "
+    "with each check's result.",
+    responses={503: {"description": "a dependency is down"}},
+)
+async def readyz(services: ServicesDep) -> JSONResponse:
+    checks = await asyncio.to_thread(_checks, services)
+    ready = all(c["ok"] for c in checks.values())
+    return JSONResponse({"status": "ready" if ready else "unavailable", "checks": checks},
+                        status_code=200 if ready else 503)
+
+
+def _refresh_gauges(services: Services) -> None:
+    with services.db.sessions() as session:
+        counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+        for status in ("queued", "running", "succeeded", "failed", "cancelled"):
+            services.metrics.jobs.labels(status).set(counts.get(status, 0))
+        live = session.execute(
+            select(func.count()).select_from(AdapterVersion).where(AdapterVersion.deleted_at.is_(None))
+        ).scalar_one()
+        services.metrics.adapter_versions.set(live)
+
+
+@metrics_router.get("/metrics", summary="Prometheus metrics", description="Request counts and latencies, jobs by status, "
+            "live adapter versions, reconciler requeues, in the Prometheus text format.")
+async def metrics(services: ServicesDep) -> Response:
+    try:
+        await asyncio.to_thread(_refresh_gauges, services)
+    except Exception as exc:  # metrics must still answer when the database is down
+        logger.warning("could not refresh registry gauges: %s", exc)
+    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)

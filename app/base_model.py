@@ -1,0 +1,93 @@
+"""The server's base model: which one, where its files are, and what the API needs of it.
+
+``ADAPTERFORGE_BASE_MODEL`` names an HF model id or a local directory; unset, a tiny seeded demo
+model is built into ``DATA_DIR/demo-model`` on first start (and the log says so). The API keeps the
+tokenizer (dataset token counts) and a weightless ``meta``-device copy of the architecture, on
+which uploaded adapters are test-loaded: every key, shape and target module is checked against the
+real architecture without holding the weights. Workers load the weights themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters_core.config import AdapterConfig
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DEMO_MODEL_NAME = "adapterforge-demo-tiny-llama"
+_VALIDATION_SLOT = "__upload_validation__"
+
+
+@dataclass(frozen=True)
+class BaseModelSource:
+    """``name`` is what the registry records; ``path`` what ``from_pretrained`` is given."""
+
+    name: str
+    path: str
+
+
+def resolve_base_model(settings: Settings) -> BaseModelSource:
+    """The configured base model, building the demo model first when none is configured."""
+    if settings.base_model:
+        local = Path(settings.base_model).expanduser()
+        path = str(local) if local.exists() else settings.base_model
+        return BaseModelSource(settings.base_model, path)
+    from adapters_core.tiny_models import ensure_tiny_model
+
+    if not (settings.demo_model_dir / "adapterforge_tiny.json").exists():
+        logger.info(
+            "ADAPTERFORGE_BASE_MODEL is not set: building the tiny demo model in %s (set it to an HF id or a "
+            "local model directory to serve a real model)", settings.demo_model_dir,
+        )
+    built = ensure_tiny_model(settings.demo_model_dir)
+    return BaseModelSource(DEMO_MODEL_NAME, str(built))
+
+
+class BaseModelHost:
+    """Tokenizer and weightless architecture of the base model, for the API."""
+
+    def __init__(self, source: BaseModelSource, tokenizer: Any, skeleton: torch.nn.Module) -> None:
+        from adapters_core import AdapterModel
+
+        self.source = source
+        self.tokenizer = tokenizer
+        self._adapters = AdapterModel(skeleton)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, settings: Settings) -> BaseModelHost:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        source = resolve_base_model(settings)
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        config = AutoConfig.from_pretrained(source.path)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        logger.info("base model %s (%s): %s", source.name, source.path, type(skeleton).__name__)
+        return cls(source, tokenizer, skeleton)
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    def check_adapter(self, directory: str | Path) -> AdapterConfig:
+        """Test-load the PEFT adapter in ``directory`` onto the architecture; its config if it fits.
+
+        Raises the engine's typed errors: unknown method or bad config field (``ConfigError``),
+        targets missing from this model, wrong keys or shapes (``AdapterMismatchError``), pickle
+        weights, NaN/Inf.
+        """
+        from adapters_core.config import load_config
+
+        with self._lock:
+            self._adapters.load_adapter(directory, _VALIDATION_SLOT)
+            self._adapters.delete_adapter(_VALIDATION_SLOT)
+        return load_config(directory)

@@ -1,0 +1,144 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+The lifespan checks the database schema (refusing to start on an out-of-date one, saying what to
+run), opens the artifact store, loads the base model's tokenizer and architecture, connects the job
+queue and starts the reconciler. Routers live in :mod:`app.api`, one per resource.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+
+from app.api import adapters, datasets, health, jobs
+from app.api.deps import Services
+from app.api.errors import ApiError, install_error_handlers
+from app.base_model import BaseModelHost
+from app.db import Database
+from app.metrics import ApiMetrics
+from app.queue import CeleryJobQueue, JobQueue
+from app.reconciler import Reconciler
+from app.registry.migrate import current_revision, head_revision
+from app.settings import Settings
+from app.storage import LocalArtifactStore
+
+logger = logging.getLogger(__name__)
+
+_DESCRIPTION = """\
+Fine-tuning as a service: upload a JSONL dataset, `POST /jobs` to train a PEFT adapter on the
+server's base model, browse every adapter version with its lineage, upload and download adapters in
+the HF PEFT format. Errors always have the shape `{"error": {"code", "message", "param"}}`.
+"""
+
+
+class SchemaOutOfDate(RuntimeError):
+    """The database is not at the schema revision this code needs."""
+
+
+def check_schema(url: str) -> None:
+    current, head = current_revision(url), head_revision()
+    if current != head:
+        raise SchemaOutOfDate(
+            f"the database schema is at revision {current or 'none (empty database)'} but this server needs {head}: "
+            "run `adapterforge db upgrade` (with the same ADAPTERFORGE_DATABASE_URL) and start again"
+        )
+
+
+def _require_api_key(settings: Settings) -> Callable[[Request], Awaitable[None]]:
+    keys = [k.encode() for k in settings.api_keys]
+
+    async def check(request: Request) -> None:
+        if not keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not any(secrets.compare_digest(token.encode(), k) for k in keys):
+            raise ApiError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+class _MetricsMiddleware:
+    """Counts requests and their latency by route template (pure ASGI: no cost on streaming bodies)."""
+
+    def __init__(self, app: Any, metrics: ApiMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: MutableMapping[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], path, str(status)).inc()
+            self.metrics.latency.labels(scope["method"], path).observe(time.perf_counter() - start)
+
+
+def create_app(settings: Settings | None = None, *, queue: JobQueue | None = None,
+               base_model: BaseModelHost | None = None) -> FastAPI:
+    """The API app. ``queue`` and ``base_model`` may be injected (tests); otherwise built from settings."""
+    settings = settings or Settings()
+    metrics = ApiMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        url = settings.resolved_database_url
+        await asyncio.to_thread(check_schema, url)
+        db = Database(url)
+        store = LocalArtifactStore(settings.store_dir)
+        store.clean_temp()
+        host = base_model if base_model is not None else await asyncio.to_thread(BaseModelHost.load, settings)
+        job_queue = queue or CeleryJobQueue(settings)
+        app.state.services = Services(settings, db, store, job_queue, host, metrics)
+        reconciler = None
+        if settings.reconcile_interval_seconds > 0:
+            reconciler = Reconciler(db, job_queue, interval=settings.reconcile_interval_seconds,
+                                    requeue_after=settings.requeue_after_seconds, metrics=metrics)
+            reconciler.start()
+        logger.info("AdapterForge API ready: base model %s, database %s", host.name, db.engine.url.render_as_string())
+        try:
+            yield
+        finally:
+            if reconciler is not None:
+                reconciler.stop()
+            close = getattr(job_queue, "close", None)
+            if close is not None and queue is None:
+                close()
+            db.dispose()
+
+    app = FastAPI(
+        title="AdapterForge",
+        version="0.1.0",
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    auth = [Depends(_require_api_key(settings))]
+    app.include_router(health.router)  # probes stay open; /metrics is behind the key like the API
+    app.include_router(health.metrics_router, dependencies=auth)
+    app.include_router(datasets.router, dependencies=auth)
+    app.include_router(jobs.router, dependencies=auth)
+    app.include_router(adapters.router, dependencies=auth)
+    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+    return app

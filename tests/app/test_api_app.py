@@ -1,0 +1,51 @@
+"""The app shell: error shape, schema check at start-up, health/readiness/metrics, API keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import SchemaOutOfDate, create_app
+from app.settings import Settings
+
+
+def test_server_refuses_an_out_of_date_schema_and_says_what_to_run(tmp_path: Path, base_host: Any) -> None:
+    settings = Settings(data_dir=tmp_path, reconcile_interval_seconds=0)
+    with pytest.raises(SchemaOutOfDate, match="adapterforge db upgrade"), TestClient(create_app(settings, base_model=base_host)):
+        pass
+
+
+def test_health_readiness_and_metrics(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert {k: v["ok"] for k, v in ready.json()["checks"].items()} == {"database": True, "broker": True, "base_model": True}
+    client.queue.fail = True  # type: ignore[attr-defined]
+    down = client.get("/readyz")
+    assert down.status_code == 503 and down.json()["checks"]["broker"]["ok"] is False
+    text = client.get("/metrics").text
+    assert 'adapterforge_http_requests_total{method="GET",route="/readyz",status="503"} 1.0' in text
+    assert 'adapterforge_jobs{status="queued"} 0.0' in text
+
+
+def test_unknown_routes_and_methods_use_the_error_shape(client: TestClient) -> None:
+    missing = client.get("/no/such/route")
+    assert missing.status_code == 404
+    assert missing.json() == {"error": {"code": "not_found", "message": "Not Found", "param": None}}
+    wrong = client.delete("/healthz")
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_api_keys_when_configured(api_settings: Settings, base_host: Any) -> None:
+    from tests.app.conftest import RecordingQueue
+
+    settings = api_settings.model_copy(update={"api_keys": ["sekrit"]})
+    with TestClient(create_app(settings, queue=RecordingQueue(), base_model=base_host)) as c:
+        assert c.get("/healthz").status_code == 200  # probes need no key
+        denied = c.get("/metrics")
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "unauthorized"
+        assert c.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/metrics", headers={"Authorization": "Bearer sekrit"}).status_code == 200
