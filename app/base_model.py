@@ -91,3 +91,24 @@ class BaseModelHost:
             self._adapters.load_adapter(directory, _VALIDATION_SLOT)
             self._adapters.delete_adapter(_VALIDATION_SLOT)
         return load_config(directory)
+
+    def check_config(self, config: AdapterConfig) -> None:
+        """Test-inject ``config`` as a new adapter on the architecture, then remove it again.
+
+        Raises the engine's typed errors: targets missing from this model
+        (``TargetModulesNotFoundError``), module types the method cannot wrap
+        (``UnsupportedModuleError``), bad or unsupported fields (``ConfigError``). Initialisations that
+        read the base weights (PiSSA, OLoRA, DoRA magnitudes) cannot run on weightless ``meta``
+        tensors: after checking that the requested init can create weights at all, the probe uses
+        the default init without DoRA; the worker computes the real values.
+        """
+        import dataclasses
+
+        check_init = getattr(config, "check_can_initialise", None)
+        if check_init is not None:
+            check_init()
+        weightless: dict[str, Any] = {"init_lora_weights": True, "use_dora": False}
+        probe = dataclasses.replace(config, **{k: v for k, v in weightless.items() if hasattr(config, k)})
+        with self._lock:
+            self._adapters.add_adapter(_VALIDATION_SLOT, probe, dtype=torch.bfloat16)
+            self._adapters.delete_adapter(_VALIDATION_SLOT)

@@ -163,3 +163,21 @@ def list_events(session: Session, job_id: str, *, after: int = 0, limit: int = 1
         select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit)
     )
     return list(rows.scalars())
+
+
+def list_jobs(session: Session, *, limit: int = 20, after: str | None = None, status: str | None = None,
+              adapter_name: str | None = None) -> tuple[list[Job], bool]:
+    """Newest first, optionally only one ``status`` / ``adapter_name``; ``after`` is the id of the last
+    job of the previous page (``JobNotFound`` if there is no such job). Returns (page, has_more)."""
+    stmt = select(Job)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    if adapter_name is not None:
+        stmt = stmt.where(Job.adapter_name == adapter_name)
+    if after is not None:
+        cursor = get_job(session, after)
+        stmt = stmt.where(
+            or_(Job.created_at < cursor.created_at, and_(Job.created_at == cursor.created_at, Job.id < cursor.id))
+        )
+    rows = list(session.execute(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).scalars())
+    return rows[:limit], len(rows) > limit
