@@ -8,10 +8,12 @@ Deleted versions keep their numbers: nothing is ever renumbered or reused.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Row, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -185,3 +187,164 @@ def resolve_ref(session: Session, ref: str) -> AdapterVersion:
     if version is None or version.deleted_at is not None:
         raise NotFound(f"alias {ref!r} points at a deleted version", param="adapter")
     return version
+
+
+# ----------------------------------------------------------------- listing, method checks, whole-adapter delete
+class MethodConflict(RegistryError):
+    """A new version's method differs from the method of the live adapter it would join."""
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    """An adapter as listed: its live versions counted, its latest number and its aliases."""
+
+    id: str
+    name: str
+    method: str
+    latest_version: int | None
+    version_count: int
+    aliases: dict[str, int]
+    created_at: datetime
+    updated_at: datetime
+
+
+def _summaries(session: Session, rows: Sequence[Row[str, str, str, datetime]]) -> list[AdapterSummary]:
+    """Summaries of a page of ``(id, name, method, created_at)`` rows: two queries, whatever the page size."""
+    ids = [row.id for row in rows]
+    if not ids:
+        return []
+    counts = {
+        row.adapter_id: row
+        for row in session.execute(
+            select(
+                AdapterVersion.adapter_id,
+                func.max(AdapterVersion.version).label("latest"),
+                func.count().label("n"),
+                func.max(AdapterVersion.created_at).label("updated_at"),
+            )
+            .where(AdapterVersion.adapter_id.in_(ids), AdapterVersion.deleted_at.is_(None))
+            .group_by(AdapterVersion.adapter_id)
+        )
+    }
+    aliases: dict[str, dict[str, int]] = {i: {} for i in ids}
+    for alias in session.execute(
+        select(Alias.adapter_id, Alias.alias, AdapterVersion.version)
+        .join(AdapterVersion, AdapterVersion.id == Alias.version_id)
+        .where(Alias.adapter_id.in_(ids), AdapterVersion.deleted_at.is_(None))
+        .order_by(Alias.alias)
+    ):
+        aliases[alias.adapter_id][alias.alias] = alias.version
+    out = []
+    for row in rows:
+        agg = counts.get(row.id)
+        out.append(AdapterSummary(
+            id=row.id,
+            name=row.name,
+            method=row.method,
+            latest_version=agg.latest if agg else None,
+            version_count=agg.n if agg else 0,
+            aliases=aliases[row.id],
+            created_at=row.created_at,
+            updated_at=agg.updated_at if agg else row.created_at,
+        ))
+    return out
+
+
+_LIVE_ADAPTERS = select(Adapter.id, Adapter.name, Adapter.method, Adapter.created_at).where(Adapter.deleted_at.is_(None))
+
+
+def list_adapters(
+    session: Session,
+    *,
+    limit: int = 20,
+    after: str | None = None,
+    method: str | None = None,
+    q: str | None = None,
+) -> tuple[list[AdapterSummary], bool]:
+    """A page of live adapters in name order after the name ``after``, and whether more follow.
+
+    ``method`` filters on the adapter's method (case-insensitive), ``q`` keeps names containing it
+    (case-insensitive). Three queries per page whatever its size: the page (walking the unique
+    index on ``name``), version counts of the page's adapters, and their aliases.
+    """
+    stmt = _LIVE_ADAPTERS
+    if after is not None:
+        stmt = stmt.where(Adapter.name > after)
+    if method:
+        stmt = stmt.where(Adapter.method == method.lower())
+    if q:
+        stmt = stmt.where(Adapter.name.icontains(q, autoescape=True))
+    rows = session.execute(stmt.order_by(Adapter.name).limit(limit + 1)).all()
+    return _summaries(session, rows[:limit]), len(rows) > limit
+
+
+def adapter_summary(session: Session, name: str) -> AdapterSummary:
+    """The summary of one live adapter; :class:`NotFound` if there is none."""
+    rows = session.execute(_LIVE_ADAPTERS.where(Adapter.name == name)).all()
+    if not rows:
+        raise NotFound(f"no adapter named {name!r}", param="name")
+    return _summaries(session, rows)[0]
+
+
+def list_versions(
+    session: Session, name: str, *, limit: int = 20, before: int | None = None
+) -> tuple[list[AdapterVersion], bool]:
+    """Live versions of ``name``, newest first, numbered below ``before``; and whether more follow."""
+    adapter = get_adapter(session, name)
+    stmt = select(AdapterVersion).where(AdapterVersion.adapter_id == adapter.id, AdapterVersion.deleted_at.is_(None))
+    if before is not None:
+        stmt = stmt.where(AdapterVersion.version < before)
+    found = list(session.execute(stmt.order_by(AdapterVersion.version.desc()).limit(limit + 1)).scalars())
+    return found[:limit], len(found) > limit
+
+
+def version_aliases(session: Session, version_ids: Sequence[str]) -> dict[str, list[str]]:
+    """The aliases pointing at each of ``version_ids`` (sorted; absent ids map to nothing)."""
+    out: dict[str, list[str]] = {}
+    if not version_ids:
+        return out
+    for version_id, alias in session.execute(
+        select(Alias.version_id, Alias.alias).where(Alias.version_id.in_(list(version_ids))).order_by(Alias.alias)
+    ):
+        out.setdefault(version_id, []).append(alias)
+    return out
+
+
+def check_method(session: Session, name: str, method: str) -> None:
+    """Make sure a version of ``method`` may join ``name``; raises :class:`MethodConflict` if not.
+
+    An adapter keeps one method while it has live versions. One that was deleted (or whose
+    versions all were) takes the new method. Locks the adapter row for the transaction (PostgreSQL),
+    so call it in the transaction that then calls :func:`create_version`.
+    """
+    adapter = session.execute(select(Adapter).where(Adapter.name == name).with_for_update()).scalar_one_or_none()
+    if adapter is None or adapter.method == method:
+        return
+    live = session.execute(
+        select(AdapterVersion.id)
+        .where(AdapterVersion.adapter_id == adapter.id, AdapterVersion.deleted_at.is_(None))
+        .limit(1)
+    ).first()
+    if adapter.deleted_at is not None or live is None:
+        adapter.method = method
+        session.flush()
+        return
+    raise MethodConflict(
+        f"adapter {name!r} holds {adapter.method} versions; a {method} adapter needs another name "
+        f"(or delete {name!r} first)",
+        param="name",
+    )
+
+
+def delete_adapter(session: Session, name: str) -> None:
+    """Soft-delete ``name``: all its versions and aliases. Its version numbers are never reused."""
+    adapter = get_adapter(session, name)
+    now = utcnow()
+    session.execute(
+        update(AdapterVersion)
+        .where(AdapterVersion.adapter_id == adapter.id, AdapterVersion.deleted_at.is_(None))
+        .values(deleted_at=now)
+    )
+    session.execute(delete(Alias).where(Alias.adapter_id == adapter.id))
+    adapter.deleted_at = now
+    session.flush()
