@@ -39,13 +39,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
     if settings.uses_filesystem_broker:
         folder = settings.broker_dir
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         conf["broker_transport_options"] = {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
             "store_processed": False,
+            "control_folder": str(folder / "control"),
         }
     else:
         # redis: redeliver a message whose worker vanished without acking after this long
