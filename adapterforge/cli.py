@@ -1,15 +1,174 @@
-"""The ``adapterforge`` command line."""
+"""The ``adapterforge`` command line.
+
+``adapterforge up`` runs the whole service on one machine (the API in this process, one Celery
+worker as a child process); ``adapterforge worker`` runs one worker in the foreground for
+production. Server-side modules are imported inside the commands that need them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
+import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
+from types import FrameType
+from typing import Any
 
 from adapterforge import __version__
 
 logger = logging.getLogger("adapterforge")
+
+#: How long a stopping worker may take to hand its job back before it is killed.
+WORKER_STOP_TIMEOUT = 30.0
+#: A worker that dies sooner than this after starting is restarted after a growing delay.
+WORKER_MIN_UPTIME = 30.0
+#: Set in the environment of the worker that ``adapterforge up`` starts: the worker exits when
+#: this process is gone (see ``worker.celery_app``).
+SUPERVISOR_PID_ENV = "ADAPTERFORGE_SUPERVISOR_PID"
+
+
+def worker_command(pool: str = "solo", concurrency: int = 1, loglevel: str = "INFO") -> list[str]:
+    """The Celery worker command line: the ``gpu`` queue, one job at a time by default."""
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "gpu",
+            "-P", pool, "-c", str(concurrency), "--loglevel", loglevel]
+
+
+class WorkerSupervisor:
+    """Runs the worker as a child process and starts a new one when it dies unexpectedly (the
+    reconciler then re-enqueues its job, which resumes from its last checkpoint)."""
+
+    def __init__(self, command: list[str], *, stop_timeout: float = WORKER_STOP_TIMEOUT, poll: float = 0.5) -> None:
+        self._command, self._stop_timeout, self._poll = command, stop_timeout, poll
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._started_at = 0.0
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+
+    @property
+    def pid(self) -> int | None:
+        """The current worker process's id."""
+        proc = self._proc
+        return proc.pid if proc is not None else None
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread.start()
+
+    def _spawn(self) -> None:
+        env = {**os.environ, SUPERVISOR_PID_ENV: str(os.getpid())}
+        # its own session: a terminal's Ctrl-C reaches only this process, which then stops the worker
+        self._proc = subprocess.Popen(self._command, env=env, start_new_session=True)
+        self._started_at = time.monotonic()
+        logger.info("worker started (pid %d): %s", self._proc.pid, " ".join(self._command[1:]))
+
+    def _watch(self) -> None:
+        quick_deaths = 0
+        while not self._stopping.wait(self._poll):
+            with self._lock:
+                proc = self._proc
+                if proc is None or self._stopping.is_set() or (code := proc.poll()) is None:
+                    continue
+                uptime = time.monotonic() - self._started_at
+            quick_deaths = quick_deaths + 1 if uptime < WORKER_MIN_UPTIME else 0
+            delay = min(2.0 ** (quick_deaths - 1), 30.0) if quick_deaths else 0.0
+            logger.error("worker (pid %d) exited unexpectedly with code %s after %.0fs; starting a new one%s",
+                         proc.pid, code, uptime, f" in {delay:.0f}s" if delay else "")
+            if self._stopping.wait(delay):
+                return
+            with self._lock:
+                if not self._stopping.is_set():
+                    self._spawn()
+
+    def stop(self) -> None:
+        """Ask the worker to stop (it hands its running job back), then kill it after the timeout."""
+        with self._lock:
+            self._stopping.set()
+            proc = self._proc
+        if self._thread.is_alive():
+            self._thread.join()
+        if proc is None or proc.poll() is not None:
+            return
+        logger.info("stopping worker (pid %d)", proc.pid)
+        proc.terminate()
+        try:
+            proc.wait(self._stop_timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("worker (pid %d) did not stop within %.0fs; killing it", proc.pid, self._stop_timeout)
+            proc.kill()
+            proc.wait()
+        logger.info("worker stopped")
+
+
+def _up(host: str | None, port: int | None) -> int:
+    """``adapterforge up``: migrate (SQLite) or check the schema, then serve the API with one worker."""
+    import uvicorn
+
+    from app.base_model import resolve_base_model
+    from app.main import SchemaOutOfDate, check_schema, create_app
+    from app.registry.migrate import upgrade
+    from app.settings import Settings
+
+    overrides: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    settings = Settings(**overrides)
+    logging.getLogger().setLevel(settings.log_level)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.resolved_database_url
+    if url.startswith("sqlite"):
+        upgrade(url)  # the embedded database keeps itself current
+    else:
+        try:
+            check_schema(url)
+        except SchemaOutOfDate as exc:
+            logger.error("%s", exc)
+            return 1
+    source = resolve_base_model(settings)  # builds the demo model on first start (and says so)
+    demo = "" if settings.base_model else "; the tiny demo model: set ADAPTERFORGE_BASE_MODEL to train a real one"
+    logger.info("base model: %s (%s)%s", source.name, source.path, demo)
+
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
+                                           log_level=settings.log_level.lower()))
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        if not stop_requested.is_set():
+            logger.info("%s received: shutting down", signal.Signals(signum).name)
+        stop_requested.set()
+        server.should_exit = True
+
+    # uvicorn swaps in its own handlers while serving and re-raises what it caught afterwards:
+    # these handle both the re-raise and signals outside that window
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
+    supervisor = WorkerSupervisor(worker_command("solo", 1, settings.log_level))
+    supervisor.start()
+    try:
+        logger.info("AdapterForge on http://%s:%d (data in %s)", settings.host, settings.port, settings.data_dir)
+        server.run()
+    finally:
+        supervisor.stop()
+    if not server.started and not stop_requested.is_set():
+        logger.error("the API did not start")
+        return 1
+    return 0
+
+
+def _worker(pool: str, concurrency: int) -> int:
+    """``adapterforge worker``: replace this process with one Celery worker (signals go straight to it)."""
+    from app.settings import Settings
+
+    command = worker_command(pool, concurrency, Settings().log_level)
+    logger.info("starting worker: %s", " ".join(command[1:]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
+    return 0  # pragma: no cover - execv does not return
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -31,12 +190,32 @@ def _build_parser() -> argparse.ArgumentParser:
     db_sub = db.add_subparsers(dest="db_command", metavar="DB_COMMAND", required=True)
     upgrade = db_sub.add_parser("upgrade", help="apply all migrations to ADAPTERFORGE_DATABASE_URL (default: SQLite in DATA_DIR)")
     upgrade.add_argument("--url", default=None, help="database URL (overrides the settings)")
+    up = sub.add_parser(
+        "up",
+        help="run the service on this machine: the API and one worker (SQLite, filesystem broker, local store)",
+        description="Run the API and one Celery worker. Defaults are embedded: SQLite, the Celery filesystem "
+        "broker and the artifact store under ADAPTERFORGE_DATA_DIR (~/.adapterforge), and a tiny demo "
+        "base model unless ADAPTERFORGE_BASE_MODEL is set. The SQLite schema is migrated automatically; "
+        "another database must be migrated first with `adapterforge db upgrade`. Ctrl-C stops both.",
+    )
+    up.add_argument("--host", default=None, help="address to bind (default: ADAPTERFORGE_HOST or 127.0.0.1)")
+    up.add_argument("--port", type=int, default=None, help="port to bind (default: ADAPTERFORGE_PORT or 8000)")
+    worker = sub.add_parser(
+        "worker",
+        help="run one training worker in the foreground (production: one per GPU)",
+        description="Run one Celery worker on the `gpu` queue with the ADAPTERFORGE_* settings "
+        "(ADAPTERFORGE_DATABASE_URL, ADAPTERFORGE_BROKER_URL, ADAPTERFORGE_BASE_MODEL, ...). "
+        "On SIGTERM a running job stops at its next step and resumes later from its last checkpoint.",
+    )
+    worker.add_argument("--pool", default="solo", choices=["solo", "prefork", "threads"],
+                        help="Celery pool (default: solo, one job at a time in this process)")
+    worker.add_argument("--concurrency", type=int, default=1, help="jobs at once (default: 1; one per GPU)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``adapterforge`` console script."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo-model":
@@ -56,6 +235,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         upgrade(url)
         logger.info("database schema at revision %s", current_revision(url))
         return 0
+    if args.command == "up":
+        try:
+            return _up(args.host, args.port)
+        except KeyboardInterrupt:  # Ctrl-C while preparing, before anything was started
+            return 130
+    if args.command == "worker":
+        return _worker(args.pool, args.concurrency)
     parser.print_help()
     return 0
 

@@ -188,6 +188,7 @@ class JobReporter:
         self._observer = observer
         self.metrics: dict[str, Any] = dict(metrics)
         self._last_write = self._last_event = float("-inf")
+        self._unwritten: Progress | None = None
 
     def _write(self, *, event: tuple[str, str, dict[str, Any]] | None = None, **progress: Any) -> None:
         try:
@@ -204,9 +205,11 @@ class JobReporter:
     def on_progress(self, progress: Progress) -> None:
         self.metrics.update(loss=progress.loss, learning_rate=progress.learning_rate,
                             tokens_per_second=progress.tokens_per_second, epoch=progress.epoch)
+        self._unwritten = progress
         now = time.monotonic()
         last = progress.step >= progress.total_steps
         if last or now - self._last_write >= PROGRESS_WRITE_INTERVAL:
+            self._unwritten = None
             event = None
             if last or now - self._last_event >= PROGRESS_EVENT_INTERVAL:
                 data = {"step": progress.step, "total_steps": progress.total_steps,
@@ -234,6 +237,12 @@ class JobReporter:
         self._write(event=("checkpoint", f"checkpoint at step {step}", {"step": step, "path": str(path)}))
         if self._observer is not None:
             self._observer.on_checkpoint(step, path)
+
+    def flush(self) -> None:
+        """Write the last step's progress if throttling held it back (a run that stopped early)."""
+        if self._unwritten is not None:
+            p, self._unwritten = self._unwritten, None
+            self._write(step=p.step, total_steps=p.total_steps, eta_seconds=p.eta_seconds)
 
     def should_cancel(self) -> bool:
         if self._ctx.shutdown.is_set():
@@ -271,6 +280,14 @@ class _JobInfo:
                    dict(job.spec or {}), dict(job.metrics or {}))
 
 
+def _shutting_down(ctx: WorkerContext, job_id: str) -> bool:
+    """A worker that is shutting down takes no new job (Celery may still hand it a prefetched message)."""
+    if ctx.shutdown.is_set():
+        logger.info("job %s left for another worker: this one is shutting down", job_id)
+        return True
+    return False
+
+
 def _claim(ctx: WorkerContext, job_id: str, owner: str) -> _JobInfo | None:
     with ctx.db.session() as session:
         job = claim(session, job_id, owner, ctx.settings.job_lease_seconds)
@@ -294,11 +311,14 @@ def _finish(ctx: WorkerContext, job_id: str, owner: str, status: str, error: dic
     return status
 
 
-def _hand_back(ctx: WorkerContext, job_id: str, owner: str, why: str) -> None:
-    """Let the lease lapse so the reconciler enqueues the job again and it resumes from its checkpoint."""
+def _hand_back(ctx: WorkerContext, job_id: str, owner: str, why: str, *, orderly: bool = False) -> None:
+    """Let the lease lapse so the reconciler enqueues the job again and it resumes from its checkpoint.
+
+    An ``orderly`` hand-back (the worker shutting down) does not count as one of the job's attempts.
+    """
     try:
         with ctx.db.session() as session:
-            if release_lease(session, job_id, owner):
+            if release_lease(session, job_id, owner, refund_attempt=orderly):
                 add_event(session, job_id, "interrupted", f"{why}; the job resumes from its last checkpoint")
     except Exception:
         logger.exception("job %s: could not hand the lease back (it expires on its own)", job_id)
@@ -340,6 +360,8 @@ def run_train_job(job_id: str, ctx: WorkerContext, *, observer: TrainingCallback
     ``observer`` receives the training callbacks after the job's own (tools and tests watch a run
     with it; its ``should_cancel`` can stop the run).
     """
+    if _shutting_down(ctx, job_id):
+        return None
     ctx.models.get()  # load before claiming: a worker that cannot load its model must not take jobs
     owner = new_owner()
     job = _claim(ctx, job_id, owner)
@@ -394,6 +416,7 @@ def _train(ctx: WorkerContext, job: _JobInfo, owner: str, workdir: Path, stop: t
     with ctx.models.job_model(spec.config) as (model, tokenizer):
         outcome = train_adapter(model, tokenizer, TRAINING_SLOT, spec.config, train_path, spec.hyperparameters,
                                 workdir, eval_data=eval_path, callbacks=reporter, resume_from=resume)
+    reporter.flush()
     if outcome.result.status == "cancelled":
         return _stopped(ctx, job.id, owner)
     return _register(ctx, job, owner, spec, outcome, reporter.final_metrics(outcome))
@@ -406,7 +429,7 @@ def _stopped(ctx: WorkerContext, job_id: str, owner: str) -> str | None:
     if cancel_requested:
         return _finish(ctx, job_id, owner, "cancelled")
     if ctx.shutdown.is_set():
-        _hand_back(ctx, job_id, owner, "the worker is shutting down")
+        _hand_back(ctx, job_id, owner, "the worker is shutting down", orderly=True)
         return None
     logger.warning("job %s: lease lost; another worker resumes it from its last checkpoint", job_id)
     return None
@@ -446,6 +469,8 @@ def _register(ctx: WorkerContext, job: _JobInfo, owner: str, spec: TrainSpec, ou
 # ---------------------------------------------------------------------------------------- merge
 def run_merge_job(job_id: str, ctx: WorkerContext) -> str | None:
     """Claim merge job ``job_id`` and fail it honestly: this server has no merge engine yet."""
+    if _shutting_down(ctx, job_id):
+        return None
     owner = new_owner()
     if _claim(ctx, job_id, owner) is None:
         return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session
 
 from app.registry.models import Job, utcnow
@@ -43,16 +43,18 @@ def update_progress(session: Session, job_id: str, owner: str, *, step: int | No
     return not job.cancel_requested
 
 
-def release_lease(session: Session, job_id: str, owner: str) -> bool:
+def release_lease(session: Session, job_id: str, owner: str, *, refund_attempt: bool = False) -> bool:
     """Let the lease lapse now (the job stays running) so another worker may resume it at once.
 
     For a worker that stops without finishing the job (shutdown, interrupt): the reconciler
-    enqueues the job again, and the next claim resumes it from its last checkpoint. False when
-    ``owner`` did not hold the job.
+    enqueues the job again, and the next claim resumes it from its last checkpoint. With
+    ``refund_attempt`` (an orderly worker shutdown, not a failure) the attempt is given back, so
+    restarting workers never exhausts a job's attempts. False when ``owner`` did not hold the job.
     """
+    values: dict[str, Any] = {"lease_expires_at": utcnow()}
+    if refund_attempt:
+        values["attempts"] = case((Job.attempts > 0, Job.attempts - 1), else_=0)
     result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
-        .values(lease_expires_at=utcnow())
+        update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running").values(**values)
     )
     return result.rowcount == 1  # type: ignore[attr-defined]

@@ -165,8 +165,10 @@ class _Observer(NoCallbacks):
 
 def test_cancel_mid_run_stops_the_job(ctx: WorkerContext) -> None:
     job_id = _job(ctx, max_steps=500)
+    steps: list[int] = []
 
     def cancel_at_first_step(step: int) -> None:
+        steps.append(step)
         if step == 1:
             with ctx.db.session() as s:
                 request_cancel(s, job_id)
@@ -176,7 +178,7 @@ def test_cancel_mid_run_stops_the_job(ctx: WorkerContext) -> None:
     with ctx.db.session() as s:
         job = get_job(s, job_id)
         assert job.status == "cancelled" and job.result_version_id is None and job.lease_owner is None
-        assert 1 <= job.step < 500
+        assert job.step == steps[-1] < 500  # the last step trained is recorded
     assert [k for k, _ in _events(ctx, job_id)][-2:] == ["cancel_requested", "cancelled"]
     _assert_clean_base(ctx.models)
 
@@ -248,6 +250,26 @@ def test_interrupted_job_resumes_from_its_checkpoint(ctx: WorkerContext) -> None
         job = get_job(s, job_id)
         assert (job.status, job.attempts, job.step) == ("succeeded", 2, 6)
         assert get_version(s, "qa", 1).job_id == job_id
+
+
+def test_worker_shutdown_hands_the_job_back_without_using_an_attempt(ctx: WorkerContext) -> None:
+    job_id = _job(ctx)
+
+    assert run_train_job(job_id, ctx, observer=_Observer(on_ckpt=lambda step: ctx.shutdown.set())) is None
+    with ctx.db.session() as s:
+        job = get_job(s, job_id)
+        assert (job.status, job.attempts, job.step) == ("running", 0, 2)
+    assert [k for k, _ in _events(ctx, job_id)][-1] == "interrupted"
+
+    assert run_train_job(job_id, ctx) is None  # a prefetched message while shutting down: left alone
+    with ctx.db.session() as s:
+        assert get_job(s, job_id).attempts == 0
+
+    ctx.shutdown.clear()  # the next worker
+    assert run_train_job(job_id, ctx) == "succeeded"
+    with ctx.db.session() as s:
+        assert get_job(s, job_id).attempts == 1
+    assert [d for k, d in _events(ctx, job_id) if k == "resumed_from_checkpoint"] == [{"step": 2}]
 
 
 def test_merge_job_fails_honestly(ctx: WorkerContext) -> None:
