@@ -207,9 +207,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "(ADAPTERFORGE_DATABASE_URL, ADAPTERFORGE_BROKER_URL, ADAPTERFORGE_BASE_MODEL, ...). "
         "On SIGTERM a running job stops at its next step and resumes later from its last checkpoint.",
     )
-    worker.add_argument("--pool", default="solo", choices=["solo", "prefork", "threads"],
-                        help="Celery pool (default: solo, one job at a time in this process)")
-    worker.add_argument("--concurrency", type=int, default=1, help="jobs at once (default: 1; one per GPU)")
+    worker.add_argument("--pool", default="solo", choices=["solo", "prefork"],
+                        help="Celery pool: solo (default) trains in this process and hands a running job back "
+                        "on SIGTERM; prefork trains in child processes, each loading its own copy of the model, "
+                        "and finishes running jobs before stopping")
+    worker.add_argument("--concurrency", type=int, default=1,
+                        help="prefork: child processes, i.e. jobs at once (default: 1, one per GPU)")
     return parser
 
 

@@ -4,6 +4,7 @@ trained by the worker, Ctrl-C stops both; the supervisor restarts a worker that 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -171,3 +172,18 @@ def test_supervisor_restarts_a_dead_worker_and_stops_it() -> None:
     finally:
         supervisor.stop()
     assert not any(_alive(pid) for pid in pids)
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_up_refuses_an_unmigrated_server_database(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Only the embedded SQLite database is migrated automatically; another one must be migrated first."""
+    from adapterforge.cli import main
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", root.level)  # `up` sets the root level from the settings
+    monkeypatch.setenv("ADAPTERFORGE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ADAPTERFORGE_DATABASE_URL", db_url)
+    assert main(["up", "--port", str(_free_port())]) == 1
+    assert "run `adapterforge db upgrade`" in caplog.text
+    assert "worker started" not in caplog.text
