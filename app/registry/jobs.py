@@ -127,16 +127,19 @@ def request_cancel(session: Session, job_id: str, now: datetime | None = None) -
 
 def stale_jobs(session: Session, *, queued_for: float, now: datetime | None = None) -> list[tuple[str, str, str]]:
     """``(id, type, reason)`` of jobs the reconciler should enqueue again: running with an expired
-    lease (reason ``lease_expired``), or still queued ``queued_for`` seconds after their last enqueue
-    (``message_lost``: the broker may have dropped it). Duplicate messages are harmless: a claim
-    succeeds once."""
+    lease and not enqueued since it expired, or ``queued_for`` seconds ago (``lease_expired``), or
+    still queued ``queued_for`` seconds after their last enqueue (``message_lost``: the broker may
+    have dropped it). Each job is rung once per period, so messages do not pile up while no worker
+    runs; a duplicate is harmless anyway, since a claim succeeds once."""
     now = now or utcnow()
     last_enqueue = func.coalesce(Job.enqueued_at, Job.created_at)
     rows = session.execute(
         select(Job.id, Job.type, Job.status).where(
             Job.cancel_requested.is_(False),
             or_(
-                and_(Job.status == "running", Job.lease_expires_at < now),
+                and_(Job.status == "running", Job.lease_expires_at < now,
+                     or_(Job.enqueued_at.is_(None), Job.enqueued_at < Job.lease_expires_at,
+                         Job.enqueued_at < now - timedelta(seconds=queued_for))),
                 and_(Job.status == "queued", last_enqueue < now - timedelta(seconds=queued_for)),
             ),
         ).order_by(Job.created_at)

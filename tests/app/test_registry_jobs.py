@@ -39,6 +39,8 @@ def test_one_lease_at_a_time_and_expired_leases_are_retaken(sessions: sessionmak
     later = now + timedelta(seconds=200)  # w1 died: its lease ran out
     with sessions.begin() as s:
         assert stale_jobs(s, queued_for=3600, now=later) == [(job_id, "train", "lease_expired")]
+        mark_enqueued(s, job_id, now=later)
+        assert stale_jobs(s, queued_for=3600, now=later) == []  # rung once for this expiry, not on every pass
         job = claim(s, job_id, "w2", 60, now=later)
         assert job is not None and job.attempts == 2 and job.lease_owner == "w2"
     with sessions.begin() as s:
