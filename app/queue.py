@@ -25,7 +25,7 @@ class JobQueue(Protocol):
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings shared by the API (producer) and the workers (consumers)."""
     conf: dict[str, Any] = {
-        "broker_url": settings.broker_url or "filesystem://",
+        "broker_url": settings.broker_url or "filesystem://localhost//",
         "task_default_queue": QUEUE_NAME,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
