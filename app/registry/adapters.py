@@ -226,14 +226,18 @@ def _summaries(session: Session, rows: Sequence[Row[str, str, str, datetime]]) -
             .group_by(AdapterVersion.adapter_id)
         )
     }
+    # the version number by primary-key lookup per alias (a join lets PostgreSQL hash the whole versions table)
+    number = (
+        select(AdapterVersion.version)
+        .where(AdapterVersion.id == Alias.version_id, AdapterVersion.deleted_at.is_(None))
+        .scalar_subquery()
+    )
     aliases: dict[str, dict[str, int]] = {i: {} for i in ids}
-    for alias in session.execute(
-        select(Alias.adapter_id, Alias.alias, AdapterVersion.version)
-        .join(AdapterVersion, AdapterVersion.id == Alias.version_id)
-        .where(Alias.adapter_id.in_(ids), AdapterVersion.deleted_at.is_(None))
-        .order_by(Alias.alias)
+    for adapter_id, alias, version in session.execute(
+        select(Alias.adapter_id, Alias.alias, number).where(Alias.adapter_id.in_(ids)).order_by(Alias.alias)
     ):
-        aliases[alias.adapter_id][alias.alias] = alias.version
+        if version is not None:
+            aliases[adapter_id][alias] = version
     out = []
     for row in rows:
         agg = counts.get(row.id)
