@@ -451,3 +451,22 @@ def test_oversize_uploads_are_refused_early(api_settings: Any, base_host: Any, a
                               headers={"content-type": f"multipart/form-data; boundary={boundary}"})
         assert_error(response, 413, "payload_too_large", None, "4096")
         assert stored_objects(small) == [] and registry_counts(small) == (0, 0) and work_folders(small) == []
+
+
+def test_a_download_whose_files_left_the_store_says_so(client: TestClient, adapter_dir: Path) -> None:
+    sha = upload(client, "bot", files_of(adapter_dir)).json()["files"][WEIGHTS]["sha256"]
+    (client.settings.store_dir / "objects" / sha[:2] / sha[2:]).unlink()  # type: ignore[attr-defined]
+    assert_error(client.get("/adapters/bot/versions/1/download"), 500, "internal_error", None, WEIGHTS)
+    assert_error(client.get("/adapters/bot/versions", params={"after": "bm90LWEtdmVyc2lvbg"}), 422, "invalid_request",
+                 "after", "cursor")
+
+
+def test_every_adapter_route_is_documented(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    operations = [(path, method, op) for path, ops in spec["paths"].items() if path.startswith("/adapters")
+                  for method, op in ops.items()]
+    assert len(operations) == 10
+    for path, method, op in operations:
+        assert op.get("summary") and op.get("description"), (method, path)
+    upload_body = spec["paths"]["/adapters"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert upload_body["required"] == ["name", "files"]
