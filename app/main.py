@@ -27,7 +27,7 @@ from app.queue import CeleryJobQueue, JobQueue
 from app.reconciler import Reconciler
 from app.registry.migrate import current_revision, head_revision
 from app.settings import Settings
-from app.storage import LocalArtifactStore
+from app.storage import LocalArtifactStore, remove_stale
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ Fine-tuning as a service: upload a JSONL dataset, `POST /jobs` to train a PEFT a
 server's base model, browse every adapter version with its lineage, upload and download adapters in
 the HF PEFT format. Errors always have the shape `{"error": {"code", "message", "param"}}`.
 """
+
+
+STALE_UPLOAD_SECONDS = 3600.0
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -107,7 +110,9 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
         await asyncio.to_thread(check_schema, url)
         db = Database(url)
         store = LocalArtifactStore(settings.store_dir)
-        store.clean_temp()
+        # leftovers of crashed uploads; recent ones may belong to other processes sharing DATA_DIR
+        store.clean_temp(older_than=STALE_UPLOAD_SECONDS)
+        remove_stale((settings.data_dir / "uploads").glob("adapter-*"), STALE_UPLOAD_SECONDS)
         host = base_model if base_model is not None else await asyncio.to_thread(BaseModelHost.load, settings)
         job_queue = queue or CeleryJobQueue(settings)
         app.state.services = Services(settings, db, store, job_queue, host, metrics)

@@ -12,7 +12,9 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,12 +128,28 @@ class LocalArtifactStore:
         """Remove the object (a no-op when it is not there)."""
         self.path(sha256).unlink(missing_ok=True)
 
-    def clean_temp(self) -> int:
-        """Remove temp files left by writers that crashed; returns how many were removed."""
-        removed = 0
-        for leftover in self._tmp.glob("put-*"):
-            leftover.unlink(missing_ok=True)
-            removed += 1
+    def clean_temp(self, older_than: float = 0.0) -> int:
+        """Remove temp files left by crashed writers, if untouched for ``older_than`` seconds (other
+        processes sharing the store may be writing the newer ones); returns how many were removed."""
+        removed = remove_stale(self._tmp.glob("put-*"), older_than)
         if removed:
             logger.info("removed %d partial uploads from %s", removed, self._tmp)
         return removed
+
+
+def remove_stale(paths: Iterable[Path], older_than: float) -> int:
+    """Delete the files and folders among ``paths`` not modified for ``older_than`` seconds."""
+    cutoff = time.time() - older_than
+    removed = 0
+    for path in paths:
+        try:
+            if path.stat().st_mtime > cutoff:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed += 1
+        except FileNotFoundError:
+            continue
+    return removed

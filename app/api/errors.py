@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_core.errors import AdapterError, ConfigError
-from app.registry.adapters import InvalidName, NotFound
+from app.registry.adapters import InvalidName, MethodConflict, NotFound
 from app.registry.datasets import DatasetNotFound
 from app.registry.jobs import JobConflict, JobNotFound
 from app.storage import ArtifactTooLarge
@@ -116,6 +116,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidName)
     async def _invalid_name(_: Request, exc: InvalidName) -> JSONResponse:
         return error_response(422, "invalid_request", str(exc), exc.param)
+
+    @app.exception_handler(MethodConflict)
+    async def _method_conflict(_: Request, exc: MethodConflict) -> JSONResponse:
+        return error_response(409, "conflict", str(exc), exc.param)
 
     @app.exception_handler(JobNotFound)
     async def _job_not_found(_: Request, exc: JobNotFound) -> JSONResponse:

@@ -81,3 +81,16 @@ def test_streams_a_file_and_cleans_crash_leftovers(tmp_path: Path) -> None:
     assert ref.sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
     (tmp_path / "store" / "tmp" / "put-crashed").write_bytes(b"partial")
     assert store.clean_temp() == 1
+
+
+def test_start_up_cleaning_spares_recent_temp_files_of_other_processes(tmp_path: Path) -> None:
+    import os
+    import time
+
+    store = LocalArtifactStore(tmp_path / "store")
+    old, fresh = tmp_path / "store" / "tmp" / "put-old", tmp_path / "store" / "tmp" / "put-fresh"
+    old.write_bytes(b"crashed long ago")
+    fresh.write_bytes(b"another process is writing this")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert store.clean_temp(older_than=3600) == 1
+    assert not old.exists() and fresh.exists()
