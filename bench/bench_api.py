@@ -253,7 +253,7 @@ def main() -> int:
     parser.add_argument("--adapters", type=int, default=500, help="adapters to seed (default 500)")
     parser.add_argument("--versions", type=int, default=20, help="versions per adapter (default 20)")
     parser.add_argument("--server-workers", type=int, default=1, help="uvicorn worker processes (default 1)")
-    return run_bench(parser.parse_args(), run, report)
+    return run_bench(parser.parse_args(), run, report, quiet_loggers=("httpx",))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from adapters_core.training.data import DataError
 from adapters_core.training.hyperparameters import Hyperparameters
 from adapters_core.training.loop import EvalResult, Progress, TrainingCallbacks, latest_checkpoint
 from app.db import Database
-from app.registry.adapters import RegistryError, VersionSpec, create_version
+from app.registry.adapters import RegistryError, VersionSpec, check_method, create_version
 from app.registry.datasets import DatasetNotFound, get_dataset
 from app.registry.jobs import TERMINAL, JobConflict, add_event, claim, finish, get_job, heartbeat
 from app.registry.models import Job
@@ -449,6 +449,7 @@ def _register(ctx: WorkerContext, job: _JobInfo, owner: str, spec: TrainSpec, ou
     base_model = ctx.models.source.name
     try:
         with ctx.db.session() as session:
+            check_method(session, job.adapter_name, spec.method)  # the name may have changed hands meanwhile
             version = create_version(session, job.adapter_name, VersionSpec(
                 method=spec.method, config=config, files=files, size=size, base_model=base_model,
                 job_id=job.id, dataset_id=job.dataset_id, metrics=metrics,

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from adapters_core.config import AdapterConfig, known_peft_types
@@ -43,7 +44,7 @@ from app.api.errors import ApiError
 from app.base_model import BaseModelHost
 from app.registry.adapters import RegistryError, check_name, resolve_ref
 from app.registry.datasets import DatasetNotFound, get_dataset
-from app.registry.models import AdapterVersion
+from app.registry.models import Adapter, AdapterVersion
 
 CombinationType = Literal[
     "linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
@@ -217,10 +218,25 @@ def _check_adapter_name(name: str) -> None:
         raise _invalid(str(exc), "adapter.name") from exc
 
 
+def _check_method_fits(session: Session, name: str, method: str) -> None:
+    """409 when ``name`` already holds live versions of another method (an adapter keeps one method)."""
+    adapter = session.execute(
+        select(Adapter).where(Adapter.name == name, Adapter.deleted_at.is_(None))
+    ).scalar_one_or_none()
+    if adapter is None or adapter.method == method:
+        return
+    live = session.execute(select(AdapterVersion.id).where(
+        AdapterVersion.adapter_id == adapter.id, AdapterVersion.deleted_at.is_(None)).limit(1)).first()
+    if live is not None:
+        raise ApiError(409, f"adapter {name!r} holds {adapter.method} versions; a {method} job needs another name "
+                       f"(or delete {name!r} first)", param="adapter.name")
+
+
 def _plan_train(session: Session, host: BaseModelHost, body: TrainJobIn) -> JobPlan:
     _check_adapter_name(body.adapter.name)
     method = body.adapter.method.lower()
     cls = _config_class(method)
+    _check_method_fits(session, body.adapter.name, method)
     _check_fields(cls, body.adapter.config, "adapter.config", f"{method} config")
     try:
         config = cls(**{"peft_type": cls.PEFT_TYPE, **body.adapter.config})

@@ -200,6 +200,15 @@ def test_missing_type_and_body(client: TestClient, ds: str) -> None:
     unchanged()
 
 
+def test_a_name_holding_another_method_is_a_409(client: TestClient, ds: str) -> None:
+    add_version(client, "support-bot", method="ia3")
+    before = len(client.queue.sent)  # type: ignore[attr-defined]
+    response = client.post("/jobs", json=train_body(ds))
+    assert response.status_code == 409, response.text
+    assert response.json()["error"]["param"] == "adapter.name" and "ia3" in response.json()["error"]["message"]
+    assert len(client.queue.sent) == before  # type: ignore[attr-defined]
+
+
 def test_a_deleted_dataset_cannot_be_trained_on(client: TestClient, ds: str) -> None:
     assert client.delete(f"/datasets/{ds}").status_code == 200
     unchanged = snapshot(client)

@@ -272,6 +272,19 @@ def test_worker_shutdown_hands_the_job_back_without_using_an_attempt(ctx: Worker
     assert [d for k, d in _events(ctx, job_id) if k == "resumed_from_checkpoint"] == [{"step": 2}]
 
 
+def test_a_name_taken_by_another_method_meanwhile_fails_the_job_clearly(ctx: WorkerContext) -> None:
+    from app.registry.adapters import VersionSpec, create_version
+
+    job_id = _job(ctx)
+    with ctx.db.session() as s:  # after submit, someone registers an ia3 "qa"
+        create_version(s, "qa", VersionSpec(method="ia3", config={}, files={}, size=0))
+    assert run_train_job(job_id, ctx) == "failed"
+    with ctx.db.session() as s:
+        job = get_job(s, job_id)
+        assert job.error is not None and "ia3" in job.error["message"] and job.result_version_id is None
+    _assert_clean_base(ctx.models)
+
+
 def test_merge_job_fails_honestly(ctx: WorkerContext) -> None:
     with ctx.db.session() as s:
         job_id = create_job(s, type="merge", adapter_name="mix", spec={"merge": {}, "sources": []}).id
