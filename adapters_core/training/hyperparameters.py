@@ -26,7 +26,8 @@ class Hyperparameters:
 
     ``max_steps`` (optimizer steps) overrides ``epochs`` when set. ``mixed_precision="auto"`` is
     bf16 on a GPU that supports it, else fp16 on GPU, and fp32 on CPU. ``eval_steps`` /
-    ``save_steps`` of ``None`` evaluate / checkpoint once per epoch.
+    ``save_steps`` of ``None`` evaluate / checkpoint once per epoch; only the newest
+    ``save_total_limit`` checkpoints are kept (``None`` keeps all; the best adapter is kept apart).
     """
 
     epochs: int = 3
@@ -46,13 +47,14 @@ class Hyperparameters:
     eval_steps: int | None = None
     early_stopping_patience: int | None = None
     save_steps: int | None = None
+    save_total_limit: int | None = 2
     seed: int = 42
 
     def __post_init__(self) -> None:
         positive_ints = ("epochs", "batch_size", "gradient_accumulation_steps", "max_seq_len")
         for name in positive_ints:
             _check_int(name, getattr(self, name), minimum=1)
-        for name in ("max_steps", "eval_steps", "save_steps", "early_stopping_patience"):
+        for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit", "early_stopping_patience"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)
         _check_int("seed", self.seed, minimum=0)

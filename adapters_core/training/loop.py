@@ -239,9 +239,23 @@ class Trainer:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        self._prune_checkpoints()
         self.accelerator.wait_for_everyone()
         self.callbacks.on_checkpoint(step, final)
         return final
+
+    def _prune_checkpoints(self) -> None:
+        """Delete all but the newest ``save_total_limit`` complete checkpoints."""
+        limit = self.hp.save_total_limit
+        if limit is None:
+            return
+        done = sorted(
+            (p for p in self.output_dir.glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit() and (p / STATE_NAME).exists()),
+            key=lambda p: int(p.name.split("-")[-1]),
+        )
+        for old in done[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimizer, scheduler, RNG and data position from ``path``."""

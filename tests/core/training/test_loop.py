@@ -76,6 +76,16 @@ def test_resumed_run_matches_uninterrupted_run(tiny_llama_dir: Path, tmp_path: P
         torch.testing.assert_close(_weights(resumed_model)[key], value, rtol=1e-5, atol=1e-6)
 
 
+def test_only_the_newest_checkpoints_are_kept(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    hp = Hyperparameters(max_steps=7, batch_size=2, save_steps=1, save_total_limit=2, learning_rate=1e-3)
+    result = Trainer(_model(tiny_llama_dir), "a", _rows(8), _collate, hp, tmp_path / "out").train()
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
+    assert result.last_checkpoint == tmp_path / "out" / "checkpoint-6"
+    keep_all = Hyperparameters(max_steps=4, batch_size=2, save_steps=1, save_total_limit=None, learning_rate=1e-3)
+    Trainer(_model(tiny_llama_dir), "a", _rows(8), _collate, keep_all, tmp_path / "all").train()
+    assert len(list((tmp_path / "all").glob("checkpoint-*"))) == 3
+
+
 def test_training_lowers_loss_and_reports_progress(tiny_llama_dir: Path, tmp_path: Path) -> None:
     rows = _rows(4, seed=1)
     recorder = Recorder()
