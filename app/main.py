@@ -16,10 +16,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 
 from app.api import adapters, datasets, health, jobs
 from app.api.deps import Services
-from app.api.errors import ApiError, install_error_handlers
+from app.api.errors import ApiError, install_error_handlers, use_error_schema_for_validation
 from app.base_model import BaseModelHost
 from app.db import Database
 from app.metrics import ApiMetrics
@@ -146,4 +147,13 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.include_router(jobs.router, dependencies=auth)
     app.include_router(adapters.router, dependencies=auth)
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = use_error_schema_for_validation(
+                get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -79,32 +79,32 @@ class AdapterVersionOut(BaseModel):
     """One immutable version of an adapter."""
 
     id: str = Field(description="Version id (`av_...`).")
-    object: Literal["adapter.version"] = "adapter.version"
-    name: str
-    version: int
+    object: Literal["adapter.version"] = Field(default="adapter.version", description="Always `adapter.version`.")
+    name: str = Field(description="Adapter name.")
+    version: int = Field(description="Version number (1, 2, ...; never reused).")
     ref: str = Field(description="`name@N`, usable wherever an adapter reference is accepted.")
     method: str = Field(description="PEFT method, lower-case (`lora`, ...).")
     config: dict[str, Any] = Field(description="`adapter_config.json` as stored.")
     files: dict[str, FileOut] = Field(description="File name → sha256 and size.")
     size: int = Field(description="Total bytes of the files.")
     base_model: str | None = Field(description="The base model the version was checked against or trained on.")
-    lineage: LineageOut
+    lineage: LineageOut = Field(description="Where the version came from: job and dataset, or merge parents.")
     metrics: dict[str, Any] = Field(description="Training metrics (trained versions); `{}` for uploads.")
     aliases: list[str] = Field(description="Aliases pointing at this version.")
-    created_at: datetime
+    created_at: datetime = Field(description="When the version was registered (UTC).")
 
 
 class AdapterOut(BaseModel):
     """A named adapter, summarised over its live versions."""
 
     id: str = Field(description="Adapter id (`ad_...`).")
-    object: Literal["adapter"] = "adapter"
-    name: str
+    object: Literal["adapter"] = Field(default="adapter", description="Always `adapter`.")
+    name: str = Field(description="Adapter name (unique).")
     method: str = Field(description="PEFT method of its versions, lower-case.")
     latest_version: int | None = Field(description="Highest live version number; null when none is left.")
     version_count: int = Field(description="Number of live (not deleted) versions.")
     aliases: dict[str, int] = Field(description="Alias → version number.")
-    created_at: datetime
+    created_at: datetime = Field(description="When the adapter's first version was registered (UTC).")
     updated_at: datetime = Field(description="When its newest live version was created.")
 
 
@@ -115,14 +115,14 @@ class AdapterDetailOut(AdapterOut):
 
 
 class AdapterList(BaseModel):
-    data: list[AdapterOut]
-    has_more: bool
+    data: list[AdapterOut] = Field(description="This page of adapters, in name order.")
+    has_more: bool = Field(description="Whether another page follows.")
     next_cursor: str | None = Field(description="Pass as `after` for the next page; null on the last page.")
 
 
 class AdapterVersionList(BaseModel):
-    data: list[AdapterVersionOut]
-    has_more: bool
+    data: list[AdapterVersionOut] = Field(description="This page of versions, newest first.")
+    has_more: bool = Field(description="Whether another page follows.")
     next_cursor: str | None = Field(description="Pass as `after` for the next page; null on the last page.")
 
 
@@ -135,18 +135,18 @@ class AliasIn(BaseModel):
 
 
 class AliasOut(BaseModel):
-    object: Literal["adapter.alias"] = "adapter.alias"
-    name: str
-    alias: str
-    version: int
+    object: Literal["adapter.alias"] = Field(default="adapter.alias", description="Always `adapter.alias`.")
+    name: str = Field(description="Adapter name.")
+    alias: str = Field(description="The alias, e.g. `prod`.")
+    version: int = Field(description="Version number it points at.")
     ref: str = Field(description="`name@alias`.")
-    updated_at: datetime
+    updated_at: datetime = Field(description="When the alias was last set or moved (UTC).")
 
 
 class DeletedOut(BaseModel):
     object: str = Field(description="`adapter`, `adapter.version` or `adapter.alias`.")
     id: str = Field(description="What was deleted: `name`, `name@N` or `name@alias`.")
-    deleted: bool = True
+    deleted: bool = Field(default=True, description="Always true.")
 
 
 def _utc(moment: datetime) -> datetime:

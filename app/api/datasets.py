@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, BinaryIO, Literal
 
 from fastapi import APIRouter, Query, Request
+from fastapi import Path as PathParam
 from pydantic import AfterValidator, BaseModel, Field
 from python_multipart import MultipartParser
 from python_multipart.exceptions import MultipartParseError
@@ -33,6 +34,7 @@ from app.storage import iter_file
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/datasets", tags=["datasets"])
+DatasetIdPath = Annotated[str, PathParam(description="Dataset id (`ds_...`).")]
 
 DEFAULT_MAX_SEQ_LEN = Hyperparameters().max_seq_len
 LISTED_ERRORS = 10  # validation problems named in a 422 message
@@ -327,7 +329,7 @@ def get_datasets(
     description="The dataset and its validation summary; 404 if there is none (or it was deleted).",
     responses={k: v for k, v in ERROR_RESPONSES.items() if k == 404},
 )
-def get_one_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
+def get_one_dataset(dataset_id: DatasetIdPath, session: SessionDep) -> DatasetOut:
     return dataset_out(get_dataset(session, dataset_id))
 
 
@@ -339,7 +341,7 @@ def get_one_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
     "trained on it keep their lineage. 409 while a queued or running job uses it.",
     responses={k: v for k, v in ERROR_RESPONSES.items() if k in (404, 409)},
 )
-def remove_dataset(dataset_id: str, session: SessionDep) -> DeletedDatasetOut:
+def remove_dataset(dataset_id: DatasetIdPath, session: SessionDep) -> DeletedDatasetOut:
     ds = delete_dataset(session, dataset_id)
     session.commit()
     logger.info("dataset %s deleted", dataset_id, extra={"dataset_id": dataset_id})

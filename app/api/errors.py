@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_core.errors import AdapterError, ConfigError
@@ -59,6 +60,39 @@ def error_body(code: str, message: str, param: str | None = None) -> dict[str, A
 def error_response(status: int, code: str, message: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(code, message, param), status_code=status, headers=headers)
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong."""
+
+    code: str = Field(description="Stable machine-readable code, e.g. `invalid_request`, `not_found`, `conflict`.")
+    message: str = Field(description="Human-readable explanation naming the problem (and the line, for data).")
+    param: str | None = Field(default=None, description="The offending field or parameter, e.g. `adapter.config.r`.")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer."""
+
+    error: ErrorDetail = Field(description="The error.")
+
+
+def use_error_schema_for_validation(schema: dict[str, Any]) -> dict[str, Any]:
+    """Make the OpenAPI document say what 422 answers really look like (our error shape, not
+    FastAPI's default ``HTTPValidationError``)."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.pop("HTTPValidationError", None)
+    components.pop("ValidationError", None)
+    for name, model in (("ErrorDetail", ErrorDetail), ("ErrorResponse", ErrorResponse)):
+        components[name] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components[name].pop("$defs", None)
+    ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for status, response in operation.get("responses", {}).items():
+                if status.isdigit() and int(status) >= 400:
+                    for media in response.get("content", {}).values():
+                        media["schema"] = ref
+    return schema
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
@@ -92,6 +92,7 @@ def _index_into_names(loc: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=_JobRoute)
+JobIdPath = Annotated[str, Path(description="Job id (`job_...`).")]
 
 
 # ------------------------------------------------------------------------------------------ response models
@@ -277,7 +278,7 @@ def get_jobs(
     description="Status, progress, metrics, error and result of one job.",
     responses={k: v for k, v in ERROR_RESPONSES.items() if k == 404},
 )
-def get_one_job(job_id: str, session: SessionDep) -> JobOut:
+def get_one_job(job_id: JobIdPath, session: SessionDep) -> JobOut:
     return _job_out(session, get_job(session, job_id))
 
 
@@ -289,7 +290,7 @@ def get_one_job(job_id: str, session: SessionDep) -> JobOut:
     "the next step. 409 for a job that already finished.",
     responses={k: v for k, v in ERROR_RESPONSES.items() if k in (404, 409)},
 )
-def cancel_job(job_id: str, session: SessionDep) -> JobOut:
+def cancel_job(job_id: JobIdPath, session: SessionDep) -> JobOut:
     job = request_cancel(session, job_id)
     session.commit()
     logger.info("cancel requested for job %s (now %s)", job_id, job.status, extra={"job_id": job_id})
@@ -353,7 +354,7 @@ async def _stream(request: Request, services: Services, job_id: str, after: int)
     },
 )
 async def get_job_events(
-    job_id: str,
+    job_id: JobIdPath,
     request: Request,
     services: ServicesDep,
     after: Annotated[int, Query(ge=0, description="Only events with a larger id.")] = 0,
@@ -385,7 +386,7 @@ def _require_job(services: Services, job_id: str) -> None:
     description="Checkpoints the worker saved while training (from the job's `checkpoint` events), oldest first.",
     responses={k: v for k, v in ERROR_RESPONSES.items() if k == 404},
 )
-def get_job_checkpoints(job_id: str, session: SessionDep) -> CheckpointList:
+def get_job_checkpoints(job_id: JobIdPath, session: SessionDep) -> CheckpointList:
     get_job(session, job_id)
     rows = session.execute(
         select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "checkpoint").order_by(JobEvent.id)
