@@ -7,14 +7,12 @@ set) they fail instead: CI must exercise the real production stack.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
-from tests.app.conftest import PG_URL, _postgres_available, demo_model_dir  # noqa: F401  (fixture re-export)
+from tests.app.conftest import _postgres_available, demo_model_dir, postgres_schema  # noqa: F401  (fixture re-export)
 from tests.e2e.harness import RedisServer
 
 
@@ -30,16 +28,8 @@ def pg_url() -> Iterator[str]:
     reason = _postgres_available()
     if reason:
         _unavailable(reason)
-    schema = f"e2e_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with postgres_schema("e2e") as url:
+        yield url
 
 
 @pytest.fixture

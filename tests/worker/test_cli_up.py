@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import httpx
 import pytest
 
 from adapterforge.cli import WorkerSupervisor
+from tests.e2e.harness import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT = 180.0  # generous: two processes import torch on a shared two-core CI machine
@@ -40,13 +40,7 @@ def _alive(pid: int) -> bool:
 
 
 def _wait_for(what: str, check: Callable[[], object], timeout: float = WAIT) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(check, timeout, what)
 
 
 class _Output:
