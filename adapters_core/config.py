@@ -37,6 +37,17 @@ def known_peft_types() -> list[str]:
     return sorted(_CONFIG_REGISTRY)
 
 
+def config_class(peft_type: str) -> type[AdapterConfig]:
+    """The config class of ``peft_type`` (case-insensitive); :class:`UnknownPeftTypeError` if none."""
+    cls = _CONFIG_REGISTRY.get(peft_type.upper())
+    if cls is None:
+        raise UnknownPeftTypeError(
+            f"unknown or unsupported peft_type {peft_type!r}; supported: {', '.join(known_peft_types())}",
+            field="peft_type",
+        )
+    return cls
+
+
 @dataclass
 class AdapterConfig:
     """Fields every HF PEFT config carries."""
@@ -110,13 +121,7 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     peft_type = data.get("peft_type")
     if not isinstance(peft_type, str) or not peft_type:
         raise UnknownPeftTypeError("adapter config has no peft_type", field="peft_type")
-    cls = _CONFIG_REGISTRY.get(peft_type.upper())
-    if cls is None:
-        raise UnknownPeftTypeError(
-            f"unknown or unsupported peft_type {peft_type!r}; supported: {', '.join(known_peft_types())}",
-            field="peft_type",
-        )
-    return cls.from_dict(data)
+    return config_class(peft_type).from_dict(data)
 
 
 def load_config(directory: str | Path) -> AdapterConfig:
@@ -137,6 +142,7 @@ __all__ = [
     "CONFIG_NAME",
     "PEFT_FORMAT_VERSION",
     "AdapterConfig",
+    "config_class",
     "config_from_dict",
     "known_peft_types",
     "load_config",

@@ -49,6 +49,7 @@ from adapters_core.targeting import candidate_modules, find_targets
 logger = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_MODULE_ATTRIBUTES = frozenset(dir(nn.Module()))
 
 
 class AdapterModel(nn.Module):
@@ -152,6 +153,8 @@ class AdapterModel(nn.Module):
                 f"invalid adapter name {name!r}: use letters, digits, '_' or '-' (and not {BASE_ADAPTER!r})",
                 field="name",
             )
+        if name in _MODULE_ATTRIBUTES:  # adapters are keys of ModuleDicts: 'training', 'forward', ... would clash
+            raise ConfigError(f"invalid adapter name {name!r}: it is an attribute of torch.nn.Module", field="name")
 
     def _inject(self, name: str, config: LoraConfig, *, initialise: bool, dtype: torch.dtype) -> None:
         """Wrap the targeted modules (if not yet wrapped) and create adapter ``name`` on them."""

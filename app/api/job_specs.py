@@ -37,8 +37,14 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from adapters_core.config import AdapterConfig, known_peft_types
-from adapters_core.errors import AdapterError, ConfigError, TargetModulesNotFoundError, UnsupportedModuleError
+from adapters_core.config import AdapterConfig, config_class, known_peft_types
+from adapters_core.errors import (
+    AdapterError,
+    ConfigError,
+    TargetModulesNotFoundError,
+    UnknownPeftTypeError,
+    UnsupportedModuleError,
+)
 from adapters_core.training.hyperparameters import Hyperparameters
 from app.api.errors import ApiError
 from app.base_model import BaseModelHost
@@ -339,13 +345,12 @@ def _plan_merge(session: Session, body: MergeJobIn) -> JobPlan:
 
 
 def _config_class(method: str) -> type[AdapterConfig]:
-    from adapters_core.config import _CONFIG_REGISTRY  # the engine's peft_type → class table
-
-    peft_type = method.upper()
-    if peft_type not in known_peft_types():
+    try:
+        return config_class(method)
+    except UnknownPeftTypeError as exc:
         supported = ", ".join(t.lower() for t in known_peft_types())
-        raise _invalid(f"unknown or unsupported method {method!r}; this server supports: {supported}", "adapter.method")
-    return _CONFIG_REGISTRY[peft_type]
+        raise _invalid(f"unknown or unsupported method {method!r}; this server supports: {supported}",
+                       "adapter.method") from exc
 
 
 def _field_param(prefix: str, field: str | None) -> str:

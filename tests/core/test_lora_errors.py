@@ -605,7 +605,7 @@ def test_duplicate_adapter_name(llama_with_a: AdapterModel, good_dir: Path) -> N
     snap.assert_same_structure(am)
 
 
-@pytest.mark.parametrize("name", [BASE_ADAPTER, "", "has space", "a/b", "../up", "x.y"])
+@pytest.mark.parametrize("name", [BASE_ADAPTER, "", "has space", "a/b", "../up", "x.y", "training", "forward"])
 def test_invalid_adapter_name(llama: AdapterModel, name: str) -> None:
     with pytest.raises(ConfigError) as err:
         llama.add_adapter(name, LoraConfig(target_modules=QV))
