@@ -213,7 +213,38 @@ def _build_parser() -> argparse.ArgumentParser:
                         "and finishes running jobs before stopping")
     worker.add_argument("--concurrency", type=int, default=1,
                         help="prefork: child processes, i.e. jobs at once (default: 1, one per GPU)")
+    store = sub.add_parser("store", help="artifact store maintenance")
+    store_sub = store.add_subparsers(dest="store_command", metavar="STORE_COMMAND", required=True)
+    gc = store_sub.add_parser(
+        "gc", help="delete stored objects no dataset or adapter version references (leftovers of failed commits)",
+        description="Deletes artifact-store objects that no registry row (deleted ones included) references "
+        "and that were not modified for --older-than seconds.",
+    )
+    gc.add_argument("--older-than", type=float, default=3600.0,
+                    help="grace period in seconds, so uploads on their way to a commit are spared (default 3600)")
+    gc.add_argument("--dry-run", action="store_true", help="only report what would be deleted")
     return parser
+
+
+def _store_gc(older_than: float, dry_run: bool) -> int:
+    from app.db import Database
+    from app.main import check_schema
+    from app.settings import Settings
+    from app.storage import LocalArtifactStore
+    from app.store_gc import collect_garbage
+
+    settings = Settings()
+    check_schema(settings.resolved_database_url)
+    db = Database(settings.resolved_database_url)
+    try:
+        with db.session() as session:
+            report = collect_garbage(session, LocalArtifactStore(settings.store_dir), older_than=older_than,
+                                     dry_run=dry_run)
+    finally:
+        db.dispose()
+    verb = "would remove" if dry_run else "removed"
+    logger.info("%s %d objects (%d bytes); %d kept", verb, report.removed, report.removed_bytes, report.kept)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -245,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
     if args.command == "worker":
         return _worker(args.pool, args.concurrency)
+    if args.command == "store":
+        return _store_gc(args.older_than, args.dry_run)
     parser.print_help()
     return 0
 

@@ -128,6 +128,13 @@ class LocalArtifactStore:
         """Remove the object (a no-op when it is not there)."""
         self.path(sha256).unlink(missing_ok=True)
 
+    def objects(self) -> Iterator[tuple[str, Path]]:
+        """Every stored object: ``(sha256, path)``."""
+        for path in self._objects.glob("??/*"):
+            sha256 = path.parent.name + path.name
+            if _SHA256.match(sha256) and path.is_file():
+                yield sha256, path
+
     def clean_temp(self, older_than: float = 0.0) -> int:
         """Remove temp files left by crashed writers, if untouched for ``older_than`` seconds (other
         processes sharing the store may be writing the newer ones); returns how many were removed."""
