@@ -668,3 +668,15 @@ def test_every_error_is_an_adapter_error() -> None:
         AdapterStateError,
     ):
         assert issubclass(cls, AdapterError)
+
+
+def test_an_adapter_on_a_weightless_model_stays_weightless(tiny_llama_dir: Path) -> None:
+    """Checking a config against an architecture on ``meta`` allocates nothing (the service relies on it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_llama_dir))
+    am = AdapterModel(skeleton)
+    am.add_adapter("probe", LoraConfig(r=8, target_modules="all-linear"))
+    devices = {p.device.type for name, p in am.named_parameters() if "lora_" in name}
+    assert devices == {"meta"}

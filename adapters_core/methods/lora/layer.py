@@ -180,8 +180,10 @@ class LoraLayer(nn.Module):
 
     # ------------------------------------------------------------------ math helpers
     def _device(self) -> torch.device:
+        """Where the adapter's weights live: with the base layer's (``meta`` for a weightless model,
+        so checking a config against a large architecture allocates nothing)."""
         for p in self.base_layer.parameters():
-            return p.device if p.device.type != "meta" else torch.device("cpu")
+            return p.device
         return torch.device("cpu")
 
     def base_weight(self) -> torch.Tensor:
