@@ -42,7 +42,7 @@ from app.adapter_uploads import (
     store_adapter_files,
 )
 from app.api.deps import Services, ServicesDep, SessionDep
-from app.api.errors import ERROR_RESPONSES, ApiError
+from app.api.errors import ERROR_RESPONSES, MAX_DB_INT, ApiError
 from app.registry import adapters as registry
 from app.registry.models import AdapterVersion
 from app.storage import ArtifactNotFound, iter_file
@@ -52,7 +52,7 @@ router = APIRouter(prefix="/adapters", tags=["adapters"])
 
 # ----------------------------------------------------------------------------------- response shapes
 NameParam = Annotated[str, PathParam(description="Adapter name, e.g. `support-bot`.")]
-VersionParam = Annotated[int, PathParam(ge=1, description="Version number (1, 2, ...).")]
+VersionParam = Annotated[int, PathParam(ge=1, le=MAX_DB_INT, description="Version number (1, 2, ...).")]
 AliasParam = Annotated[str, PathParam(description="Alias, e.g. `prod`: a letter, then letters, digits, `_`, `-`.")]
 LimitQuery = Annotated[int, Query(ge=1, le=100, description="Page size, 1-100.")]
 AfterQuery = Annotated[str | None, Query(max_length=512, description="`next_cursor` of the previous page.")]
@@ -131,7 +131,7 @@ class AliasIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(ge=1, description="Version number the alias points at.")
+    version: int = Field(ge=1, le=MAX_DB_INT, description="Version number the alias points at.")
 
 
 class AliasOut(BaseModel):
@@ -331,7 +331,7 @@ def list_versions(name: NameParam, session: SessionDep, limit: LimitQuery = 20,
     before = None
     if after:
         value = _decode_cursor(after, "v")
-        if not value.isdigit():
+        if not value.isdigit() or int(value) > MAX_DB_INT:
             raise ApiError(422, "invalid cursor: pass the `next_cursor` of the previous page", param="after")
         before = int(value)
     found, has_more = registry.list_versions(session, name, limit=limit, before=before)

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from app.api.datasets import UtcDatetime
 from app.api.deps import Services, ServicesDep, SessionDep
-from app.api.errors import ERROR_RESPONSES, ApiError
+from app.api.errors import ERROR_RESPONSES, MAX_DB_INT, ApiError
 from app.api.job_specs import JOB_TYPES, JobIn, plan_job
 from app.registry.jobs import (
     TERMINAL,
@@ -357,7 +357,7 @@ async def get_job_events(
     job_id: JobIdPath,
     request: Request,
     services: ServicesDep,
-    after: Annotated[int, Query(ge=0, description="Only events with a larger id.")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_DB_INT, description="Only events with a larger id.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="Events per page (1-1000; JSON only).")] = 100,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", description="SSE resume point "
                                                 "(sent by EventSource on reconnect); wins over `after`.")] = None,
@@ -365,7 +365,7 @@ async def get_job_events(
     if "text/event-stream" not in request.headers.get("accept", ""):
         return await asyncio.to_thread(_events_page, services, job_id, after, limit)
     if last_event_id is not None:
-        if not last_event_id.strip().isdigit():
+        if not last_event_id.strip().isdigit() or int(last_event_id) > MAX_DB_INT:
             raise ApiError(422, f"Last-Event-ID must be an event id (an integer), got {last_event_id!r}",
                            param="Last-Event-ID")
         after = int(last_event_id)

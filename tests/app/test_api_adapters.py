@@ -470,3 +470,17 @@ def test_every_adapter_route_is_documented(client: TestClient) -> None:
         assert op.get("summary") and op.get("description"), (method, path)
     upload_body = spec["paths"]["/adapters"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert upload_body["required"] == ["name", "files"]
+
+
+def test_numbers_beyond_sql_integers_are_422_not_500(client: TestClient, adapter_dir: Path) -> None:
+    upload(client, "bot", files_of(adapter_dir))
+    huge = 2**40
+    for response in (
+        client.get(f"/adapters/bot/versions/{huge}"),
+        client.put("/adapters/bot/aliases/prod", json={"version": huge}),
+        client.delete(f"/adapters/bot/versions/{huge}"),
+        client.get("/jobs/job_x/events", params={"after": huge}),
+        client.get("/jobs/job_x/events", headers={"Accept": "text/event-stream", "Last-Event-ID": str(huge)}),
+    ):
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["param"] in ("version", "after", "Last-Event-ID")
