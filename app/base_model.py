@@ -111,4 +111,24 @@ class BaseModelHost:
         probe = dataclasses.replace(config, **{k: v for k, v in weightless.items() if hasattr(config, k)})
         with self._lock:
             self._adapters.add_adapter(_VALIDATION_SLOT, probe, dtype=torch.bfloat16)
-            self._adapters.delete_adapter(_VALIDATION_SLOT)
+            try:
+                self._check_ranks()
+            finally:
+                self._adapters.delete_adapter(_VALIDATION_SLOT)
+
+    def _check_ranks(self) -> None:
+        """A rank above a layer's smallest dimension adds no capacity, only memory: refuse it (a typo
+        such as ``r=40960`` would otherwise make a worker allocate until it is killed)."""
+        suffix = f".lora_A.{_VALIDATION_SLOT}"
+        shapes = dict((n, tuple(p.shape)) for n, p in self._adapters.named_parameters() if "lora_" in n)
+        for name, (rank, fan_in) in ((n, s) for n, s in shapes.items() if n.endswith(suffix)):
+            module = name.removesuffix(suffix)
+            fan_out = shapes[f"{module}.lora_B.{_VALIDATION_SLOT}"][0]
+            if rank > min(fan_in, fan_out):
+                from adapters_core.errors import ConfigError
+
+                short = module.split("model.", 1)[-1]
+                raise ConfigError(
+                    f"r={rank} exceeds the smallest dimension ({min(fan_in, fan_out)}) of {short} "
+                    f"({fan_in} -> {fan_out}); a LoRA rank cannot usefully exceed it", field="r",
+                )

@@ -564,3 +564,13 @@ def test_openapi_documents_every_job_field(client: TestClient) -> None:
             assert schema.get("description"), f"{name}.{field} has no description"
     hyper = schemas["TrainJobIn"]["properties"]["hyperparameters"]["properties"]
     assert hyper["learning_rate"]["default"] == 2e-4 and all(p.get("description") for p in hyper.values())
+
+
+def test_a_rank_beyond_the_layers_dimensions_is_refused(client: TestClient, ds: str) -> None:
+    body = train_body(ds)
+    body["adapter"]["config"]["r"] = 4096  # the demo model's layers are far smaller
+    response = client.post("/jobs", json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == "adapter.config.r" and "r=4096 exceeds" in error["message"]
+    assert client.queue.sent == []  # type: ignore[attr-defined]
