@@ -14,6 +14,7 @@ them to clear 4xx answers without parsing messages::
     │   ├── UnsafeCheckpointError   pickle weights refused (``allow_pickle=False``)
     │   └── AdapterMismatchError    keys or shapes do not fit this base model
     ├── NonFiniteWeightsError       NaN/Inf in adapter weights or in a merge result
+    ├── RankTooLargeError           an adapter's rank exceeds what the serving slots hold
     └── AdapterStateError           the call does not fit the model's state (e.g. adapters merged)
 """
 
@@ -73,3 +74,12 @@ class NonFiniteWeightsError(AdapterError, ValueError):
 
 class AdapterStateError(AdapterError, RuntimeError):
     """The requested operation does not fit the current state (e.g. adapters are merged)."""
+
+
+class RankTooLargeError(AdapterError, ValueError):
+    """An adapter's LoRA rank is above the largest rank the serving slot banks accept."""
+
+    def __init__(self, message: str, *, rank: int, limit: int) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.limit = limit

@@ -128,13 +128,15 @@ def find_targets(
     get_output = getattr(model, "get_output_embeddings", None)
     output_embedding = get_output() if callable(get_output) else None
     if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
-        def unwrap(module: nn.Module) -> nn.Module:
-            return getattr(module, "base_layer", module) if wrapper_types and isinstance(module, wrapper_types) else module
+        def unwrap(module: nn.Module | None) -> nn.Module | None:
+            inner = getattr(module, "base_layer", None) if wrapper_types and isinstance(module, wrapper_types) else None
+            return unwrap(inner) if isinstance(inner, nn.Module) else module
 
+        output = unwrap(output_embedding)
         spec = sorted(
             name
             for name, module in modules
-            if name and is_linear_like(unwrap(module)) and unwrap(module) is not output_embedding
+            if name and is_linear_like(unwrap(module)) and unwrap(module) is not output
         )
         if not spec:
             raise TargetModulesNotFoundError("target_modules='all-linear' found no linear layer in the model")

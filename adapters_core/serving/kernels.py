@@ -1,0 +1,80 @@
+"""Batched LoRA products where every row of the batch may use a different adapter slot.
+
+One operation, three strategies chosen by shape::
+
+    out[i] += (x[i] @ A[sᵢ]) @ B[sᵢ]        A: (slots, in, r)   B: (slots, r, out)   (B pre-scaled)
+
+* one slot for every row: two dense GEMMs on that slot's views (no gather);
+* one token per row (decode): two ``embedding_bag`` calls with per-sample weights, which read
+  each row's adapter straight from the slot bank without materialising a gathered copy
+  (Punica's BGMV, in stock torch);
+* several tokens per row (prefill): gather the rows' A and B, then ``bmm`` / ``baddbmm`` (the
+  gather is amortised over the row's tokens).
+
+Slot 0 holds zeros (the base model), so rows without an adapter cost work but change nothing. A
+fused kernel (Triton, CUDA) can replace :func:`lora_delta` without touching its callers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class RowIndex:
+    """Per-forward cache of the flat indices that the ``embedding_bag`` path needs, by width."""
+
+    def __init__(self, slots: torch.Tensor) -> None:
+        self.slots = slots
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def rows(self, width: int) -> torch.Tensor:
+        """``(batch, width)`` indices ``sᵢ·width + j`` into a bank viewed as ``(slots·width, ·)``."""
+        idx = self._cache.get(width)
+        if idx is None:
+            base = self.slots * width
+            idx = base.unsqueeze(1) + torch.arange(width, device=self.slots.device).unsqueeze(0)
+            self._cache[width] = idx
+        return idx
+
+
+def lora_hidden(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, uniform: int | None,
+                index: RowIndex) -> torch.Tensor:
+    """``h[i] = x[i] @ A[sᵢ]`` for ``x`` of shape ``(batch, tokens, in)``: ``(batch, tokens, r)``."""
+    if uniform is not None:
+        return x @ a[uniform]
+    batch, tokens, width = x.shape
+    if tokens == 1:
+        flat = a.view(-1, a.shape[-1])
+        h = F.embedding_bag(index.rows(width), flat, per_sample_weights=x.reshape(batch, width), mode="sum")
+        return h.unsqueeze(1)
+    return torch.bmm(x, a.index_select(0, slots))
+
+
+def lora_expand(h: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, uniform: int | None,
+                index: RowIndex, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[i] += h[i] @ B[sᵢ]`` (in place when ``out`` is given, else a new ``(batch, tokens, out)``)."""
+    batch, tokens, rank = h.shape
+    if uniform is not None:
+        bu = b[uniform]
+        if out is None:
+            return h @ bu
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, rank), bu)
+        return out
+    if tokens == 1:
+        flat = b.view(-1, b.shape[-1])
+        delta = F.embedding_bag(index.rows(rank), flat, per_sample_weights=h.reshape(batch, rank), mode="sum")
+        delta = delta.unsqueeze(1)
+        if out is None:
+            return delta
+        return out.add_(delta)
+    gathered = b.index_select(0, slots)
+    if out is None:
+        return torch.bmm(h, gathered)
+    return out.baddbmm_(h, gathered)
+
+
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, uniform: int | None,
+               index: RowIndex, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[i] += (x[i] @ A[sᵢ]) @ B[sᵢ]`` (see the module docstring); ``x`` is ``(batch, tokens, in)``."""
+    return lora_expand(lora_hidden(x, a, slots, uniform, index), b, slots, uniform, index, out)

@@ -1,0 +1,335 @@
+"""Slot layers: a base layer plus fixed per-slot adapter buffers, routed per row.
+
+:class:`SlotLoraLayer` wraps a Linear / Conv1D / bitsandbytes linear or an ``nn.Embedding``. Its
+buffers are allocated once, on the first adapter that targets the layer, for every slot of the
+model (slot 0 = the base model, always zero)::
+
+    A (slots, in, r)    B (slots, r, out) pre-scaled    lora_bias (slots, out)    gain (slots, out)
+    bias_delta (slots, out)  (an adapter's trained base bias minus the server's)
+
+and computes, for row ``i`` with slot ``sᵢ``::
+
+    y[i] = base(x[i]) + bias_delta[sᵢ] + δ[i]                               (LoRA rows)
+    y[i] = base(x[i]) + bias_delta[sᵢ] + (g[sᵢ] − 1)·W x[i] + g[sᵢ]·δ[i]     (DoRA rows)
+    δ[i] = (x[i] @ A[sᵢ]) @ B[sᵢ] + lora_bias[sᵢ],   g = m / ‖W + s·B·A‖ (computed when loaded)
+
+Ranks are zero-padded to the largest rank loaded on the layer (the buffers grow when a larger one
+arrives), which keeps every product exact. :class:`SlotModuleSwap` serves ``modules_to_save``: rows
+whose adapter has its own copy of the module go through that copy, grouped by slot.
+:class:`SlotBias` adds trained biases on modules an adapter does not put LoRA on. Wrappers nest as
+``SlotModuleSwap(SlotBias(SlotLoraLayer(base)))``, each present only where some adapter needs it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters_core.errors import AdapterStateError
+from adapters_core.methods.lora.base_layers import BaseLayerInfo
+from adapters_core.serving.kernels import RowIndex, lora_delta, lora_expand
+
+
+@dataclass(frozen=True)
+class SlotRouting:
+    """The slot of every row of the current forward, shared by all slot layers of a model."""
+
+    slots: torch.Tensor
+    distinct: frozenset[int]
+    uniform: int | None
+    index: RowIndex
+
+    @classmethod
+    def of(cls, slots: list[int], device: torch.device) -> SlotRouting:
+        tensor = torch.tensor(slots, dtype=torch.long, device=device)
+        distinct = frozenset(slots)
+        uniform = next(iter(distinct)) if len(distinct) == 1 else None
+        return cls(tensor, distinct, uniform, RowIndex(tensor))
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.slots.shape[0])
+
+
+class RoutingState:
+    """Mutable holder of the current :class:`SlotRouting` (``None``: every row is the base model)."""
+
+    def __init__(self) -> None:
+        self.current: SlotRouting | None = None
+
+
+@dataclass
+class SlotWeights:
+    """One adapter's tensors for one layer, in the bank's layout, ready to copy into a slot."""
+
+    a: torch.Tensor | None = None  # (in, r)
+    b: torch.Tensor | None = None  # (r, out), scaled
+    lora_bias: torch.Tensor | None = None  # (out,), scaled
+    gain: torch.Tensor | None = None  # (out,): DoRA's m / ‖W + s·B·A‖
+    bias_delta: torch.Tensor | None = None  # (out,)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.a is None else int(self.a.shape[1])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.a, self.b, self.lora_bias, self.gain, self.bias_delta) if t is not None]
+
+
+class SlotLoraLayer(nn.Module):
+    """``base_layer`` plus per-slot LoRA buffers (see the module docstring)."""
+
+    def __init__(self, base_layer: nn.Module, info: BaseLayerInfo, routing: RoutingState, num_slots: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.info = info
+        self._routing = routing
+        self.num_slots = num_slots
+        self.dtype, self.device = dtype, device
+        self.a: torch.Tensor | None = None
+        self.b: torch.Tensor | None = None
+        self.lora_bias: torch.Tensor | None = None
+        self.gain: torch.Tensor | None = None
+        self.bias_delta: torch.Tensor | None = None
+        self.lora_slots: set[int] = set()
+        self.lora_bias_slots: set[int] = set()
+        self.gain_slots: set[int] = set()
+        self.bias_slots: set[int] = set()
+        self.used_slots: frozenset[int] = frozenset()
+        bias = getattr(base_layer, "bias", None)
+        self._base_bias = bias.detach() if isinstance(bias, torch.Tensor) else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        assert isinstance(w, torch.Tensor)
+        return w
+
+    @property
+    def rank_capacity(self) -> int:
+        return 0 if self.a is None else int(self.a.shape[2])
+
+    def nbytes(self) -> int:
+        """Bytes held by this layer's slot buffers."""
+        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.lora_bias, self.gain, self.bias_delta)
+                   if t is not None)
+
+    # ------------------------------------------------------------------ slot writes
+    def _vector(self, fill: float) -> torch.Tensor:
+        return torch.full((self.num_slots, self.info.out_features), fill, dtype=self.dtype, device=self.device)
+
+    def _ensure_rank(self, rank: int) -> None:
+        """Allocate (or grow) ``A``/``B`` to hold rank ``rank`` in every slot."""
+        if rank <= self.rank_capacity:
+            return
+        a = torch.zeros((self.num_slots, self.info.in_features, rank), dtype=self.dtype, device=self.device)
+        b = torch.zeros((self.num_slots, rank, self.info.out_features), dtype=self.dtype, device=self.device)
+        if self.a is not None and self.b is not None:
+            old = self.rank_capacity
+            a[:, :, :old] = self.a
+            b[:, :old, :] = self.b
+        self.a, self.b = a, b
+
+    def write(self, slot: int, weights: SlotWeights) -> None:
+        """Copy ``weights`` into ``slot`` (whatever the slot held on this layer before is replaced)."""
+        self.clear(slot)
+        if weights.a is not None and weights.b is not None:
+            rank = weights.rank
+            self._ensure_rank(rank)
+            assert self.a is not None and self.b is not None
+            self.a[slot, :, :rank].copy_(weights.a, non_blocking=True)
+            self.b[slot, :rank, :].copy_(weights.b, non_blocking=True)
+            self.lora_slots.add(slot)
+        if weights.lora_bias is not None:
+            if self.lora_bias is None:
+                self.lora_bias = self._vector(0.0)
+            self.lora_bias[slot].copy_(weights.lora_bias, non_blocking=True)
+            self.lora_bias_slots.add(slot)
+        if weights.gain is not None:
+            if self.gain is None:
+                self.gain = self._vector(1.0)
+            self.gain[slot].copy_(weights.gain, non_blocking=True)
+            self.gain_slots.add(slot)
+        if weights.bias_delta is not None:
+            if self.bias_delta is None:
+                self.bias_delta = self._vector(0.0)
+            self.bias_delta[slot].copy_(weights.bias_delta, non_blocking=True)
+            self.bias_slots.add(slot)
+        self._refresh_used()
+
+    def clear(self, slot: int) -> None:
+        """Zero ``slot`` on this layer (its rows then get the base layer's output)."""
+        if slot in self.lora_slots and self.a is not None and self.b is not None:
+            self.a[slot].zero_()
+            self.b[slot].zero_()
+        if slot in self.lora_bias_slots and self.lora_bias is not None:
+            self.lora_bias[slot].zero_()
+        if slot in self.gain_slots and self.gain is not None:
+            self.gain[slot].fill_(1.0)
+        if slot in self.bias_slots and self.bias_delta is not None:
+            self.bias_delta[slot].zero_()
+        for used in (self.lora_slots, self.lora_bias_slots, self.gain_slots, self.bias_slots):
+            used.discard(slot)
+        self._refresh_used()
+
+    def _refresh_used(self) -> None:
+        self.used_slots = frozenset(self.lora_slots | self.lora_bias_slots | self.gain_slots | self.bias_slots)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        routing = self._routing.current
+        if routing is None or routing.distinct.isdisjoint(self.used_slots):
+            return result
+        return self._add_adapters(x, result, routing)
+
+    def _add_adapters(self, x: torch.Tensor, result: torch.Tensor, routing: SlotRouting) -> torch.Tensor:
+        batch = routing.batch_size
+        if x.shape[0] != batch:
+            raise AdapterStateError(f"the forward has {x.shape[0]} rows but {batch} slot ids were routed")
+        out3 = result.reshape(batch, -1, result.shape[-1])
+        if torch.is_grad_enabled() or not result.is_contiguous() or out3.dtype != self.dtype:
+            out3 = out3.to(self.dtype).clone()  # in-place updates below must not touch a tensor autograd needs
+        slots, uniform, distinct = routing.slots, routing.uniform, routing.distinct
+        dora = self.gain is not None and not distinct.isdisjoint(self.gain_slots)
+        plain = None
+        if dora:
+            plain = out3 - self._base_bias if self._base_bias is not None else out3.clone()  # W·x
+        if self.bias_delta is not None and not distinct.isdisjoint(self.bias_slots):
+            out3.add_(_per_row(self.bias_delta, slots, uniform))
+        has_lora = self.a is not None and not distinct.isdisjoint(self.lora_slots)
+        has_lora_bias = self.lora_bias is not None and not distinct.isdisjoint(self.lora_bias_slots)
+        if not dora and not has_lora_bias:
+            if has_lora:
+                self._lora(x, slots, uniform, routing.index, out=out3)
+        else:
+            delta = self._lora(x, slots, uniform, routing.index, out=None) if has_lora else torch.zeros_like(out3)
+            if has_lora_bias:
+                assert self.lora_bias is not None
+                delta = delta + _per_row(self.lora_bias, slots, uniform)
+            if dora:
+                assert self.gain is not None and plain is not None
+                gain = _per_row(self.gain, slots, uniform)
+                out3.add_((gain - 1) * plain + gain * delta)
+            else:
+                out3.add_(delta)
+        return out3.view(result.shape).to(result.dtype)
+
+    def _lora(self, x: torch.Tensor, slots: torch.Tensor, uniform: int | None, index: RowIndex,
+              out: torch.Tensor | None) -> torch.Tensor:
+        assert self.a is not None and self.b is not None
+        batch = slots.shape[0]
+        if self.info.kind == "embedding":
+            ids = x.reshape(batch, -1)
+            if uniform is not None:
+                h = F.embedding(ids, self.a[uniform])
+            else:
+                vocab = self.info.in_features
+                h = F.embedding(ids + (slots * vocab).unsqueeze(1), self.a.view(-1, self.a.shape[-1]))
+            return lora_expand(h, self.b, slots, uniform, index, out)
+        x3 = x.reshape(batch, -1, x.shape[-1])
+        if x3.dtype != self.dtype:
+            x3 = x3.to(self.dtype)
+        return lora_delta(x3, self.a, self.b, slots, uniform, index, out)
+
+
+def _per_row(table: torch.Tensor, slots: torch.Tensor, uniform: int | None) -> torch.Tensor:
+    """``table[sᵢ]`` broadcast over row ``i``'s tokens: ``(batch or 1, 1, out)``."""
+    if uniform is not None:
+        return table[uniform].view(1, 1, -1)
+    return table.index_select(0, slots).unsqueeze(1)
+
+
+class SlotBias(nn.Module):
+    """A per-slot addition to a module's output bias: ``y[i] = base(x[i]) + delta[sᵢ]``.
+
+    Serves trained biases (``bias="all"``/``"lora_only"``) on modules an adapter does not put LoRA on:
+    linear layers and layer norms, whose bias is added last.
+    """
+
+    def __init__(self, base_layer: nn.Module, routing: RoutingState, num_slots: int, features: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._routing = routing
+        self.delta = torch.zeros((num_slots, features), dtype=dtype, device=device)
+        self.used_slots: frozenset[int] = frozenset()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        assert isinstance(w, torch.Tensor)
+        return w
+
+    def write(self, slot: int, delta: torch.Tensor) -> None:
+        self.delta[slot].copy_(delta, non_blocking=True)
+        self.used_slots = self.used_slots | {slot}
+
+    def clear(self, slot: int) -> None:
+        self.delta[slot].zero_()
+        self.used_slots = self.used_slots - {slot}
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        routing = self._routing.current
+        if routing is None or routing.distinct.isdisjoint(self.used_slots):
+            return result
+        rows = _per_row(self.delta, routing.slots, routing.uniform)
+        shape = (rows.shape[0],) + (1,) * (result.dim() - 2) + (rows.shape[-1],)
+        return result + rows.view(shape).to(result.dtype)
+
+
+class SlotModuleSwap(nn.Module):
+    """``modules_to_save`` at serving time: rows whose slot has its own copy of the module use it."""
+
+    def __init__(self, base_layer: nn.Module, routing: RoutingState) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._routing = routing
+        self.copies = nn.ModuleDict()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        assert isinstance(w, torch.Tensor)
+        return w
+
+    @property
+    def used_slots(self) -> frozenset[int]:
+        return frozenset(int(k) for k in self.copies)
+
+    def original(self) -> nn.Module:
+        """The base model's own module (unwrapping slot layers nested inside)."""
+        inner = self.base_layer
+        while isinstance(inner, SlotLoraLayer | SlotBias):
+            inner = inner.base_layer
+        return inner
+
+    def write(self, slot: int, state: dict[str, torch.Tensor]) -> None:
+        """Give ``slot`` its own copy of the module, holding ``state``."""
+        clone = copy.deepcopy(self.original())
+        clone.load_state_dict(state)
+        clone.requires_grad_(False)
+        self.copies[str(slot)] = clone
+
+    def clear(self, slot: int) -> None:
+        if str(slot) in self.copies:
+            del self.copies[str(slot)]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        routing = self._routing.current
+        if routing is None or not self.copies or routing.distinct.isdisjoint(self.used_slots):
+            return self.base_layer(x, *args, **kwargs)
+        if routing.uniform is not None:
+            return self.copies[str(routing.uniform)](x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs).clone()
+        for slot in routing.distinct & self.used_slots:
+            rows = (routing.slots == slot).nonzero().squeeze(1)
+            result[rows] = self.copies[str(slot)](x[rows], *args, **kwargs).to(result.dtype)
+        return result

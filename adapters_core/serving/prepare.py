@@ -1,0 +1,187 @@
+"""Turn an HF PEFT adapter (config + tensors) into :class:`PreparedAdapter`: per-layer tensors in
+the slot banks' layout, checked against the base model, ready to be copied into any slot.
+
+Everything an adapter file can hold for LoRA is accounted for, or refused with a typed error:
+``lora_A``/``lora_B`` (Linear, Conv1D, bitsandbytes, Embedding), ``lora_B.bias`` (``lora_bias``),
+DoRA magnitudes (folded into a per-row gain using the server's base weights), trained base biases
+(``bias="all"``/``"lora_only"``, kept as a per-slot difference), ``modules_to_save`` copies, and the
+embedding tables PEFT saves beside embedding adapters (accepted when equal to the base model's).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from adapters_core.errors import AdapterMismatchError, RankTooLargeError, UnknownPeftTypeError
+from adapters_core.methods.lora import base_layers
+from adapters_core.methods.lora.config import LoraConfig
+from adapters_core.peft_format import KEY_PREFIX
+from adapters_core.serving.layers import SlotWeights
+
+if TYPE_CHECKING:
+    from adapters_core.config import AdapterConfig
+    from adapters_core.serving.slotted import SlottedModel
+
+
+@dataclass
+class PreparedAdapter:
+    """An adapter in host memory, in the slot layout: what a slot load copies from."""
+
+    config: LoraConfig
+    layers: dict[str, SlotWeights]
+    swaps: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)  # bias deltas on modules without LoRA
+
+    @property
+    def rank(self) -> int:
+        """The largest LoRA rank over the adapter's layers."""
+        return max((w.rank for w in self.layers.values()), default=0)
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held (what the host-memory tier accounts)."""
+        tensors = [t for w in self.layers.values() for t in w.tensors()]
+        tensors += [t for s in self.swaps.values() for t in s.values()] + list(self.biases.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def lora_config(config: AdapterConfig) -> LoraConfig:
+    """The config as LoRA, or :class:`UnknownPeftTypeError` (the only method slot banks serve yet)."""
+    if not isinstance(config, LoraConfig):
+        raise UnknownPeftTypeError(
+            f"peft_type {config.peft_type!r} cannot be served yet: only LoRA adapters can", field="peft_type"
+        )
+    return config
+
+
+def prepare_adapter(model: SlottedModel, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> PreparedAdapter:
+    """Check ``tensors`` (PEFT keys) against ``model`` and lay them out for its slot banks.
+
+    Raises :class:`AdapterMismatchError` for unexpected, missing or mis-shaped keys (an adapter for
+    another base model), :class:`RankTooLargeError` past the model's ``max_rank``, and the
+    targeting errors of the engine (:class:`TargetModulesNotFoundError`, ...).
+    """
+    lora = lora_config(config)
+    remaining = {k.removeprefix(KEY_PREFIX): v for k, v in tensors.items()}
+    targets = model.lora_targets(lora)
+    layers: dict[str, SlotWeights] = {}
+    for name in targets:
+        layers[name] = _lora_weights(model, lora, name, remaining)
+    prepared = PreparedAdapter(lora, layers)
+    for name in model.saved_module_targets(lora):
+        prepared.swaps[name] = _swap_state(model, name, remaining)
+    for key in sorted(remaining):
+        if key.endswith(".bias") and lora.bias != "none":
+            _bias_delta(model, key, remaining[key], prepared)
+        elif key.endswith(".base_layer.weight"):
+            _check_embedding_table(model, key, remaining[key])
+        else:
+            raise AdapterMismatchError(f"unexpected key {KEY_PREFIX}{key} in the adapter file for this base model")
+    return prepared
+
+
+def _take(remaining: dict[str, torch.Tensor], key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    tensor = remaining.pop(key, None)
+    if tensor is None:
+        raise AdapterMismatchError(f"missing key {KEY_PREFIX}{key} in the adapter file")
+    if tuple(tensor.shape) != shape:
+        raise AdapterMismatchError(
+            f"shape mismatch for {KEY_PREFIX}{key}: file has {tuple(tensor.shape)}, this base model needs {shape} "
+            "(was the adapter trained on a different base model?)"
+        )
+    return tensor
+
+
+def _lora_weights(model: SlottedModel, config: LoraConfig, name: str, remaining: dict[str, torch.Tensor]) -> SlotWeights:
+    base = model.base_module(name)
+    info = model.layer_info(name)
+    rank = config.rank_for(name)
+    if rank > model.max_rank:
+        raise RankTooLargeError(
+            f"{name} has LoRA rank {rank}, above this server's maximum of {model.max_rank}", rank=rank, limit=model.max_rank
+        )
+    alpha = config.alpha_for(name)
+    scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+    dtype = model.dtype
+    if info.kind == "embedding":
+        a = _take(remaining, f"{name}.lora_embedding_A", (rank, info.in_features))
+        b = _take(remaining, f"{name}.lora_embedding_B", (info.out_features, rank))
+        embed_scale = getattr(base, "embed_scale", None)
+        if embed_scale is not None:
+            scaling *= float(embed_scale)
+    else:
+        a = _take(remaining, f"{name}.lora_A.weight", (rank, info.in_features))
+        b = _take(remaining, f"{name}.lora_B.weight", (info.out_features, rank))
+    a32, b32 = a.to(torch.float32), b.to(torch.float32)
+    weights = SlotWeights(a=_host(a32.t(), dtype), b=_host(b32.t() * scaling, dtype))
+    if config.lora_bias:
+        bias = _take(remaining, f"{name}.lora_B.bias", (info.out_features,)).to(torch.float32)
+        weights.lora_bias = _host(bias * scaling, dtype)
+    if config.use_dora:
+        magnitude = _take(remaining, f"{name}.lora_magnitude_vector", (info.out_features,)).to(torch.float32)
+        w = base_layers.linear_weight(base, info).to(torch.float32)
+        delta = (b32.to(w.device) @ a32.to(w.device)) * scaling
+        norm = torch.linalg.norm(w + delta, dim=1).cpu()
+        weights.gain = _host(magnitude / norm, dtype)
+    return weights
+
+
+def _swap_state(model: SlottedModel, name: str, remaining: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    original = model.base_module(name)
+    state = {}
+    for key, live in original.state_dict().items():
+        state[key] = _host(_take(remaining, f"{name}.{key}", tuple(live.shape)), live.dtype)
+    return state
+
+
+def _bias_delta(model: SlottedModel, key: str, value: torch.Tensor, prepared: PreparedAdapter) -> None:
+    """A trained base bias (``bias="all"``/``"lora_only"``): kept as its difference from the server's."""
+    module = key.removesuffix(".bias").removesuffix(".base_layer")
+    live = model.base_bias(module)
+    if live is None:
+        raise AdapterMismatchError(f"unexpected key {KEY_PREFIX}{key}: the base model has no such bias")
+    if tuple(live.shape) != tuple(value.shape):
+        raise AdapterMismatchError(
+            f"shape mismatch for {KEY_PREFIX}{key}: file has {tuple(value.shape)}, this base model needs {tuple(live.shape)}"
+        )
+    delta = value.to(torch.float32) - live.detach().to(torch.float32).cpu()
+    if not bool(delta.any()):
+        return
+    if module in prepared.layers:
+        prepared.layers[module].bias_delta = _host(delta, model.dtype)
+    elif model.bias_layer(module, int(delta.numel())):
+        prepared.biases[module] = _host(delta, model.dtype)
+    else:
+        raise AdapterMismatchError(
+            f"{KEY_PREFIX}{key} changes the bias of {module}, a {type(model.base_module(module)).__name__}: serving "
+            "applies trained biases per request only to linear layers and layer norms"
+        )
+
+
+def _check_embedding_table(model: SlottedModel, key: str, value: torch.Tensor) -> None:
+    """PEFT saves whole embedding tables beside embedding adapters; serving needs them to be the base's own."""
+    module = key.removesuffix(".base_layer.weight")
+    live = model.base_weight(module)
+    if live is None or tuple(live.shape) != tuple(value.shape):
+        shape = None if live is None else tuple(live.shape)
+        raise AdapterMismatchError(
+            f"{KEY_PREFIX}{key} has shape {tuple(value.shape)} but this base model's is {shape} "
+            "(was the adapter trained on a different base model or with a resized vocabulary?)"
+        )
+    if not torch.equal(value.to(live.dtype).to(live.device), live.detach()):
+        raise AdapterMismatchError(
+            f"{KEY_PREFIX}{key} differs from this base model's embedding table: the adapter was trained with a "
+            "modified vocabulary, which serving cannot apply per request"
+        )
+
+
+def _host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous host copy in ``dtype`` (pinned when CUDA is present, so slot loads copy asynchronously)."""
+    out = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+    if torch.cuda.is_available():
+        out = out.pin_memory()
+    return out

@@ -1,0 +1,238 @@
+"""``SlottedModel``: one resident base model, adapters in fixed slots, a slot id per batch row.
+
+```python
+sm = SlottedModel(model, num_slots=64, max_rank=64)
+prepared = sm.prepare(config, tensors)      # any thread: checks and lays out the adapter (host memory)
+sm.load(3, prepared)                        # copy into slot 3 (no module surgery on the hot path)
+with sm.route([3, 0, 3]):                   # row 0 and 2 use slot 3, row 1 the base model
+    logits = model(input_ids=ids).logits
+sm.clear(3)
+```
+
+Slot 0 is the base model. Targeted layers are wrapped once, when an adapter first targets them;
+the wrapper allocates its buffers for every slot on the first load and only copies afterwards, so
+loading an adapter costs a read and a copy, and a batch mixing any adapters costs one routed
+forward (:mod:`adapters_core.serving.kernels`). Only inference: forwards run without gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from adapters_core.config import AdapterConfig
+from adapters_core.errors import ConfigError, TargetModulesNotFoundError, UnsupportedModuleError
+from adapters_core.methods.lora import base_layers
+from adapters_core.methods.lora.config import LoraConfig
+from adapters_core.serving.layers import RoutingState, SlotBias, SlotLoraLayer, SlotModuleSwap, SlotRouting
+from adapters_core.serving.prepare import PreparedAdapter, prepare_adapter
+from adapters_core.targeting import candidate_modules, find_targets
+
+logger = logging.getLogger(__name__)
+
+_WRAPPERS = (SlotLoraLayer, SlotBias, SlotModuleSwap)
+
+
+class SlottedModel:
+    """A base model whose adapters live in ``num_slots`` fixed slots (ids 1..num_slots; 0 = base)."""
+
+    def __init__(self, model: nn.Module, num_slots: int, *, max_rank: int = 64, dtype: torch.dtype | None = None) -> None:
+        if num_slots < 1:
+            raise ConfigError("num_slots must be at least 1", field="num_slots")
+        self.model = model
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        params = [p for p in model.parameters() if p.is_floating_point()]
+        self.dtype = dtype or (params[0].dtype if params else torch.float32)
+        self.device = params[0].device if params else torch.device("cpu")
+        self.routing = RoutingState()
+        self._lock = threading.Lock()  # module structure changes (wrapping) vs. walks of it
+        self._lora_layers: dict[str, SlotLoraLayer] = {}
+        self._swaps: dict[str, SlotModuleSwap] = {}
+        self._biases: dict[str, SlotBias] = {}
+        self._slot_modules: dict[int, set[str]] = {}
+        self._originals: dict[str, nn.Module] = {}
+
+    # ------------------------------------------------------------------ structure
+    def lora_targets(self, config: LoraConfig) -> list[str]:
+        """Names of the modules ``config`` puts LoRA on (wrapping them if needed)."""
+        with self._lock:
+            targets, _ = find_targets(self.model, config, is_linear_like=base_layers.is_linear_like,
+                                      wrapper_types=_WRAPPERS)
+            for name in targets:
+                self._wrap_lora(name)
+        return targets
+
+    def saved_module_targets(self, config: LoraConfig) -> list[str]:
+        """Names of the modules ``config`` keeps full copies of (``modules_to_save``), wrapped for swapping."""
+        wanted = config.modules_to_save or []
+        if not wanted:
+            return []
+        with self._lock:
+            found = [n for n, m in candidate_modules(self.model, _WRAPPERS)
+                     if n and not isinstance(m, SlotLoraLayer) and any(n == w or n.endswith("." + w) for w in wanted)]
+            missing = [w for w in wanted if not any(f == w or f.endswith("." + w) for f in found)]
+            if missing:
+                raise TargetModulesNotFoundError(f"modules_to_save {missing} matched no module of the base model")
+            for name in found:
+                self._wrap_swap(name)
+        return found
+
+    def _module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def _set_module(self, name: str, module: nn.Module) -> None:
+        parent, _, child = name.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
+
+    def base_module(self, name: str) -> nn.Module:
+        """The base model's own module ``name`` (under any slot wrapper)."""
+        original = self._originals.get(name)
+        if original is not None:
+            return original
+        module = self._module(name)
+        while isinstance(module, _WRAPPERS):
+            module = module.base_layer
+        return module
+
+    def layer_info(self, name: str) -> base_layers.BaseLayerInfo:
+        info = base_layers.describe(self.base_module(name))
+        if info is None:
+            module = self.base_module(name)
+            raise UnsupportedModuleError(
+                f"target module {name} is a {type(module).__name__}; LoRA supports nn.Linear, transformers Conv1D, "
+                "nn.Embedding and bitsandbytes Linear4bit/Linear8bitLt"
+            )
+        return info
+
+    def _insert(self, name: str, make: Callable[[nn.Module], nn.Module], *, innermost: bool) -> nn.Module:
+        """Wrap module ``name`` with ``make(inner)``: around the base module itself (``innermost``), or
+        around everything but a ``modules_to_save`` swap, which always stays outermost."""
+        self._originals.setdefault(name, self.base_module(name))
+        holder: nn.Module | None = None
+        current = self._module(name)
+        while isinstance(current, _WRAPPERS) and (innermost or isinstance(current, SlotModuleSwap)):
+            holder, current = current, current.base_layer
+        wrapper = make(current)
+        if holder is None:
+            self._set_module(name, wrapper)
+        else:
+            holder.base_layer = wrapper
+        return wrapper
+
+    def _wrap_lora(self, name: str) -> SlotLoraLayer:
+        layer = self._lora_layers.get(name)
+        if layer is None:
+            info = self.layer_info(name)
+            device = _device_of(self.base_module(name), self.device)
+            made = self._insert(
+                name, lambda inner: SlotLoraLayer(inner, info, self.routing, self.num_slots + 1, self.dtype, device),
+                innermost=True,
+            )
+            assert isinstance(made, SlotLoraLayer)
+            layer = self._lora_layers[name] = made
+        return layer
+
+    def _wrap_swap(self, name: str) -> SlotModuleSwap:
+        swap = self._swaps.get(name)
+        if swap is None:
+            made = self._insert(name, lambda inner: SlotModuleSwap(inner, self.routing), innermost=False)
+            assert isinstance(made, SlotModuleSwap)
+            swap = self._swaps[name] = made
+        return swap
+
+    def bias_layer(self, name: str, features: int) -> bool:
+        """Make module ``name`` able to add a per-slot bias; False for modules whose bias is not simply
+        added to the output (only linear layers and layer norms qualify)."""
+        module = self.base_module(name)
+        if not (base_layers.is_linear_like(module) or isinstance(module, nn.LayerNorm)):
+            return False
+        with self._lock:
+            if name not in self._biases:
+                device = _device_of(module, self.device)
+                made = self._insert(
+                    name, lambda inner: SlotBias(inner, self.routing, self.num_slots + 1, features, self.dtype, device),
+                    innermost=False,
+                )
+                assert isinstance(made, SlotBias)
+                self._biases[name] = made
+        return True
+
+    def base_bias(self, name: str) -> torch.Tensor | None:
+        try:
+            bias = getattr(self.base_module(name), "bias", None)
+        except AttributeError:
+            return None
+        return bias if isinstance(bias, torch.Tensor) else None
+
+    def base_weight(self, name: str) -> torch.Tensor | None:
+        try:
+            weight = getattr(self.base_module(name), "weight", None)
+        except AttributeError:
+            return None
+        return weight if isinstance(weight, torch.Tensor) else None
+
+    # ------------------------------------------------------------------ adapters
+    def prepare(self, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> PreparedAdapter:
+        """Check an adapter against this model and lay it out for the slots (see :mod:`.prepare`)."""
+        return prepare_adapter(self, config, tensors)
+
+    def load(self, slot: int, prepared: PreparedAdapter) -> None:
+        """Copy ``prepared`` into ``slot``, replacing what the slot held. Call between forwards."""
+        self._check_slot(slot)
+        previous = self._slot_modules.get(slot, set())
+        wanted = set(prepared.layers) | set(prepared.swaps) | set(prepared.biases)
+        for name in previous - wanted:
+            self._clear_module(name, slot)
+        for name, weights in prepared.layers.items():
+            self._lora_layers[name].write(slot, weights)
+        for name, state in prepared.swaps.items():
+            self._swaps[name].write(slot, state)
+        for name, delta in prepared.biases.items():
+            self._biases[name].write(slot, delta)
+        self._slot_modules[slot] = wanted
+
+    def clear(self, slot: int) -> None:
+        """Empty ``slot``: its rows get the base model. Call between forwards."""
+        self._check_slot(slot)
+        for name in self._slot_modules.pop(slot, set()):
+            self._clear_module(name, slot)
+
+    def _clear_module(self, name: str, slot: int) -> None:
+        for table in (self._lora_layers, self._swaps, self._biases):
+            if name in table:
+                table[name].clear(slot)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 1 <= slot <= self.num_slots:
+            raise ConfigError(f"slot must be in 1..{self.num_slots}, got {slot}", field="slot")
+
+    def bank_bytes(self) -> int:
+        """Bytes held by the slot buffers of every layer."""
+        lora = sum(layer.nbytes() for layer in self._lora_layers.values())
+        return lora + sum(b.delta.numel() * b.delta.element_size() for b in self._biases.values())
+
+    # ------------------------------------------------------------------ forward
+    @contextlib.contextmanager
+    def route(self, slots: Sequence[int]) -> Iterator[None]:
+        """Inside the block, row ``i`` of every forward uses slot ``slots[i]`` (0 = base model)."""
+        previous = self.routing.current
+        ids = [int(s) for s in slots]
+        if any(s < 0 or s > self.num_slots for s in ids):
+            raise ConfigError(f"slot ids must be in 0..{self.num_slots}", field="slots")
+        self.routing.current = None if not any(ids) else SlotRouting.of(ids, self.device)
+        try:
+            yield
+        finally:
+            self.routing.current = previous
+
+
+def _device_of(module: nn.Module, default: torch.device) -> torch.device:
+    for p in module.parameters():
+        return p.device if p.device.type != "meta" else default
+    return default

@@ -1,0 +1,174 @@
+"""``SlottedModel`` (serving slots) against HF PEFT: every LoRA variant PEFT can save, one slot per row.
+
+Each case of the LoRA conformance table (base-modifying inits aside) is created with PEFT, perturbed
+so it is never the identity, saved, prepared from its files and copied into a slot. A batch routed
+to that slot must give PEFT's logits; batches mixing cases, ranks, DoRA, biases, ``modules_to_save``
+and base rows must give, row by row, what each row gives alone; and a slot that is cleared or
+reloaded with another adapter must forget the old one on every layer.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("peft", reason="peft is the test oracle")
+
+from peft import get_peft_model
+
+from adapters_core import AdapterMismatchError, ConfigError, RankTooLargeError, TargetModulesNotFoundError
+from adapters_core.peft_format import read_adapter
+from adapters_core.serving import SlottedModel
+from tests.conftest import load_model
+from tests.core.test_lora_conformance import (
+    CASES,
+    MIN_EFFECT,
+    SEED,
+    Case,
+    logits_of,
+    make_ids,
+    maxdiff,
+    peft_config,
+    perturb_trainable,
+)
+
+SERVABLE = [c for c in CASES if not c.modifies_base]
+ATOL = 2e-5
+
+
+@dataclass
+class Saved:
+    case: Case
+    path: Path
+    ids: torch.Tensor
+    logits: torch.Tensor  # PEFT's, adapter active
+    base_logits: torch.Tensor
+
+
+def _save(case: Case, base_dir: Path, out: Path, seed: int = SEED) -> Saved:
+    torch.manual_seed(seed)
+    pm = get_peft_model(load_model(base_dir), peft_config(case))
+    perturb_trainable(pm, seed)
+    pm.eval()
+    ids = make_ids(pm.get_base_model(), batch=4)
+    pm.save_pretrained(out)
+    logits = logits_of(pm, ids)
+    base = logits_of(load_model(base_dir), ids)  # PEFT's disable_adapter keeps trained biases (bias="all")
+    return Saved(case, out, ids, logits, base)
+
+
+@pytest.fixture(scope="module")
+def saved(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Saved]:
+    return {c.id: _save(c, model_dirs[c.arch], tmp_path_factory.mktemp(c.id)) for c in SERVABLE}
+
+
+def slotted(base_dir: Path, num_slots: int = 4, max_rank: int = 64) -> SlottedModel:
+    return SlottedModel(load_model(base_dir), num_slots, max_rank=max_rank)
+
+
+def load_into(sm: SlottedModel, slot: int, path: Path) -> None:
+    config, tensors = read_adapter(path)
+    sm.load(slot, sm.prepare(config, tensors))
+
+
+def routed_logits(sm: SlottedModel, ids: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    with torch.inference_mode(), sm.route(slots):
+        return sm.model(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize("case", SERVABLE, ids=lambda c: c.id)
+def test_slot_gives_peft_logits(case: Case, saved: dict[str, Saved], model_dirs: dict[str, Path]) -> None:
+    s = saved[case.id]
+    sm = slotted(model_dirs[case.arch])
+    load_into(sm, 2, s.path)
+    assert maxdiff(s.logits, s.base_logits) > MIN_EFFECT
+    got = routed_logits(sm, s.ids, [2] * len(s.ids))
+    assert maxdiff(got, s.logits) <= ATOL
+    assert maxdiff(routed_logits(sm, s.ids, [0] * len(s.ids)), s.base_logits) <= ATOL
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_mixed_rows_equal_each_row_alone(arch: str, saved: dict[str, Saved], model_dirs: dict[str, Path]) -> None:
+    cases = [c for c in SERVABLE if c.arch == arch]
+    sm = slotted(model_dirs[arch], num_slots=len(cases))
+    for slot, case in enumerate(cases, start=1):
+        load_into(sm, slot, saved[case.id].path)
+    ids = saved[cases[0].id].ids[:1].repeat(len(cases) + 2, 1)
+    rows = [0, *range(1, len(cases) + 1), 0]
+    rows[-1] = 1  # two rows on one slot
+    mixed = routed_logits(sm, ids, rows)
+    for i, slot in enumerate(rows):
+        alone = routed_logits(sm, ids[i:i + 1], [slot])
+        assert maxdiff(mixed[i:i + 1], alone) <= ATOL, (i, slot)
+    # every adapter row differs from the base row: nothing silently served the base model
+    for i, slot in enumerate(rows):
+        if slot:
+            assert maxdiff(mixed[i], mixed[0]) > MIN_EFFECT, cases[slot - 1].id
+
+
+def test_decode_step_rows_use_their_own_slot(saved: dict[str, Saved], model_dirs: dict[str, Path]) -> None:
+    """One token per row (the decode path) with a cache: mixed rows equal rows alone."""
+    from transformers import DynamicCache
+
+    names = ["llama-r8-qv", "llama-all-linear", "llama-dora", "llama-embed_tokens"]
+    sm = slotted(model_dirs["llama"], num_slots=len(names))
+    for slot, name in enumerate(names, start=1):
+        load_into(sm, slot, saved[name].path)
+    rows = [1, 2, 0, 3, 4, 2]
+    ids = saved[names[0]].ids[:1].repeat(len(rows), 1)
+
+    def two_steps(batch_ids: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        with torch.inference_mode(), sm.route(slots):
+            cache = DynamicCache()
+            out = sm.model(input_ids=batch_ids, cache=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            return sm.model(input_ids=nxt, cache=cache, use_cache=True).logits.float()
+
+    mixed = two_steps(ids, rows)
+    for i, slot in enumerate(rows):
+        assert maxdiff(mixed[i:i + 1], two_steps(ids[i:i + 1], [slot])) <= ATOL
+
+
+def test_reload_and_clear_forget_the_old_adapter(saved: dict[str, Saved], model_dirs: dict[str, Path]) -> None:
+    wide, narrow = saved["llama-all-linear"], saved["llama-r8-qv"]
+    sm = slotted(model_dirs["llama"], num_slots=1)
+    load_into(sm, 1, wide.path)
+    load_into(sm, 1, narrow.path)  # targets fewer layers: the others must be zeroed
+    assert maxdiff(routed_logits(sm, narrow.ids, [1] * 4), narrow.logits) <= ATOL
+    sm.clear(1)
+    assert maxdiff(routed_logits(sm, narrow.ids, [1] * 4), narrow.base_logits) <= ATOL
+
+
+def test_rank_above_the_limit_is_refused(saved: dict[str, Saved], model_dirs: dict[str, Path]) -> None:
+    sm = slotted(model_dirs["llama"], max_rank=4)
+    config, tensors = read_adapter(saved["llama-r8-qv"].path)
+    with pytest.raises(RankTooLargeError, match="rank 8") as info:
+        sm.prepare(config, tensors)
+    assert info.value.rank == 8 and info.value.limit == 4
+
+
+def test_adapter_for_another_base_model_is_refused(saved: dict[str, Saved], model_dirs: dict[str, Path]) -> None:
+    config, tensors = read_adapter(saved["llama-r8-qv"].path)
+    sm = slotted(model_dirs["gpt2"])
+    with pytest.raises(TargetModulesNotFoundError):
+        sm.prepare(config, tensors)
+    wrong = {k: (v[:, :-1] if k.endswith("lora_A.weight") else v) for k, v in tensors.items()}
+    with pytest.raises(AdapterMismatchError, match="shape mismatch"):
+        slotted(model_dirs["llama"]).prepare(config, wrong)
+    extra = {**tensors, "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(8, 32)}
+    with pytest.raises(AdapterMismatchError, match="unexpected key"):
+        slotted(model_dirs["llama"]).prepare(config, extra)
+
+
+def test_base_rows_are_exactly_the_base_model(saved: dict[str, Saved], model_dirs: dict[str, Path]) -> None:
+    base = load_model(model_dirs["llama"])
+    sm = SlottedModel(copy.deepcopy(base), 2)
+    load_into(sm, 1, saved["llama-all-linear"].path)
+    ids = make_ids(base)
+    assert maxdiff(routed_logits(sm, ids, [0, 0, 0]), logits_of(base, ids)) == 0
+    with pytest.raises(ConfigError, match="slot ids"), sm.route([0, 3]):
+        pass
