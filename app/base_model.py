@@ -51,6 +51,13 @@ def resolve_base_model(settings: Settings) -> BaseModelSource:
     return BaseModelSource(DEMO_MODEL_NAME, str(built))
 
 
+def resolve_device(setting: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
 class BaseModelHost:
     """Tokenizer and weightless architecture of the base model, for the API."""
 

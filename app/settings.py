@@ -44,9 +44,24 @@ class Settings(BaseSettings):
         default_factory=list, description="Accepted bearer tokens; empty = no authentication (local use)."
     )
     max_upload_bytes: int = Field(default=2 * 1024**3, gt=0, description="Largest dataset/adapter upload.")
-    max_batch_tokens: int = Field(default=8192, gt=0, description="Token budget of one serving batch.")
+    serving_enabled: bool = Field(
+        default=True, description="Load the base model in the API process and serve /generate and /v1; false for "
+        "API replicas that only manage datasets, jobs and the registry.",
+    )
+    max_batch_tokens: int = Field(
+        default=8192, gt=0, description="Token budget of the running batch: each request reserves prompt + max_new_tokens."
+    )
+    max_batch_size: int = Field(default=64, gt=0, description="Most requests decoded together in one step.")
     max_queue_depth: int = Field(default=256, gt=0, description="Waiting generate requests before 429.")
     adapter_slots: int = Field(default=64, gt=0, description="Adapters resident on the device at once.")
+    max_lora_rank: int = Field(default=64, gt=0, description="Largest LoRA rank the serving slots accept.")
+    adapter_host_cache_bytes: int = Field(
+        default=4 * 1024**3, gt=0, description="Host memory for adapters read from the store but not on the device."
+    )
+    pinned_adapters: list[str] = Field(
+        default_factory=list, description="Adapter refs (`name`, `name@3`, `name@prod`) loaded at start and never "
+        "evicted (the version each names at start).",
+    )
     job_lease_seconds: float = Field(
         default=60.0, gt=0, description="How long a worker's claim on a job lasts without a heartbeat (it renews every third)."
     )

@@ -22,17 +22,10 @@ import torch
 
 from adapters_core.config import AdapterConfig
 from adapters_core.model import AdapterModel
-from app.base_model import BaseModelSource, resolve_base_model
+from app.base_model import BaseModelSource, resolve_base_model, resolve_device
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(setting: str) -> torch.device:
-    """``auto`` is the first CUDA device when there is one, else the CPU."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
 
 
 def modifies_base(config: AdapterConfig) -> bool:

@@ -1,0 +1,269 @@
+"""``AdapterBank``: which adapter versions are where — device slots, host memory, or only the store.
+
+Two bounded LRU tiers over the artifact store (vLLM's LoRA manager, S-LoRA):
+
+* host memory holds :class:`~adapters_core.serving.PreparedAdapter` copies, up to
+  ``host_capacity_bytes``; an entry that a request holds a lease on, or that is pinned, stays;
+* the device holds ``num_slots`` slots of the :class:`~adapters_core.serving.SlottedModel`; a slot
+  whose adapter is leased (requests running or waiting) or pinned is never taken.
+
+``fetch`` (any thread) puts a version in host memory and leases it to one request; ``acquire``
+(the engine thread, between forwards) gives the lease a device slot, loading into a free slot or
+the least recently used idle one, or answers ``None`` while every slot is busy; ``release`` ends
+the lease. ``evict`` forgets a version (deleted from the registry): its host copy goes at once,
+its slot as soon as no running row uses it. Keys are registry version ids, so a new version or a
+moved alias is simply another key: nothing needs a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from adapters_core.serving import PreparedAdapter, SlottedModel
+from app.serving.errors import NoFreeSlot
+
+logger = logging.getLogger(__name__)
+
+
+class BankEvents:
+    """Counters the bank reports to (hits, misses and evictions per tier); no-ops by default."""
+
+    def hit(self, tier: str) -> None: ...
+    def miss(self, tier: str) -> None: ...
+    def evicted(self, tier: str) -> None: ...
+    def slots_used(self, n: int) -> None: ...
+
+
+@dataclass(eq=False)
+class BankEntry:
+    """One adapter version known to the bank."""
+
+    key: str
+    ref: str
+    prepared: PreparedAdapter | None = None
+    nbytes: int = 0
+    slot: int | None = None
+    leases: int = 0  # requests holding it (waiting or running)
+    running: int = 0  # rows in the running batch using its slot
+    pinned: bool = False
+    evicted: bool = False
+    loading: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(eq=False)
+class AdapterLease:
+    """One request's hold on an adapter version; ``slot`` is set once it runs."""
+
+    entry: BankEntry
+    slot: int | None = None
+    released: bool = False
+
+    @property
+    def ref(self) -> str:
+        return self.entry.ref
+
+
+class AdapterBank:
+    """Device slots and a host-memory LRU of adapter versions (see the module docstring)."""
+
+    def __init__(self, slotted: SlottedModel, *, host_capacity_bytes: int, events: BankEvents | None = None) -> None:
+        self.slotted = slotted
+        self.host_capacity_bytes = host_capacity_bytes
+        self.events = events or BankEvents()
+        self._lock = threading.Lock()
+        self._entries: dict[str, BankEntry] = {}
+        self._host: OrderedDict[str, BankEntry] = OrderedDict()  # LRU order, oldest first
+        self._host_bytes = 0
+        self._slots: OrderedDict[int, BankEntry] = OrderedDict()  # LRU order, oldest first
+        self._free = list(range(slotted.num_slots, 0, -1))
+        self._to_clear: list[int] = []
+
+    # ------------------------------------------------------------------ host tier (any thread)
+    def fetch(self, key: str, ref: str, load: Callable[[], PreparedAdapter]) -> AdapterLease:
+        """Lease version ``key`` to a request, reading it with ``load()`` unless host memory has it.
+
+        ``load`` errors propagate (nothing is kept). Concurrent fetches of one version load it once.
+        """
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is None or entry.evicted:
+                    entry = BankEntry(key, ref)
+                    self._entries[key] = entry
+                    owner = True
+                else:
+                    owner = False
+                entry.leases += 1
+                if entry.prepared is not None or entry.slot is not None:
+                    self._touch_host(entry)
+                    self.events.hit("device" if entry.slot is not None else "host")
+                    return AdapterLease(entry)
+                if owner:
+                    entry.loading.clear()
+            if owner:
+                return self._load(entry, load)
+            entry.loading.wait()
+            with self._lock:
+                if entry.prepared is not None or entry.slot is not None:
+                    self.events.hit("host")
+                    return AdapterLease(entry)
+                entry.leases -= 1  # the owner's load failed: try again ourselves
+
+    def _load(self, entry: BankEntry, load: Callable[[], PreparedAdapter]) -> AdapterLease:
+        self.events.miss("host")
+        try:
+            prepared = load()
+        except BaseException:
+            with self._lock:
+                entry.leases -= 1
+                if self._entries.get(entry.key) is entry and entry.prepared is None and entry.slot is None:
+                    del self._entries[entry.key]
+                entry.loading.set()
+            raise
+        with self._lock:
+            entry.prepared = prepared
+            entry.nbytes = prepared.nbytes
+            self._host[entry.key] = entry
+            self._host_bytes += entry.nbytes
+            self._shrink_host()
+            entry.loading.set()
+        return AdapterLease(entry)
+
+    def _touch_host(self, entry: BankEntry) -> None:
+        if entry.key in self._host:
+            self._host.move_to_end(entry.key)
+
+    def _shrink_host(self) -> None:
+        """Drop least recently used host copies nobody holds until under capacity."""
+        for entry in list(self._host.values()):
+            if self._host_bytes <= self.host_capacity_bytes:
+                return
+            if entry.leases or entry.pinned:
+                continue
+            self._drop_host(entry)
+            self.events.evicted("host")
+
+    def _drop_host(self, entry: BankEntry) -> None:
+        if self._host.pop(entry.key, None) is not None:
+            self._host_bytes -= entry.nbytes
+        entry.prepared = None
+        if entry.slot is None and self._entries.get(entry.key) is entry and not entry.leases:
+            del self._entries[entry.key]
+
+    @property
+    def host_bytes(self) -> int:
+        return self._host_bytes
+
+    def release(self, lease: AdapterLease) -> None:
+        """End ``lease`` (its request finished, failed or was cancelled). Idempotent."""
+        with self._lock:
+            if lease.released:
+                return
+            lease.released = True
+            entry = lease.entry
+            entry.leases -= 1
+            if lease.slot is not None:
+                entry.running -= 1
+            if entry.evicted and not entry.running and entry.slot is not None:
+                self._to_clear.append(entry.slot)
+            self._shrink_host()
+
+    # ------------------------------------------------------------------ device tier (engine thread)
+    def acquire(self, lease: AdapterLease) -> int | None:
+        """A device slot holding the lease's adapter, loading it if needed; ``None`` while every slot
+        runs rows. Raises :class:`NoFreeSlot` when every slot is pinned to other adapters."""
+        with self._lock:
+            entry = lease.entry
+            if lease.slot is not None:
+                return lease.slot
+            if entry.slot is not None:
+                self._slots.move_to_end(entry.slot)
+                self.events.hit("device")
+            else:
+                slot = self._take_slot()
+                if slot is None:
+                    if all(e.pinned for e in self._slots.values()):
+                        raise NoFreeSlot(
+                            f"all {self.slotted.num_slots} adapter slots are pinned to other adapters; "
+                            f"{entry.ref} cannot be loaded", param="adapter",
+                        )
+                    return None
+                assert entry.prepared is not None, "a leased entry keeps its host copy"
+                self.events.miss("device")
+                self.slotted.load(slot, entry.prepared)
+                entry.slot = slot
+                self._slots[slot] = entry
+                self.events.slots_used(len(self._slots))
+            entry.running += 1
+            lease.slot = entry.slot
+            return entry.slot
+
+    def _take_slot(self) -> int | None:
+        if self._free:
+            return self._free.pop()
+        for slot, holder in self._slots.items():
+            if not holder.running and not holder.leases and not holder.pinned:
+                del self._slots[slot]
+                holder.slot = None
+                if holder.prepared is None and not holder.leases:
+                    self._entries.pop(holder.key, None)
+                self.events.evicted("device")
+                return slot
+        return None
+
+    def sweep(self) -> None:
+        """Clear the slots of evicted versions that no row uses any more (engine thread)."""
+        with self._lock:
+            pending, self._to_clear = self._to_clear, []
+            for slot in pending:
+                entry = self._slots.get(slot)
+                if entry is None or not entry.evicted or entry.running:
+                    continue
+                del self._slots[slot]
+                entry.slot = None
+                self.slotted.clear(slot)
+                self._free.append(slot)
+                self.events.slots_used(len(self._slots))
+
+    # ------------------------------------------------------------------ management (any thread)
+    def evict(self, key: str) -> bool:
+        """Forget version ``key``: new fetches load it afresh; its slot is freed once unused."""
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                return False
+            entry.evicted = True
+            entry.pinned = False
+            if self._host.pop(key, None) is not None:
+                self._host_bytes -= entry.nbytes
+            entry.prepared = None if not entry.leases else entry.prepared
+            if entry.slot is not None and not entry.running:
+                self._to_clear.append(entry.slot)
+            return True
+
+    def pin(self, key: str) -> None:
+        """Keep version ``key`` in host memory and, once loaded, in its slot. It must be known (fetched)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                raise KeyError(f"adapter version {key} is not in the bank; fetch it first")
+            entry.pinned = True
+
+    def unpin(self, key: str) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.pinned = False
+                self._shrink_host()
+
+    def where(self, key: str) -> str:
+        """``"device"``, ``"host"`` or ``"store"``: the fastest tier holding version ``key``."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return "store"
+            return "device" if entry.slot is not None else "host" if entry.prepared is not None else "store"

@@ -1,0 +1,488 @@
+"""``GenerationEngine``: the thread that runs every generation on the resident model.
+
+Continuous batching: requests wait in a bounded queue; between two decode steps the engine admits
+waiting requests while the batch has rows and token budget left (each request reserves
+``prompt + max_new_tokens`` tokens of ``max_batch_tokens``) and its adapter can get a device slot,
+prefills them together, and merges them into the running batch (:mod:`app.serving.kv`); every
+step then decodes one token for every running row, each row with its own adapter slot and
+sampling settings. Finished, stopped and cancelled rows leave after the step that ends them.
+
+The API talks to the engine through :meth:`GenerationEngine.submit`, which returns a
+:class:`RequestHandle`: the engine pushes stream deltas (streaming requests only) and one final
+:class:`GenerationResult` or error into it; ``cancel()`` stops the request at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from adapters_core.serving import SlottedModel
+from app.serving.bank import AdapterBank, AdapterLease
+from app.serving.errors import NoFreeSlot, QueueFull, RequestTooLarge, ServingError, ServingUnavailable
+from app.serving.kv import BatchKV, append_step, concat, select
+from app.serving.sampling import RowSampling, SamplingParams, sample
+from app.serving.text import TextTracker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Capacity of the engine."""
+
+    max_batch_size: int = 64
+    max_batch_tokens: int = 8192
+    max_queue_depth: int = 256
+    max_context: int | None = None
+
+
+@dataclass
+class GenerationResult:
+    """The complete answer to one prompt."""
+
+    text: str
+    finish_reason: str  # "stop" (end of sequence or stop string), "length", or "cancelled"
+    token_ids: list[int]
+    logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, float]]] | None
+    prompt_tokens: int
+    adapter: str | None
+    time_to_first_token: float | None = None
+
+
+@dataclass
+class StreamDelta:
+    """New output of a streaming request since its previous delta."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+class EngineMetrics:
+    """What the engine reports; no-ops by default (the app wires Prometheus in)."""
+
+    def queued(self, depth: int) -> None: ...
+    def running(self, rows: int) -> None: ...
+    def first_token(self, seconds: float) -> None: ...
+    def next_token(self, seconds: float) -> None: ...
+    def finished(self, adapter: str | None, reason: str, prompt_tokens: int, completion_tokens: int) -> None: ...
+
+
+class RequestHandle:
+    """The caller's side of one request: deltas (if streaming), then a result or an error."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None, stream: bool) -> None:
+        self.stream = stream
+        self._loop = loop
+        self._async: asyncio.Queue[Any] | None = asyncio.Queue() if loop is not None else None
+        self._sync: queue.SimpleQueue[Any] | None = None if loop is not None else queue.SimpleQueue()
+        self._cancelled = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Stop generating for this request at the next step (a client went away)."""
+        self._cancelled.set()
+
+    def deliver(self, item: StreamDelta | GenerationResult | BaseException) -> None:
+        """Engine side: push ``item`` to the caller (thread-safe)."""
+        if self._async is not None and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the caller's loop is gone: nobody to tell
+                self._loop.call_soon_threadsafe(self._async.put_nowait, item)
+        elif self._sync is not None:
+            self._sync.put(item)
+
+    async def events(self) -> AsyncIterator[StreamDelta | GenerationResult]:
+        """Deltas then the result; an engine error is raised."""
+        assert self._async is not None, "events() needs a handle made with an event loop"
+        while True:
+            item = await self._async.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, GenerationResult):
+                return
+
+    async def result(self) -> GenerationResult:
+        async for item in self.events():
+            if isinstance(item, GenerationResult):
+                return item
+        raise ServingUnavailable("the engine ended without an answer")  # pragma: no cover
+
+    def wait(self, timeout: float | None = None) -> GenerationResult:
+        """Blocking wait for the result (handles made without a loop)."""
+        assert self._sync is not None, "wait() needs a handle made without an event loop"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            item = self._sync.get(timeout=left)
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, GenerationResult):
+                return item
+
+
+@dataclass(eq=False)
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    lease: AdapterLease | None
+    handle: RequestHandle
+    adapter: str | None
+    submitted: float = field(default_factory=time.perf_counter)
+
+    @property
+    def reserved(self) -> int:
+        return len(self.prompt_ids) + self.params.max_new_tokens
+
+
+@dataclass(eq=False)
+class _Row:
+    """A request in the running batch."""
+
+    request: _Request
+    slot: int
+    generator: torch.Generator | None
+    text: TextTracker | None
+    generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
+    streamed_tokens: int = 0
+    last_token: int = 0
+    first_token_at: float | None = None
+    last_token_at: float = 0.0
+    finish_reason: str | None = None
+
+
+class GenerationEngine:
+    """Runs generation for every request on one resident model (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, slotted: SlottedModel, bank: AdapterBank,
+                 limits: EngineLimits, *, eos_ids: Sequence[int], metrics: EngineMetrics | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.slotted = slotted
+        self.bank = bank
+        self.limits = limits
+        self.eos_ids = tuple(dict.fromkeys(int(i) for i in eos_ids))
+        self.metrics = metrics or EngineMetrics()
+        self.device = slotted.device
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self._pad_id = int(pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0))
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._keep_logits = "logits_to_keep" in params
+        self._cond = threading.Condition()
+        self._waiting: deque[_Request] = deque()
+        self._rows: list[_Row] = []
+        self._kv: BatchKV | None = None
+        self._thread: threading.Thread | None = None
+        self._accepting = False
+        self._stopping = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        with self._cond:
+            self._accepting, self._stopping = True, False
+        self._thread = threading.Thread(target=self._loop, name="adapterforge-generation", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new requests, fail the ones in flight with 503, and end the thread."""
+        with self._cond:
+            self._accepting = False
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running_rows(self) -> int:
+        return len(self._rows)
+
+    # ------------------------------------------------------------------ submission (any thread)
+    def check_request(self, prompt_tokens: int, params: SamplingParams) -> None:
+        """Raise :class:`RequestTooLarge` for a prompt the engine could never run."""
+        total = prompt_tokens + params.max_new_tokens
+        context = self.limits.max_context
+        if prompt_tokens == 0:
+            raise RequestTooLarge("the prompt is empty after tokenization", param="prompt")
+        if context is not None and total > context:
+            raise RequestTooLarge(
+                f"the prompt has {prompt_tokens} tokens and max_new_tokens is {params.max_new_tokens}: together "
+                f"{total}, above the model's context length of {context}", param="max_new_tokens",
+            )
+        if total > self.limits.max_batch_tokens:
+            raise RequestTooLarge(
+                f"the prompt has {prompt_tokens} tokens and max_new_tokens is {params.max_new_tokens}: together "
+                f"{total}, above this server's max_batch_tokens of {self.limits.max_batch_tokens}",
+                param="max_new_tokens",
+            )
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, *, lease: AdapterLease | None = None,
+               loop: asyncio.AbstractEventLoop | None = None, stream: bool = False) -> RequestHandle:
+        """Queue one prompt; the caller keeps ``lease`` released on error (the engine releases it once queued)."""
+        self.check_request(len(prompt_ids), params)
+        handle = RequestHandle(loop, stream)
+        request = _Request(list(prompt_ids), params, lease, handle, lease.ref if lease is not None else None)
+        with self._cond:
+            if not self._accepting:
+                raise ServingUnavailable("the generation engine is not running")
+            if len(self._waiting) >= self.limits.max_queue_depth:
+                raise QueueFull(
+                    f"{len(self._waiting)} generation requests are already waiting (ADAPTERFORGE_MAX_QUEUE_DEPTH); "
+                    "retry shortly"
+                )
+            self._waiting.append(request)
+            self.metrics.queued(len(self._waiting))
+            self._cond.notify()
+        return handle
+
+    # ------------------------------------------------------------------ the loop (engine thread)
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self._rows:
+                    self._cond.wait(timeout=1.0)
+                    self.bank.sweep()
+                if self._stopping:
+                    break
+            try:
+                self.bank.sweep()
+                self._drop_cancelled()
+                admitted = self._admit()
+                if admitted:
+                    self._prefill(admitted)
+                if self._rows:
+                    self._decode()
+            except Exception as exc:
+                logger.exception("generation step failed; failing the requests of the batch")
+                self._fail_rows(ServingError(f"generation failed: {exc.__class__.__name__}: {exc}"))
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        error = ServingUnavailable("the server is shutting down")
+        self._fail_rows(error)
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for request in waiting:
+            self._release(request)
+            request.handle.deliver(error)
+
+    def _release(self, request: _Request) -> None:
+        if request.lease is not None:
+            self.bank.release(request.lease)
+
+    def _fail_rows(self, error: BaseException) -> None:
+        rows, self._rows, self._kv = self._rows, [], None
+        for row in rows:
+            self._release(row.request)
+            row.request.handle.deliver(error)
+        self.metrics.running(0)
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            if any(r.handle.cancelled for r in self._waiting):
+                kept: deque[_Request] = deque()
+                for request in self._waiting:
+                    if request.handle.cancelled:
+                        self._release(request)
+                        self.metrics.finished(request.adapter, "cancelled", len(request.prompt_ids), 0)
+                    else:
+                        kept.append(request)
+                self._waiting = kept
+                self.metrics.queued(len(kept))
+        cancelled = [i for i, row in enumerate(self._rows) if row.request.handle.cancelled]
+        for i in cancelled:
+            self._rows[i].finish_reason = "cancelled"
+        if cancelled:
+            self._retire()
+
+    def _admit(self) -> list[_Row]:
+        """Waiting requests that fit the batch now, in arrival order (those whose adapter has no
+        slot yet are passed over, the others keep their place)."""
+        admitted: list[_Row] = []
+        rows_left = self.limits.max_batch_size - len(self._rows)
+        tokens = sum(r.request.reserved for r in self._rows)
+        with self._cond:
+            kept: deque[_Request] = deque()
+            while self._waiting:
+                request = self._waiting.popleft()
+                if rows_left <= 0 or tokens + request.reserved > self.limits.max_batch_tokens:
+                    kept.append(request)
+                    kept.extend(self._waiting)
+                    self._waiting.clear()
+                    break
+                slot = 0
+                if request.lease is not None:
+                    try:
+                        acquired = self.bank.acquire(request.lease)
+                    except NoFreeSlot as exc:
+                        self._release(request)
+                        request.handle.deliver(exc)
+                        continue
+                    if acquired is None:
+                        kept.append(request)
+                        continue
+                    slot = acquired
+                params = request.params
+                tracker = None
+                if request.handle.stream or params.stop:
+                    tracker = TextTracker(self.tokenizer, request.prompt_ids, params.stop)
+                admitted.append(_Row(request, slot, params.generator(self.device), tracker))
+                rows_left -= 1
+                tokens += request.reserved
+            self._waiting = kept
+            self.metrics.queued(len(kept))
+        return admitted
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+                 slots: list[int], *, last_only: bool) -> torch.Tensor:
+        kwargs: dict[str, Any] = {self._cache_arg: cache}
+        if last_only and self._keep_logits:
+            kwargs["logits_to_keep"] = 1
+        with torch.inference_mode(), self.slotted.route(slots):
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits
+
+    def _prefill(self, new: list[_Row]) -> None:
+        lengths = [len(r.request.prompt_ids) for r in new]
+        width = max(lengths)
+        ids = torch.full((len(new), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for i, row in enumerate(new):
+            n = lengths[i]
+            ids[i, width - n:] = torch.tensor(row.request.prompt_ids, dtype=torch.long)
+            mask[i, width - n:] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache, [r.slot for r in new], last_only=True)
+        kv = BatchKV(cache, mask, torch.tensor(lengths, dtype=torch.long, device=self.device))
+        self._kv = kv if self._kv is None else concat(self._kv, kv)
+        self._rows.extend(new)
+        self.metrics.running(len(self._rows))
+        self._take_tokens(logits, new)
+
+    def _decode(self) -> None:
+        kv = self._kv
+        assert kv is not None
+        rows = self._rows
+        mask = append_step(kv)
+        ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self.device)
+        logits = self._forward(ids, mask, kv.positions.unsqueeze(1), kv.cache, [r.slot for r in rows], last_only=False)
+        kv.positions = kv.positions + 1
+        self._take_tokens(logits, rows)
+
+    def _take_tokens(self, logits: torch.Tensor, rows: list[_Row]) -> None:
+        """Sample one token for each of ``rows`` (the rows of ``logits``), then retire finished rows."""
+        sampled = sample(logits, [RowSampling(r.request.params, r.generator, len(r.generated)) for r in rows],
+                         self.eos_ids)
+        now = time.perf_counter()
+        for i, row in enumerate(rows):
+            token = sampled.tokens[i]
+            row.generated.append(token)
+            row.last_token = token
+            if sampled.logprobs is not None and row.request.params.logprobs:
+                row.logprobs.append(sampled.logprobs[i])
+            if sampled.top is not None and row.request.params.top_logprobs:
+                row.top.append(sampled.top[i])
+            if row.first_token_at is None:
+                row.first_token_at = now
+                self.metrics.first_token(now - row.request.submitted)
+            else:
+                self.metrics.next_token(now - row.last_token_at)
+            row.last_token_at = now
+            self._check_finished(row, token)
+            if row.request.handle.stream:
+                self._stream(row)
+        if any(r.finish_reason for r in rows):
+            self._retire()
+
+    def _check_finished(self, row: _Row, token: int) -> None:
+        if row.text is not None:
+            row.text.update(row.generated)
+        if (row.text is not None and row.text.stopped) or token in self.eos_ids:  # the sampler masks EOS
+            row.finish_reason = "stop"  # while min_new_tokens forbids it
+        elif len(row.generated) >= row.request.params.max_new_tokens:
+            row.finish_reason = "length"
+
+    def _stream(self, row: _Row) -> None:
+        if row.finish_reason:
+            return  # the final result carries the rest
+        assert row.text is not None
+        text = row.text.delta(final=False)
+        new_tokens = row.generated[row.streamed_tokens:]
+        if not text and not new_tokens:
+            return
+        params = row.request.params
+        delta = StreamDelta(
+            text, new_tokens,
+            row.logprobs[row.streamed_tokens:] if params.logprobs else None,
+            row.top[row.streamed_tokens:] if params.top_logprobs else None,
+        )
+        row.streamed_tokens = len(row.generated)
+        row.request.handle.deliver(delta)
+
+    def _retire(self) -> None:
+        """Answer and remove the rows that finished."""
+        keep = [i for i, r in enumerate(self._rows) if not r.finish_reason]
+        done = [r for r in self._rows if r.finish_reason]
+        for row in done:
+            self._answer(row)
+        if self._kv is not None:
+            self._kv = select(self._kv, keep) if keep else None
+        self._rows = [self._rows[i] for i in keep]
+        self.metrics.running(len(self._rows))
+
+    def _answer(self, row: _Row) -> None:
+        request = row.request
+        self._release(request)
+        params = request.params
+        reason = row.finish_reason or "length"
+        if row.text is not None:
+            text = row.text.text
+            if request.handle.stream and reason != "cancelled":
+                tail = row.text.delta(final=True)
+                new_tokens = row.generated[row.streamed_tokens:]
+                if tail or new_tokens:
+                    request.handle.deliver(StreamDelta(
+                        tail, new_tokens,
+                        row.logprobs[row.streamed_tokens:] if params.logprobs else None,
+                        row.top[row.streamed_tokens:] if params.top_logprobs else None,
+                    ))
+        else:
+            text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        ttft = None if row.first_token_at is None else row.first_token_at - request.submitted
+        self.metrics.finished(request.adapter, reason, len(request.prompt_ids), len(row.generated))
+        request.handle.deliver(GenerationResult(
+            text=text, finish_reason=reason, token_ids=list(row.generated),
+            logprobs=list(row.logprobs) if params.logprobs else None,
+            top_logprobs=list(row.top) if params.top_logprobs else None,
+            prompt_tokens=len(request.prompt_ids), adapter=request.adapter, time_to_first_token=ttft,
+        ))
+

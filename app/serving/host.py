@@ -1,0 +1,200 @@
+"""``ServingHost``: the resident base model of the API process, with its adapter slots, bank and engine.
+
+Built once at start from the settings (the same base model the workers train on), it turns
+registry versions into leased adapters (reading their files from the artifact store on a host
+miss, checking them against the base model) and prompts into token ids, and owns the generation
+engine thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from adapters_core.config import CONFIG_NAME, config_from_dict
+from adapters_core.errors import (
+    AdapterError,
+    AdapterFormatError,
+    ConfigError,
+    RankTooLargeError,
+    TargetModulesNotFoundError,
+    UnknownPeftTypeError,
+    UnsupportedModuleError,
+)
+from adapters_core.peft_format import WEIGHTS_NAME, check_finite
+from adapters_core.serving import PreparedAdapter, SlottedModel
+from app.base_model import BaseModelSource, resolve_base_model, resolve_device
+from app.serving.bank import AdapterBank, AdapterLease, BankEvents
+from app.serving.engine import EngineLimits, EngineMetrics, GenerationEngine
+from app.serving.errors import (
+    AdapterNotServable,
+    IncompatibleBaseModel,
+    RankTooLarge,
+    RequestTooLarge,
+    ServingError,
+)
+from app.settings import Settings
+from app.storage import ArtifactNotFound, LocalArtifactStore
+
+logger = logging.getLogger(__name__)
+
+# initialisations that rewrite the base weights: their files only make sense on that rewritten base
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """What serving needs of a registry version."""
+
+    id: str
+    ref: str  # name@N
+    method: str
+    config: dict[str, Any]
+    files: dict[str, Any]
+    base_model: str | None
+
+
+class ServingHost:
+    """Model, tokenizer, slots, bank and engine of one API process."""
+
+    def __init__(self, source: BaseModelSource, model: torch.nn.Module, tokenizer: Any, settings: Settings,
+                 metrics: Any = None) -> None:
+        self.source = source
+        self.model = model
+        self.tokenizer = tokenizer
+        self.slotted = SlottedModel(model, settings.adapter_slots, max_rank=settings.max_lora_rank)
+        events: BankEvents | None = metrics if isinstance(metrics, BankEvents) else None
+        self.bank = AdapterBank(self.slotted, host_capacity_bytes=settings.adapter_host_cache_bytes, events=events)
+        config = getattr(model, "config", None)
+        context = getattr(config, "max_position_embeddings", None)
+        self.limits = EngineLimits(
+            max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
+            max_queue_depth=settings.max_queue_depth, max_context=int(context) if context else None,
+        )
+        engine_metrics: EngineMetrics | None = metrics if isinstance(metrics, EngineMetrics) else None
+        self.engine = GenerationEngine(model, tokenizer, self.slotted, self.bank, self.limits,
+                                       eos_ids=eos_token_ids(model, tokenizer), metrics=engine_metrics)
+
+    @classmethod
+    def load(cls, settings: Settings, metrics: Any = None) -> ServingHost:
+        """Load the configured base model onto the configured device and start the engine."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = resolve_base_model(settings)
+        device = resolve_device(settings.device)
+        dtype: Any = torch.float32 if device.type == "cpu" else "auto"
+        logger.info("serving: loading base model %s from %s onto %s", source.name, source.path, device)
+        model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+        model.to(device)
+        model.eval()
+        model.requires_grad_(False)
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        host = cls(source, model, tokenizer, settings, metrics)
+        host.engine.start()
+        return host
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    def close(self) -> None:
+        self.engine.stop()
+
+    # ------------------------------------------------------------------ adapters
+    def lease(self, version: ServedVersion, store: LocalArtifactStore) -> AdapterLease:
+        """Lease ``version`` for one request (host-memory hit, or read from ``store`` and checked)."""
+        return self.bank.fetch(version.id, version.ref, lambda: self.prepare(version, store))
+
+    def prepare(self, version: ServedVersion, store: LocalArtifactStore) -> PreparedAdapter:
+        """Read ``version``'s files from the store and lay them out for the slots; typed errors otherwise."""
+        if version.base_model and version.base_model != self.name:
+            raise IncompatibleBaseModel(
+                f"adapter {version.ref} was made for base model {version.base_model!r}; this server serves {self.name!r}",
+                param="adapter",
+            )
+        init = version.config.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+            raise AdapterNotServable(
+                f"adapter {version.ref} was initialised with init_lora_weights={init!r}, which rewrites the base "
+                "weights it applies to; convert it to a plain LoRA (PEFT's path_initial_model_for_weight_conversion) "
+                "and upload that", param="adapter",
+            )
+        try:
+            config = config_from_dict(_read_config(store, version))
+            tensors = load_file(str(store.path(_sha(version, WEIGHTS_NAME))))
+            check_finite(tensors)
+            return self.slotted.prepare(config, tensors)
+        except ServingError:
+            raise
+        except (ArtifactNotFound, FileNotFoundError) as exc:
+            raise ServingError(f"the stored files of {version.ref} are missing from the artifact store: {exc}") from exc
+        except RankTooLargeError as exc:
+            raise RankTooLarge(
+                f"adapter {version.ref}: {exc}; raise ADAPTERFORGE_MAX_LORA_RANK to serve it", param="adapter"
+            ) from exc
+        except UnknownPeftTypeError as exc:
+            raise AdapterNotServable(f"adapter {version.ref}: {exc}", param="adapter") from exc
+        except (TargetModulesNotFoundError, UnsupportedModuleError, AdapterFormatError) as exc:
+            raise IncompatibleBaseModel(
+                f"adapter {version.ref} does not fit the base model {self.name!r}: {exc}", param="adapter"
+            ) from exc
+        except (ConfigError, AdapterError) as exc:
+            raise AdapterNotServable(f"adapter {version.ref} cannot be served: {exc}", param="adapter") from exc
+
+    def evict(self, version_ids: Sequence[str]) -> None:
+        """Forget versions deleted from the registry (their slots free once their requests finish)."""
+        for version_id in version_ids:
+            if self.bank.evict(version_id):
+                logger.info("serving: evicted adapter version %s", version_id)
+
+    # ------------------------------------------------------------------ prompts
+    def encode_prompt(self, prompt: str) -> list[int]:
+        ids: list[int] = self.tokenizer(prompt)["input_ids"]
+        return ids
+
+    def encode_chat(self, messages: list[dict[str, Any]], param: str = "messages") -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise RequestTooLarge(f"the base model {self.name!r} has no chat template: send `prompt` instead", param=param)
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False)
+        except Exception as exc:  # a template that raises on these messages (e.g. roles it does not allow)
+            raise RequestTooLarge(f"the chat template could not render these messages: {exc}", param=param) from exc
+        return [int(i) for i in ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        text: str = self.tokenizer.decode(list(ids), skip_special_tokens=False)
+        return text
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """Every end-of-sequence id: the generation config's (several, e.g. a chat turn's end) and the tokenizer's."""
+    ids: list[int] = []
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.append(value)
+        elif isinstance(value, list | tuple):
+            ids.extend(int(v) for v in value)
+    return list(dict.fromkeys(ids))
+
+
+def _sha(version: ServedVersion, filename: str) -> str:
+    entry = version.files.get(filename)
+    if not isinstance(entry, dict) or "sha256" not in entry:
+        raise AdapterNotServable(f"adapter {version.ref} has no {filename} in the registry", param="adapter")
+    return str(entry["sha256"])
+
+
+def _read_config(store: LocalArtifactStore, version: ServedVersion) -> dict[str, Any]:
+    with store.open(_sha(version, CONFIG_NAME)) as f:
+        data = json.loads(f.read())
+    if not isinstance(data, dict):
+        raise AdapterNotServable(f"adapter {version.ref}: {CONFIG_NAME} is not a JSON object", param="adapter")
+    return data

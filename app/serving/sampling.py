@@ -1,0 +1,119 @@
+"""Per-request sampling parameters and the batched sampler.
+
+One call picks the next token of every row, each with its own settings: greedy rows
+(``temperature == 0``) take the arg-max; sampled rows divide by their temperature, keep their
+``top_k`` best tokens and the smallest set whose probability reaches ``top_p``, then draw with their
+own ``torch.Generator`` (seeded by the request's ``seed``), so a seeded request draws the same tokens
+whatever else shares its batch. ``min_new_tokens`` masks the end-of-sequence tokens until reached.
+
+Log-probabilities are those of the model's raw distribution (``log_softmax`` of the logits, before
+temperature, top-k, top-p or masking), as HF ``generate(output_logits=True)`` reports them.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request generates."""
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The request's own random stream (``None`` for greedy requests)."""
+        if self.greedy:
+            return None
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
+        return g
+
+
+@dataclass
+class RowSampling:
+    """What the sampler needs of one row this step."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    generated: int  # tokens generated so far (for min_new_tokens)
+
+
+@dataclass
+class Sampled:
+    """The step's choices: ``tokens[i]``, its raw log-probability and, when asked, the top alternatives."""
+
+    tokens: list[int]
+    logprobs: list[float] | None
+    top: list[list[tuple[int, float]]] | None
+
+
+def sample(logits: torch.Tensor, rows: Sequence[RowSampling], eos_ids: Sequence[int]) -> Sampled:
+    """Next token of every row of ``logits`` ``(batch, vocab)`` (see the module docstring)."""
+    logits = logits.float()
+    want_logprobs = any(r.params.logprobs or r.params.top_logprobs for r in rows)
+    raw = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    blocked = [i for i, r in enumerate(rows) if r.generated < r.params.min_new_tokens]
+    if blocked and eos_ids:
+        logits = logits.clone()
+        logits[torch.tensor(blocked).unsqueeze(1), torch.tensor(list(eos_ids)).unsqueeze(0)] = float("-inf")
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if sampled:
+        chosen = _draw(logits[sampled], [rows[i] for i in sampled])
+        tokens[sampled] = chosen
+    token_list = [int(t) for t in tokens.tolist()]
+    logprobs = top = None
+    if raw is not None:
+        logprobs = raw.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+        k = max(r.params.top_logprobs for r in rows)
+        if k:
+            values, ids = raw.topk(k, dim=-1)
+            top = [list(zip(ids[i, : r.params.top_logprobs].tolist(), values[i, : r.params.top_logprobs].tolist(),
+                            strict=True)) for i, r in enumerate(rows)]
+    return Sampled(token_list, logprobs, top)
+
+
+def _draw(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
+    """Sample one token per row with temperature, top-k and top-p applied."""
+    temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype, device=logits.device)
+    scores = logits / temps.unsqueeze(1)
+    vocab = scores.shape[-1]
+    if any(r.params.top_p < 1.0 for r in rows):
+        scores, order = scores.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=scores.device).unsqueeze(0)
+        ks = torch.tensor([r.params.top_k or vocab for r in rows], device=scores.device).unsqueeze(1)
+        scores = scores.masked_fill(ranks >= ks, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        before = probs.cumsum(dim=-1) - probs
+        ps = torch.tensor([r.params.top_p for r in rows], dtype=probs.dtype, device=probs.device).unsqueeze(1)
+        scores = scores.masked_fill(before >= ps, float("-inf"))
+    elif any(r.params.top_k for r in rows):
+        k_max = min(max(r.params.top_k or vocab for r in rows), vocab)
+        scores, order = scores.topk(k_max, dim=-1)
+        ranks = torch.arange(k_max, device=scores.device).unsqueeze(0)
+        ks = torch.tensor([r.params.top_k or vocab for r in rows], device=scores.device).unsqueeze(1)
+        scores = scores.masked_fill(ranks >= ks, float("-inf"))
+    else:
+        order = None
+    probs = torch.softmax(scores, dim=-1)
+    picks = torch.stack([torch.multinomial(probs[i], 1, generator=r.generator).squeeze(0) for i, r in enumerate(rows)])
+    if order is None:
+        return picks
+    return order.gather(1, picks.unsqueeze(1)).squeeze(1)
