@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 
-from app.api import adapters, datasets, health, jobs
+from app.api import adapters, datasets, generate, health, jobs, openai_compat
 from app.api.deps import Services
 from app.api.errors import ApiError, install_error_handlers, use_error_schema_for_validation
 from app.base_model import BaseModelHost
@@ -27,6 +27,7 @@ from app.metrics import ApiMetrics
 from app.queue import CeleryJobQueue, JobQueue
 from app.reconciler import Reconciler
 from app.registry.migrate import current_revision, head_revision
+from app.serving.host import ServingHost
 from app.settings import Settings
 from app.storage import LocalArtifactStore, remove_stale
 
@@ -35,7 +36,9 @@ logger = logging.getLogger(__name__)
 _DESCRIPTION = """\
 Fine-tuning as a service: upload a JSONL dataset, `POST /jobs` to train a PEFT adapter on the
 server's base model, browse every adapter version with its lineage, upload and download adapters in
-the HF PEFT format. Errors always have the shape `{"error": {"code", "message", "param"}}`.
+the HF PEFT format, and generate with any of them (`POST /generate?adapter=name`, or the
+OpenAI-compatible `/v1` routes) on the one resident base model. Errors always have the shape
+`{"error": {"code", "message", "param"}}`.
 """
 
 
@@ -53,6 +56,19 @@ def check_schema(url: str) -> None:
             f"the database schema is at revision {current or 'none (empty database)'} but this server needs {head}: "
             "run `adapterforge db upgrade` (with the same ADAPTERFORGE_DATABASE_URL) and start again"
         )
+
+
+def pin_adapters(services: Services, refs: list[str]) -> None:
+    """Load the versions ``refs`` name now into host memory and pin them (never evicted)."""
+    from app.api.inference import resolve_version
+
+    assert services.serving is not None
+    for ref in refs:
+        version = resolve_version(services, ref, "pinned_adapters")
+        lease = services.serving.lease(version, services.store)
+        services.serving.bank.pin(version.id)
+        services.serving.bank.release(lease)
+        logger.info("serving: pinned adapter %s", version.ref)
 
 
 def _require_api_key(settings: Settings) -> Callable[[Request], Awaitable[None]]:
@@ -99,8 +115,9 @@ class _MetricsMiddleware:
 
 
 def create_app(settings: Settings | None = None, *, queue: JobQueue | None = None,
-               base_model: BaseModelHost | None = None) -> FastAPI:
-    """The API app. ``queue`` and ``base_model`` may be injected (tests); otherwise built from settings."""
+               base_model: BaseModelHost | None = None, serving: ServingHost | None = None) -> FastAPI:
+    """The API app. ``queue``, ``base_model`` and ``serving`` may be injected (tests; the caller then owns
+    them); otherwise built from settings."""
     settings = settings or Settings()
     metrics = ApiMetrics()
 
@@ -116,7 +133,17 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
         remove_stale((settings.data_dir / "uploads").glob("adapter-*"), STALE_UPLOAD_SECONDS)
         host = base_model if base_model is not None else await asyncio.to_thread(BaseModelHost.load, settings)
         job_queue = queue or CeleryJobQueue(settings)
-        app.state.services = Services(settings, db, store, job_queue, host, metrics)
+        server = serving
+        if server is None and settings.serving_enabled:
+            server = await asyncio.to_thread(ServingHost.load, settings, metrics.serving)
+        app.state.services = Services(settings, db, store, job_queue, host, metrics, server)
+        if server is not None and settings.pinned_adapters:
+            try:
+                await asyncio.to_thread(pin_adapters, app.state.services, settings.pinned_adapters)
+            except BaseException:
+                if serving is None:
+                    server.close()
+                raise
         reconciler = None
         if settings.reconcile_interval_seconds > 0:
             reconciler = Reconciler(db, job_queue, interval=settings.reconcile_interval_seconds,
@@ -128,6 +155,8 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
         finally:
             if reconciler is not None:
                 reconciler.stop()
+            if server is not None and serving is None:
+                server.close()
             close = getattr(job_queue, "close", None)
             if close is not None and queue is None:
                 close()
@@ -146,6 +175,8 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.include_router(datasets.router, dependencies=auth)
     app.include_router(jobs.router, dependencies=auth)
     app.include_router(adapters.router, dependencies=auth)
+    app.include_router(generate.router, dependencies=auth)
+    app.include_router(openai_compat.router, dependencies=auth)
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
 
     def openapi() -> dict[str, Any]:

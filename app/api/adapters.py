@@ -503,12 +503,15 @@ def delete_alias(name: NameParam, alias: AliasParam, session: SessionDep) -> Del
     response_model=DeletedOut,
     summary="Delete a version",
     description="Soft delete: the version disappears from lists and references, aliases pointing at it are "
-    "removed, and its number is never reused (the next upload gets the next number).",
+    "removed, and its number is never reused (the next upload gets the next number). Inference stops serving "
+    "it: it leaves the adapter cache once the generations already running with it finish.",
     responses={404: ERROR_RESPONSES[404], 422: ERROR_RESPONSES[422]},
 )
-def delete_version(name: NameParam, version: VersionParam, session: SessionDep) -> DeletedOut:
-    registry.delete_version(session, name, version)
+def delete_version(name: NameParam, version: VersionParam, session: SessionDep, services: ServicesDep) -> DeletedOut:
+    version_id = registry.delete_version(session, name, version)
     session.commit()
+    if services.serving is not None:
+        services.serving.evict([version_id])
     logger.info("adapter %s@%d deleted", name, version)
     return DeletedOut(object="adapter.version", id=f"{name}@{version}")
 
@@ -521,8 +524,10 @@ def delete_version(name: NameParam, version: VersionParam, session: SessionDep) 
     "a fresh adapter whose version numbers continue after the deleted ones.",
     responses={404: ERROR_RESPONSES[404]},
 )
-def delete_adapter(name: NameParam, session: SessionDep) -> DeletedOut:
-    registry.delete_adapter(session, name)
+def delete_adapter(name: NameParam, session: SessionDep, services: ServicesDep) -> DeletedOut:
+    version_ids = registry.delete_adapter(session, name)
     session.commit()
+    if services.serving is not None:
+        services.serving.evict(version_ids)
     logger.info("adapter %s deleted", name)
     return DeletedOut(object="adapter", id=name)

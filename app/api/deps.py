@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -13,6 +14,7 @@ from app.base_model import BaseModelHost
 from app.db import Database
 from app.metrics import ApiMetrics
 from app.queue import JobQueue
+from app.serving.host import ServingHost
 from app.settings import Settings
 from app.storage import LocalArtifactStore
 
@@ -27,6 +29,8 @@ class Services:
     queue: JobQueue
     base_model: BaseModelHost
     metrics: ApiMetrics
+    serving: ServingHost | None = None
+    started_at: float = field(default_factory=time.time)
 
 
 def get_services(request: Request) -> Services:

@@ -22,6 +22,7 @@ from adapters_core.errors import AdapterError, ConfigError
 from app.registry.adapters import InvalidName, MethodConflict, NotFound
 from app.registry.datasets import DatasetNotFound
 from app.registry.jobs import JobConflict, JobNotFound
+from app.serving.errors import ServingError
 from app.storage import ArtifactTooLarge
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ _STATUS_CODES = {
     415: "unsupported_media_type",
     422: "invalid_request",
     429: "rate_limited",
+    499: "client_closed_request",
     503: "unavailable",
 }
 
@@ -173,6 +175,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ArtifactTooLarge)
     async def _too_large(_: Request, exc: ArtifactTooLarge) -> JSONResponse:
         return error_response(413, "payload_too_large", str(exc))
+
+    @app.exception_handler(ServingError)
+    async def _serving(_: Request, exc: ServingError) -> JSONResponse:
+        if exc.status >= 500:
+            logger.error("serving error: %s", exc)
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
+        code = exc.code if exc.status < 500 or exc.code != "error" else "internal_error"
+        return error_response(exc.status, code, str(exc), exc.param, headers)
 
     @app.exception_handler(ConfigError)
     async def _config(_: Request, exc: ConfigError) -> JSONResponse:

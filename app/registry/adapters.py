@@ -162,13 +162,14 @@ def delete_alias(session: Session, name: str, alias: str) -> None:
     session.flush()
 
 
-def delete_version(session: Session, name: str, version: int) -> None:
-    """Soft-delete a version; aliases pointing at it are removed. Its number is never reused."""
+def delete_version(session: Session, name: str, version: int) -> str:
+    """Soft-delete a version; aliases pointing at it are removed. Its number is never reused. Returns its id."""
     target = get_version(session, name, version)
     target.deleted_at = utcnow()
     for row in session.execute(select(Alias).where(Alias.version_id == target.id)).scalars():
         session.delete(row)
     session.flush()
+    return target.id
 
 
 def resolve_ref(session: Session, ref: str) -> AdapterVersion:
@@ -340,15 +341,15 @@ def check_method(session: Session, name: str, method: str) -> None:
     )
 
 
-def delete_adapter(session: Session, name: str) -> None:
-    """Soft-delete ``name``: all its versions and aliases. Its version numbers are never reused."""
+def delete_adapter(session: Session, name: str) -> list[str]:
+    """Soft-delete ``name``: all its versions and aliases. Its version numbers are never reused.
+    Returns the ids of the versions it deleted."""
     adapter = get_adapter(session, name)
     now = utcnow()
-    session.execute(
-        update(AdapterVersion)
-        .where(AdapterVersion.adapter_id == adapter.id, AdapterVersion.deleted_at.is_(None))
-        .values(deleted_at=now)
-    )
+    live = (AdapterVersion.adapter_id == adapter.id, AdapterVersion.deleted_at.is_(None))
+    ids = list(session.execute(select(AdapterVersion.id).where(*live)).scalars())
+    session.execute(update(AdapterVersion).where(*live).values(deleted_at=now))
     session.execute(delete(Alias).where(Alias.adapter_id == adapter.id))
     adapter.deleted_at = now
     session.flush()
+    return ids

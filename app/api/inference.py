@@ -1,0 +1,148 @@
+"""What ``/generate`` and the OpenAI routes share: resolve the adapter, lease it, submit prompts,
+collect results or stream events, and stop generating when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from app.api.deps import Services
+from app.api.errors import ApiError, error_body
+from app.registry import adapters as registry
+from app.serving.bank import AdapterLease
+from app.serving.engine import GenerationResult, RequestHandle, StreamDelta
+from app.serving.errors import AdapterNotFound, ServingError, ServingUnavailable
+from app.serving.host import ServedVersion, ServingHost
+from app.serving.sampling import SamplingParams
+
+
+def serving_host(services: Services) -> ServingHost:
+    if services.serving is None:
+        raise ServingUnavailable(
+            "inference is disabled on this server (ADAPTERFORGE_SERVING_ENABLED=false)", retry_after=60.0
+        )
+    return services.serving
+
+
+def resolve_version(services: Services, ref: str, param: str) -> ServedVersion:
+    """The live registry version ``ref`` names, now (blocking: run it in a thread from async code)."""
+    with services.db.sessions() as session:
+        try:
+            version = registry.resolve_ref(session, ref)
+        except registry.NotFound as exc:
+            raise AdapterNotFound(str(exc), param=param) from exc
+        except registry.InvalidName as exc:
+            raise ApiError(422, str(exc), param=param) from exc
+        name = ref.partition("@")[0]
+        return ServedVersion(version.id, f"{name}@{version.version}", version.method, dict(version.config),
+                             dict(version.files), version.base_model)
+
+
+async def resolve_adapter(services: Services, ref: str | None, param: str) -> ServedVersion | None:
+    """The registry version ``ref`` names (latest, number or alias, resolved now), or ``None`` for the base."""
+    if ref is None:
+        return None
+    return await asyncio.to_thread(resolve_version, services, ref, param)
+
+
+@dataclass
+class Generation:
+    """The prompts of one API request, submitted to the engine."""
+
+    adapter: str | None
+    handles: list[RequestHandle]
+
+    def cancel(self) -> None:
+        for handle in self.handles:
+            handle.cancel()
+
+    async def results(self, request: Request) -> list[GenerationResult]:
+        """Every prompt's result; generation stops if the client disconnects first."""
+        gathered: asyncio.Future[list[GenerationResult]] = asyncio.ensure_future(
+            asyncio.gather(*(h.result() for h in self.handles))
+        )
+        gone: asyncio.Future[None] = asyncio.ensure_future(_disconnected(request))
+        try:
+            waiters: list[asyncio.Future[Any]] = [gathered, gone]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not gathered.done():
+            self.cancel()
+            gathered.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ServingError):
+                await gathered
+            raise ApiError(499, "the client closed the connection", code="client_closed_request")
+        return list(gathered.result())
+
+    async def events(self) -> AsyncIterator[tuple[int, StreamDelta | GenerationResult | ServingError]]:
+        """``(prompt index, delta or result or error)`` in the order they happen; cancels on exit."""
+        merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+        async def pump(index: int, handle: RequestHandle) -> None:
+            try:
+                async for item in handle.events():
+                    await merged.put((index, item))
+            except ServingError as exc:
+                await merged.put((index, exc))
+
+        tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(self.handles)]
+        open_prompts = len(tasks)
+        try:
+            while open_prompts:
+                index, item = await merged.get()
+                if not isinstance(item, StreamDelta):
+                    open_prompts -= 1
+                yield index, item
+        finally:
+            self.cancel()
+            for task in tasks:
+                task.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def start(services: Services, version: ServedVersion | None, prompts: Sequence[list[int]],
+                params: Sequence[SamplingParams], *, stream: bool) -> Generation:
+    """Check, lease the adapter for, and queue every prompt; all of them or none (errors raise)."""
+    host = serving_host(services)
+    for ids, p in zip(prompts, params, strict=True):
+        host.engine.check_request(len(ids), p)
+    loop = asyncio.get_running_loop()
+    leases: list[AdapterLease | None] = []
+    handles: list[RequestHandle] = []
+    try:
+        for ids, p in zip(prompts, params, strict=True):
+            lease = None
+            if version is not None:
+                lease = await asyncio.to_thread(host.lease, version, services.store)
+            leases.append(lease)
+            handles.append(host.engine.submit(ids, p, lease=lease, loop=loop, stream=stream))
+    except BaseException:
+        for handle in handles:
+            handle.cancel()
+        for lease in leases[len(handles):]:
+            if lease is not None:
+                host.bank.release(lease)
+        raise
+    return Generation(version.ref if version is not None else None, handles)
+
+
+def sse(data: Any, event: str | None = None) -> str:
+    """One server-sent event (``data`` as JSON, or verbatim when a string)."""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n"
+
+
+def sse_error(exc: ServingError) -> str:
+    return sse(error_body(exc.code, str(exc), exc.param), event="error")

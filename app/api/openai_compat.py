@@ -1,0 +1,398 @@
+"""OpenAI-compatible inference: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
+
+``model`` is ``base`` (or the base model's own name) or an adapter reference (``name``, ``name@3``,
+``name@prod``); the official ``openai`` client works unchanged with ``base_url=<server>/v1``. Fields
+that would change the output but are not implemented (``echo``, ``suffix``, penalties,
+``logit_bias``, tools, non-text content) are refused with 422 naming them, never ignored.
+Extensions, as vLLM names them: ``top_k`` and ``min_tokens``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi import Path as PathParam
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.api import inference
+from app.api.deps import Services, ServicesDep
+from app.api.errors import ERROR_RESPONSES, ApiError
+from app.registry import adapters as registry
+from app.serving.engine import GenerationResult, StreamDelta
+from app.serving.errors import AdapterNotFound, ServingError
+from app.serving.host import ServedVersion, ServingHost
+from app.serving.sampling import SamplingParams
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+BASE_MODEL_ID = "base"
+DEFAULT_CHAT_MAX_TOKENS = 512
+MAX_N = 16
+MAX_PROMPTS = 64
+
+
+# --------------------------------------------------------------------------------------------- models
+class ModelOut(BaseModel):
+    id: str = Field(description="`base` or an adapter name; pass it as `model`.")
+    object: Literal["model"] = Field(default="model", description="Always `model`.")
+    created: int = Field(description="Unix time the adapter (or the server's base model) appeared.")
+    owned_by: str = Field(default="adapterforge", description="Always `adapterforge`.")
+    root: str = Field(description="What it resolves to now: the base model's name, or `name@N`.")
+    parent: str | None = Field(description="`base` for adapters; null for the base model.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = Field(default="list", description="Always `list`.")
+    data: list[ModelOut] = Field(description="The base model, then every live adapter in name order.")
+
+
+def _base_entry(host: ServingHost, started: int) -> ModelOut:
+    return ModelOut(id=BASE_MODEL_ID, created=started, root=host.name, parent=None)
+
+
+def _adapter_entry(s: registry.AdapterSummary) -> ModelOut:
+    return ModelOut(id=s.name, created=int(s.created_at.timestamp()), root=f"{s.name}@{s.latest_version}",
+                    parent=BASE_MODEL_ID)
+
+
+def _list_models(services: Services) -> list[registry.AdapterSummary]:
+    out: list[registry.AdapterSummary] = []
+    after = None
+    with services.db.sessions() as session:
+        while True:
+            page, more = registry.list_adapters(session, limit=100, after=after)
+            out.extend(s for s in page if s.latest_version is not None)
+            if not more or not page:
+                return out
+            after = page[-1].name
+
+
+@router.get("/models", response_model=ModelList, summary="List models",
+            description="`base` (the resident base model) and every live adapter, each usable as `model`.")
+async def list_models(services: ServicesDep) -> ModelList:
+    host = inference.serving_host(services)
+    summaries = await asyncio.to_thread(_list_models, services)
+    return ModelList(data=[_base_entry(host, _started(services)), *(_adapter_entry(s) for s in summaries)])
+
+
+@router.get("/models/{model}", response_model=ModelOut, summary="Retrieve a model",
+            description="`base` or an adapter reference, resolved now.", responses={404: ERROR_RESPONSES[404]})
+async def retrieve_model(model: Annotated[str, PathParam(description="`base` or an adapter reference.")],
+                         services: ServicesDep) -> ModelOut:
+    host = inference.serving_host(services)
+    version = await _resolve_model(services, host, model)
+    if version is None:
+        return _base_entry(host, _started(services))
+    return ModelOut(id=model, created=_started(services), root=version.ref, parent=BASE_MODEL_ID)
+
+
+def _started(services: Services) -> int:
+    return int(services.started_at)
+
+
+async def _resolve_model(services: Services, host: ServingHost, model: str) -> ServedVersion | None:
+    if model in (BASE_MODEL_ID, host.name):
+        return None
+    try:
+        return await inference.resolve_adapter(services, model, "model")
+    except AdapterNotFound as exc:
+        raise AdapterNotFound(f"model {model!r} does not exist: use `base` or an adapter name ({exc})",
+                              param="model") from exc
+
+
+# --------------------------------------------------------------------------------------- shared fields
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(default=False, description="Send a last chunk with the usage of the whole request.")
+
+
+class _Common(BaseModel):
+    """Fields both completion routes take."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(max_length=256, description="`base` or an adapter reference (`name`, `name@3`, `name@prod`).")
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 = greedy; default 1.")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling; default 1.")
+    n: int | None = Field(default=None, ge=1, le=MAX_N, description="Choices per prompt.")
+    stream: bool | None = Field(default=None, description="Answer server-sent events ending with `data: [DONE]`.")
+    stream_options: StreamOptions | None = Field(default=None, description="`include_usage`.")
+    stop: str | list[str] | None = Field(default=None, description="Up to 4 stop strings.")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Reproducible sampling; choice j uses seed + j.")
+    presence_penalty: float | None = Field(default=None, description="Not supported: only 0 is accepted.")
+    frequency_penalty: float | None = Field(default=None, description="Not supported: only 0 is accepted.")
+    logit_bias: dict[str, float] | None = Field(default=None, description="Not supported: only empty is accepted.")
+    user: str | None = Field(default=None, max_length=256, description="Your end-user id (logged, not used).")
+    top_k: int | None = Field(default=None, ge=0, description="Extension: sample among the k likeliest tokens.")
+    min_tokens: int | None = Field(default=None, ge=0, description="Extension: suppress end-of-sequence until this many tokens.")
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> _Common:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise ValueError(f"{name} is not supported by this server (only 0)")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this server")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return self
+
+    def params(self, max_tokens: int, logprobs: int, choice: int) -> SamplingParams:
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_new_tokens=max_tokens, min_new_tokens=min(self.min_tokens or 0, max_tokens),
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
+            seed=None if self.seed is None else (self.seed + choice) % 2**63, stop=stops,
+            logprobs=logprobs >= 0, top_logprobs=max(logprobs, 0),
+        )
+
+
+def _usage(results: Sequence[GenerationResult], prompt_counts: Sequence[int]) -> dict[str, int]:
+    prompt = sum(prompt_counts)
+    completion = sum(len(r.token_ids) for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _finish(r: GenerationResult) -> str:
+    return "length" if r.finish_reason == "length" else "stop"
+
+
+# ---------------------------------------------------------------------------------------- completions
+class CompletionRequest(_Common):
+    """OpenAI's completion request."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="Text, texts, token ids or lists of them.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate per choice; default 16.")
+    logprobs: int | None = Field(default=None, ge=0, le=5, description="Return the log-probability of each token "
+                                 "and of the N likeliest alternatives.")
+    echo: bool | None = Field(default=None, description="Not supported: only false is accepted.")
+    suffix: str | None = Field(default=None, description="Not supported.")
+    best_of: int | None = Field(default=None, ge=1, description="Only equal to n (or 1) is accepted.")
+
+    @model_validator(mode="after")
+    def _refuse_completion_extras(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo is not supported by this server")
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server")
+        if self.best_of not in (None, 1, self.n or 1):
+            raise ValueError("best_of other than n is not supported by this server")
+        if isinstance(self.prompt, list) and (not self.prompt or len(self.prompt) > MAX_PROMPTS):
+            raise ValueError(f"prompt as a list needs 1 to {MAX_PROMPTS} entries")
+        return self
+
+    def prompt_ids(self, host: ServingHost) -> list[list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [host.encode_prompt(p)]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        if all(isinstance(x, str) for x in p):
+            return [host.encode_prompt(x) for x in p]  # type: ignore[arg-type]
+        if all(isinstance(x, list) for x in p):
+            return [list(x) for x in p]  # type: ignore[arg-type]
+        raise ApiError(422, "prompt mixes strings and token lists", param="prompt")
+
+
+def _check_ids(host: ServingHost, prompts: list[list[int]]) -> None:
+    vocab = len(host.tokenizer)
+    for ids in prompts:
+        if any(not 0 <= i < vocab for i in ids):
+            raise ApiError(422, f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
+
+
+def _completion_logprobs(host: ServingHost, r: GenerationResult) -> dict[str, Any] | None:
+    if r.logprobs is None:
+        return None
+    tokens = [host.decode([t]) for t in r.token_ids]
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    top = None
+    if r.top_logprobs is not None:
+        top = [{host.decode([i]): lp for i, lp in step} for step in r.top_logprobs]
+    return {"tokens": tokens, "token_logprobs": r.logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+@router.post("/completions", summary="Create a completion (OpenAI)",
+             description="OpenAI's text completion on the base model or an adapter (`model`). Streams with `stream`.",
+             responses={404: ERROR_RESPONSES[404], 422: ERROR_RESPONSES[422],
+                        429: {"description": "too many requests waiting (Retry-After)"}})
+async def completions(body: CompletionRequest, request: Request, services: ServicesDep) -> Any:
+    host = inference.serving_host(services)
+    version = await _resolve_model(services, host, body.model)
+    prompts = body.prompt_ids(host)
+    _check_ids(host, prompts)
+    n = body.n or 1
+    max_tokens = body.max_tokens or 16
+    logprobs = -1 if body.logprobs is None else body.logprobs
+    expanded = [ids for ids in prompts for _ in range(n)]
+    params = [body.params(max_tokens, logprobs, j) for _ in prompts for j in range(n)]
+    generation = await inference.start(services, version, expanded, params, stream=bool(body.stream))
+    meta = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
+            "model": generation.adapter or BASE_MODEL_ID}
+    if body.stream:
+        return _sse(_completion_chunks(host, generation, meta, expanded, body))
+    results = await generation.results(request)
+    choices = [{"index": i, "text": r.text, "logprobs": _completion_logprobs(host, r), "finish_reason": _finish(r)}
+               for i, r in enumerate(results)]
+    return {**meta, "choices": choices, "usage": _usage(results, [len(p) for p in expanded])}
+
+
+async def _completion_chunks(host: ServingHost, generation: inference.Generation, meta: dict[str, Any],
+                             prompts: list[list[int]], body: CompletionRequest) -> AsyncIterator[str]:
+    results: list[GenerationResult] = []
+    async for index, item in generation.events():
+        if isinstance(item, ServingError):
+            yield inference.sse({"error": {"code": item.code, "message": str(item), "param": item.param}})
+            return
+        if isinstance(item, StreamDelta):
+            lp = None
+            if item.logprobs is not None:
+                lp = {"tokens": [host.decode([t]) for t in item.token_ids], "token_logprobs": item.logprobs,
+                      "top_logprobs": None if item.top_logprobs is None else
+                      [{host.decode([i]): v for i, v in step} for step in item.top_logprobs]}
+            yield inference.sse({**meta, "choices": [{"index": index, "text": item.text, "logprobs": lp,
+                                                      "finish_reason": None}]})
+        else:
+            results.append(item)
+            yield inference.sse({**meta, "choices": [{"index": index, "text": "", "logprobs": None,
+                                                      "finish_reason": _finish(item)}]})
+    if body.stream_options is not None and body.stream_options.include_usage:
+        yield inference.sse({**meta, "choices": [], "usage": _usage(results, [len(p) for p in prompts])})
+    yield inference.sse("[DONE]")
+
+
+def _sse(chunks: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# ----------------------------------------------------------------------------------- chat completions
+class ChatMessageIn(BaseModel):
+    """A chat message; content is text or text parts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: str = Field(min_length=1, max_length=64, description="`system`, `developer`, `user` or `assistant`.")
+    content: str | list[dict[str, Any]] | None = Field(default=None, description="Text, or a list of `text` parts.")
+    name: str | None = Field(default=None, max_length=256, description="Participant name (not used by templates).")
+
+    def text(self, where: str) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for j, part in enumerate(self.content):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(422, f"{where}.content[{j}]: only text parts are supported", param=f"{where}.content")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Common):
+    """OpenAI's chat completion request."""
+
+    messages: list[ChatMessageIn] = Field(min_length=1, description="The conversation so far.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate (deprecated name).")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate; default: "
+                                              f"{DEFAULT_CHAT_MAX_TOKENS} or what fits the context.")
+    logprobs: bool | None = Field(default=None, description="Return the log-probability of each output token.")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="With `logprobs`: the N likeliest "
+                                     "alternatives at each position.")
+    response_format: dict[str, Any] | None = Field(default=None, description="Only `{\"type\": \"text\"}`.")
+    tools: list[Any] | None = Field(default=None, description="Not supported.")
+    tool_choice: Any = Field(default=None, description="Not supported.")
+
+    @model_validator(mode="after")
+    def _refuse_chat_extras(self) -> ChatCompletionRequest:
+        if self.tools:
+            raise ValueError("tools are not supported by this server")
+        if self.tool_choice not in (None, "none"):
+            raise ValueError("tool_choice is not supported by this server")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError("response_format other than text is not supported by this server")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+
+def _chat_logprobs(host: ServingHost, token_ids: list[int], logprobs: list[float] | None,
+                   top: list[list[tuple[int, float]]] | None) -> dict[str, Any] | None:
+    if logprobs is None:
+        return None
+    content = []
+    for k, (tid, lp) in enumerate(zip(token_ids, logprobs, strict=True)):
+        token = host.decode([tid])
+        alts = [] if top is None else [
+            {"token": host.decode([i]), "logprob": v, "bytes": list(host.decode([i]).encode())} for i, v in top[k]
+        ]
+        content.append({"token": token, "logprob": lp, "bytes": list(token.encode()), "top_logprobs": alts})
+    return {"content": content, "refusal": None}
+
+
+@router.post("/chat/completions", summary="Create a chat completion (OpenAI)",
+             description="OpenAI's chat completion on the base model or an adapter (`model`), rendered with the "
+             "base model's chat template. Streams with `stream`.",
+             responses={404: ERROR_RESPONSES[404], 422: ERROR_RESPONSES[422],
+                        429: {"description": "too many requests waiting (Retry-After)"}})
+async def chat_completions(body: ChatCompletionRequest, request: Request, services: ServicesDep) -> Any:
+    host = inference.serving_host(services)
+    version = await _resolve_model(services, host, body.model)
+    messages = [{"role": m.role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(body.messages)]
+    ids = host.encode_chat(messages)
+    n = body.n or 1
+    max_tokens = body.max_completion_tokens or body.max_tokens or _default_chat_tokens(host, len(ids))
+    logprobs = (body.top_logprobs or 0) if body.logprobs else -1
+    params = [body.params(max_tokens, logprobs, j) for j in range(n)]
+    generation = await inference.start(services, version, [ids] * n, params, stream=bool(body.stream))
+    meta = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()),
+            "model": generation.adapter or BASE_MODEL_ID, "system_fingerprint": None}
+    if body.stream:
+        return _sse(_chat_chunks(host, generation, meta, len(ids), body))
+    results = await generation.results(request)
+    choices = [{"index": i, "message": {"role": "assistant", "content": r.text, "refusal": None},
+                "logprobs": _chat_logprobs(host, r.token_ids, r.logprobs, r.top_logprobs), "finish_reason": _finish(r)}
+               for i, r in enumerate(results)]
+    return {**meta, "object": "chat.completion", "choices": choices, "usage": _usage(results, [len(ids)] * n)}
+
+
+def _default_chat_tokens(host: ServingHost, prompt_tokens: int) -> int:
+    room = host.limits.max_batch_tokens - prompt_tokens
+    if host.limits.max_context is not None:
+        room = min(room, host.limits.max_context - prompt_tokens)
+    return max(1, min(DEFAULT_CHAT_MAX_TOKENS, room))
+
+
+async def _chat_chunks(host: ServingHost, generation: inference.Generation, meta: dict[str, Any],
+                       prompt_tokens: int, body: ChatCompletionRequest) -> AsyncIterator[str]:
+    head = {**meta, "object": "chat.completion.chunk"}
+    for i in range(len(generation.handles)):
+        yield inference.sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                  "logprobs": None, "finish_reason": None}]})
+    results: list[GenerationResult] = []
+    async for index, item in generation.events():
+        if isinstance(item, ServingError):
+            yield inference.sse({"error": {"code": item.code, "message": str(item), "param": item.param}})
+            return
+        if isinstance(item, StreamDelta):
+            lp = _chat_logprobs(host, item.token_ids, item.logprobs, item.top_logprobs)
+            yield inference.sse({**head, "choices": [{"index": index, "delta": {"content": item.text}, "logprobs": lp,
+                                                      "finish_reason": None}]})
+        else:
+            results.append(item)
+            yield inference.sse({**head, "choices": [{"index": index, "delta": {}, "logprobs": None,
+                                                      "finish_reason": _finish(item)}]})
+    if body.stream_options is not None and body.stream_options.include_usage:
+        yield inference.sse({**head, "choices": [], "usage": _usage(results, [prompt_tokens] * len(results))})
+    yield inference.sse("[DONE]")
