@@ -37,14 +37,20 @@ def _checks(services: Services) -> dict[str, Any]:
     except Exception as exc:
         checks["broker"] = {"ok": False, "error": f"{exc.__class__.__name__}: {exc}"[:300]}
     checks["base_model"] = {"ok": services.base_model is not None, "name": services.base_model.name}
+    serving = services.serving
+    if serving is None:
+        checks["serving"] = {"ok": True, "enabled": False}
+    else:
+        checks["serving"] = {"ok": serving.engine.alive, "enabled": True, "queued": serving.engine.queue_depth,
+                             "running": serving.engine.running_rows}
     return checks
 
 
 @router.get(
     "/readyz",
     summary="Readiness",
-    description="200 when the database and the broker answer and the base model is loaded; 503 otherwise, "
-    "with each check's result.",
+    description="200 when the database and the broker answer, the base model is loaded and (unless disabled) "
+    "the generation engine runs; 503 otherwise, with each check's result.",
     responses={503: {"description": "a dependency is down"}},
 )
 async def readyz(services: ServicesDep) -> JSONResponse:

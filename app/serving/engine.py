@@ -196,6 +196,8 @@ class GenerationEngine:
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._stopping = False
+        self.peak_rows = 0
+        """The largest running batch so far (rows decoded together in one step)."""
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -213,6 +215,11 @@ class GenerationEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread runs and takes requests."""
+        return self._accepting and self._thread is not None and self._thread.is_alive()
 
     @property
     def queue_depth(self) -> int:
@@ -385,6 +392,7 @@ class GenerationEngine:
         kv = BatchKV(cache, mask, torch.tensor(lengths, dtype=torch.long, device=self.device))
         self._kv = kv if self._kv is None else concat(self._kv, kv)
         self._rows.extend(new)
+        self.peak_rows = max(self.peak_rows, len(self._rows))
         self.metrics.running(len(self._rows))
         self._take_tokens(logits, new)
 

@@ -110,8 +110,9 @@ def api_settings(db_url: str, tmp_path: Path, demo_model_dir: Path) -> Any:
     from app.settings import Settings
 
     upgrade(db_url)
+    # inference has its own tests (test_api_generate.py, ...): the rest of the API needs no resident model
     return Settings(data_dir=tmp_path / "data", database_url=db_url, base_model=str(demo_model_dir),
-                    reconcile_interval_seconds=0, max_upload_bytes=8 * 1024 * 1024)
+                    reconcile_interval_seconds=0, max_upload_bytes=8 * 1024 * 1024, serving_enabled=False)
 
 
 @pytest.fixture

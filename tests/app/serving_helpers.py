@@ -1,0 +1,70 @@
+"""Helpers of the inference tests: PEFT adapters for the demo model, uploads, apps with serving on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.registry.migrate import upgrade
+from app.settings import Settings
+from tests.app.conftest import RecordingQueue
+from tests.conftest import load_model
+
+PROMPTS = ["What is the capital of France?", "hello there", "The quick brown fox", "def add(a, b):"]
+
+
+def peft_adapter(base_dir: Path, out: Path, *, seed: int, r: int = 8, target_modules: Any = "all-linear",
+                 **extra: Any) -> Path:
+    """A LoRA adapter written by HF PEFT for the model in ``base_dir``, with weights far from the identity
+    (greedy outputs of different adapters differ)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    pm = get_peft_model(load_model(base_dir), LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules,
+                                                        init_lora_weights=False, **extra))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    pm.save_pretrained(out)
+    return out
+
+
+def upload(client: TestClient, name: str, folder: Path) -> Any:
+    files = [("files", (n, (folder / n).read_bytes())) for n in ("adapter_config.json", "adapter_model.safetensors")]
+    response = client.post("/adapters", files=[("name", (None, name)), *files])
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def serving_settings(tmp: Path, demo_model_dir: Path, **overrides: Any) -> Settings:
+    url = f"sqlite:///{tmp / 'af.db'}"
+    upgrade(url)
+    values: dict[str, Any] = {"data_dir": tmp / "data", "database_url": url, "base_model": str(demo_model_dir),
+                              "reconcile_interval_seconds": 0, "adapter_slots": 16, **overrides}
+    return Settings(**values)
+
+
+@contextmanager
+def served_app(settings: Settings, base_host: Any) -> Iterator[TestClient]:
+    """A TestClient whose app loads the base model for inference (closed on exit)."""
+    app = create_app(settings, queue=RecordingQueue(), base_model=base_host)
+    with TestClient(app) as client:
+        yield client
+
+
+def hf_generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy ``generate`` of an HF (or PEFT) model: the new tokens and their raw log-probabilities."""
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    new = out.sequences[0, ids["input_ids"].shape[1]:].tolist()
+    logprobs = [float(torch.log_softmax(step[0].float(), dim=-1)[t]) for step, t in zip(out.logits, new, strict=True)]
+    return new, logprobs

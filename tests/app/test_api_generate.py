@@ -1,0 +1,366 @@
+"""``POST /generate``: what users of the inference endpoint see.
+
+The oracle is HF PEFT: adapters are written by ``peft``, uploaded through ``POST /adapters``, and the
+server's greedy tokens must equal ``PeftModel.generate`` token for token, with log-probabilities
+within 1e-4. Batches mixing adapters must give each row what it gives alone; new versions and
+moved aliases are served without a restart; deleted versions stop being served.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+pytest.importorskip("peft", reason="peft is the test oracle")
+
+from peft import PeftModel
+from transformers import AutoTokenizer
+
+from app.registry.adapters import VersionSpec, create_version
+from tests.app.serving_helpers import (
+    PROMPTS,
+    hf_generate,
+    peft_adapter,
+    served_app,
+    serving_settings,
+    upload,
+)
+from tests.conftest import load_model
+
+N_ADAPTERS = 8
+LOGPROB_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def adapters(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("peft-adapters")
+    return [peft_adapter(demo_model_dir, root / f"a{i}", seed=i, r=4 + 2 * (i % 3)) for i in range(N_ADAPTERS)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_model_dir: Path) -> Any:
+    return AutoTokenizer.from_pretrained(demo_model_dir)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path, base_host: Any,
+           adapters: list[Path]) -> Iterator[TestClient]:
+    """One app for the module, with every test adapter uploaded as a0..a7."""
+    settings = serving_settings(tmp_path_factory.mktemp("served"), demo_model_dir)
+    with served_app(settings, base_host) as client:
+        for i, folder in enumerate(adapters):
+            upload(client, f"a{i}", folder)
+        yield client
+
+
+def generate(client: TestClient, adapter: str | None = None, **body: Any) -> Any:
+    params = {"adapter": adapter} if adapter else {}
+    return client.post("/generate", params=params, json=body)
+
+
+def greedy(client: TestClient, adapter: str | None, prompt: str, n: int = 12, **extra: Any) -> Any:
+    response = generate(client, adapter, prompt=prompt, max_new_tokens=n, temperature=0, logprobs=True, **extra)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+# ----------------------------------------------------------------------------------- the peft oracle
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_greedy_output_equals_peft_generate(index: int, served: TestClient, adapters: list[Path],
+                                            demo_model_dir: Path, tokenizer: Any) -> None:
+    prompt = PROMPTS[index]
+    peft_model = PeftModel.from_pretrained(load_model(demo_model_dir), adapters[index]).eval()
+    want, want_logprobs = hf_generate(peft_model, tokenizer, prompt, 16)
+    got = greedy(served, f"a{index}", prompt, 16)
+    assert got["adapter"] == f"a{index}@1"
+    assert got["tokens"] == want
+    assert max(abs(a - b) for a, b in zip(got["logprobs"], want_logprobs, strict=True)) <= LOGPROB_ATOL
+    assert got["text"] == tokenizer.decode(want, skip_special_tokens=True)
+    assert got["usage"] == {"prompt_tokens": len(tokenizer(prompt)["input_ids"]), "completion_tokens": len(want)}
+    assert got["finish_reason"] == ("stop" if want[-1] in peft_model.generation_config.eos_token_id else "length")
+    base_tokens, _ = hf_generate(load_model(demo_model_dir), tokenizer, prompt, 16)
+    assert want != base_tokens, "the adapter does not change the output: the test could not fail"
+
+
+def test_no_adapter_is_the_base_model(served: TestClient, demo_model_dir: Path, tokenizer: Any) -> None:
+    want, want_logprobs = hf_generate(load_model(demo_model_dir), tokenizer, PROMPTS[3], 16)
+    got = greedy(served, None, PROMPTS[3], 16)
+    assert got["adapter"] is None and got["tokens"] == want
+    assert max(abs(a - b) for a, b in zip(got["logprobs"], want_logprobs, strict=True)) <= LOGPROB_ATOL
+
+
+def test_batch_mixing_8_adapters_and_the_base_equals_each_alone(served: TestClient) -> None:
+    """Nine concurrent clients (8 adapters + base) decode in one batch; each row answers what it answers alone."""
+    refs: list[str | None] = [f"a{i}" for i in range(N_ADAPTERS)] + [None]
+    body = {"prompt": PROMPTS[0], "max_new_tokens": 48, "min_new_tokens": 48, "temperature": 0, "logprobs": True}
+    engine = served.app.state.services.serving.engine
+    engine.peak_rows = 0
+    results: dict[int, Any] = {}
+    start = threading.Barrier(len(refs))
+
+    def call(i: int) -> None:
+        start.wait()
+        results[i] = generate(served, refs[i], **body)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(refs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert engine.peak_rows >= len(refs), "the requests did not share a batch"
+    alone = [generate(served, ref, **body).json() for ref in refs]
+    for i in range(len(refs)):
+        mixed = results[i].json()
+        assert mixed["tokens"] == alone[i]["tokens"], refs[i]
+        assert max(abs(a - b) for a, b in zip(mixed["logprobs"], alone[i]["logprobs"], strict=True)) <= LOGPROB_ATOL
+    assert len({tuple(r["tokens"]) for r in alone}) == len(refs), "two adapters gave the same output"
+
+
+def test_a_list_of_prompts_answers_each_in_order(served: TestClient) -> None:
+    batch = generate(served, "a1", prompt=PROMPTS, max_new_tokens=8, temperature=0).json()
+    assert batch["adapter"] == "a1@1" and len(batch["results"]) == len(PROMPTS)
+    for prompt, result in zip(PROMPTS, batch["results"], strict=True):
+        assert result["tokens"] == greedy(served, "a1", prompt, 8)["tokens"]
+    assert batch["usage"]["completion_tokens"] == sum(len(r["tokens"]) for r in batch["results"])
+
+
+def test_chat_messages_use_the_chat_template(served: TestClient, tokenizer: Any) -> None:
+    messages = [{"role": "user", "content": "What is two plus two?"}]
+    got = generate(served, "a2", messages=messages, max_new_tokens=8, temperature=0).json()
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert got["usage"]["prompt_tokens"] == len(ids)
+    same = generate(served, "a2", prompt=tokenizer.decode(ids), max_new_tokens=8, temperature=0).json()
+    assert got["tokens"] == same["tokens"]
+
+
+# ------------------------------------------------------------------------------- sampling and stops
+def test_seeded_sampling_is_reproducible(served: TestClient) -> None:
+    body = {"prompt": PROMPTS[1], "max_new_tokens": 24, "min_new_tokens": 24, "temperature": 1.0, "top_p": 0.9,
+            "top_k": 50}
+    first = generate(served, "a3", seed=7, **body).json()["tokens"]
+    assert generate(served, "a3", seed=7, **body).json()["tokens"] == first
+    assert generate(served, "a3", seed=8, **body).json()["tokens"] != first
+    assert len(first) == 24
+
+
+def test_top_k_one_is_greedy_and_logprobs_of_top_tokens(served: TestClient) -> None:
+    want = greedy(served, "a4", PROMPTS[2], 10)
+    got = generate(served, "a4", prompt=PROMPTS[2], max_new_tokens=10, temperature=1.5, top_k=1, seed=3,
+                   top_logprobs=3).json()
+    assert got["tokens"] == want["tokens"]
+    assert [step[0]["id"] for step in got["top_logprobs"]] == want["tokens"]
+    assert all(len(step) == 3 and step[0]["logprob"] >= step[1]["logprob"] for step in got["top_logprobs"])
+
+
+def test_stop_string_cuts_the_text(served: TestClient) -> None:
+    full = greedy(served, "a5", PROMPTS[0], 24, min_new_tokens=24)
+    text = full["text"]
+    stop = text[5:8]
+    assert stop and stop not in text[:5]
+    cut = greedy(served, "a5", PROMPTS[0], 24, min_new_tokens=24, stop=[stop, "\u2603never"])
+    assert cut["finish_reason"] == "stop" and cut["text"] == text[: text.index(stop)]
+    assert len(cut["tokens"]) < 24
+
+
+def test_min_new_tokens_suppresses_end_of_sequence(served: TestClient) -> None:
+    got = generate(served, "a6", prompt=PROMPTS[1], max_new_tokens=30, min_new_tokens=30, temperature=0).json()
+    assert len(got["tokens"]) == 30 and got["finish_reason"] == "length"
+
+
+# ----------------------------------------------------------------------------------------- streaming
+def sse_events(response: Any) -> list[tuple[str, Any]]:
+    events, kind = [], "message"
+    for line in response.text.splitlines():
+        if line.startswith("event: "):
+            kind = line[len("event: "):]
+        elif line.startswith("data: "):
+            events.append((kind, json.loads(line[len("data: "):])))
+            kind = "message"
+    return events
+
+
+def test_streaming_sends_tokens_then_the_full_answer(served: TestClient) -> None:
+    want = greedy(served, "a7", PROMPTS[2], 20, min_new_tokens=20)
+    response = generate(served, "a7", prompt=PROMPTS[2], max_new_tokens=20, min_new_tokens=20, temperature=0,
+                        logprobs=True, stream=True)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response)
+    tokens = [e for k, e in events if k == "token"]
+    results = [e for k, e in events if k == "result"]
+    assert len(tokens) >= 2 and len(results) == 1 and events[-1][0] == "result"
+    assert "".join(t["text"] for t in tokens) == want["text"] == results[0]["text"]
+    assert [i for t in tokens for i in t["tokens"]] == want["tokens"] == results[0]["tokens"]
+    assert [x for t in tokens for x in t["logprobs"]] == pytest.approx(want["logprobs"], abs=LOGPROB_ATOL)
+
+
+def test_streaming_a_batch_tags_events_with_the_prompt_index(served: TestClient) -> None:
+    response = generate(served, "a0", prompt=PROMPTS[:2], max_new_tokens=6, temperature=0, stream=True)
+    results = {e["index"]: e for k, e in sse_events(response) if k == "result"}
+    assert set(results) == {0, 1}
+    for i in (0, 1):
+        assert results[i]["tokens"] == greedy(served, "a0", PROMPTS[i], 6)["tokens"]
+
+
+def test_streaming_with_a_stop_string_never_sends_the_stop(served: TestClient) -> None:
+    text = greedy(served, "a1", PROMPTS[3], 24, min_new_tokens=24)["text"]
+    stop = text[6:9]
+    response = generate(served, "a1", prompt=PROMPTS[3], max_new_tokens=24, min_new_tokens=24, temperature=0,
+                        stop=stop, stream=True)
+    events = sse_events(response)
+    streamed = "".join(e["text"] for k, e in events if k == "token")
+    assert streamed == text[: text.index(stop)] == events[-1][1]["text"]
+
+
+# ---------------------------------------------------------------------------- versions, aliases, deletes
+def test_new_version_and_moved_alias_are_served_without_restart(served: TestClient, adapters: list[Path]) -> None:
+    upload(served, "swap", adapters[0])
+    v1 = greedy(served, "swap", PROMPTS[1])
+    assert v1["adapter"] == "swap@1" and v1["tokens"] == greedy(served, "a0", PROMPTS[1])["tokens"]
+    upload(served, "swap", adapters[1])
+    v2 = greedy(served, "swap", PROMPTS[1])
+    assert v2["adapter"] == "swap@2" and v2["tokens"] == greedy(served, "a1", PROMPTS[1])["tokens"]
+    assert v2["tokens"] != v1["tokens"]
+    assert served.put("/adapters/swap/aliases/prod", json={"version": 1}).status_code == 200
+    assert greedy(served, "swap@prod", PROMPTS[1])["tokens"] == v1["tokens"]
+    assert served.put("/adapters/swap/aliases/prod", json={"version": 2}).status_code == 200
+    moved = greedy(served, "swap@prod", PROMPTS[1])
+    assert moved["adapter"] == "swap@2" and moved["tokens"] == v2["tokens"]
+    assert greedy(served, "swap@1", PROMPTS[1])["tokens"] == v1["tokens"]
+
+
+def test_deleted_version_is_evicted_and_no_longer_served(served: TestClient, adapters: list[Path]) -> None:
+    version = upload(served, "gone", adapters[2])
+    assert greedy(served, "gone", PROMPTS[0])["adapter"] == "gone@1"
+    bank = served.app.state.services.serving.bank
+    assert bank.where(version["id"]) == "device"
+    assert served.delete("/adapters/gone/versions/1").status_code == 200
+    assert bank.where(version["id"]) == "store"
+    response = generate(served, "gone", prompt="x", max_new_tokens=2)
+    assert response.status_code == 404 and response.json()["error"]["param"] == "adapter"
+
+
+# ----------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("adapter", "body", "status", "param"),
+    [
+        ("nope", {"prompt": "x"}, 404, "adapter"),
+        ("a0@9", {"prompt": "x"}, 404, "adapter"),
+        ("a0@nope", {"prompt": "x"}, 404, "adapter"),
+        ("bad name!", {"prompt": "x"}, 422, "adapter"),
+        (None, {"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, 422, None),
+        (None, {}, 422, None),
+        (None, {"prompt": "x", "max_new_tokens": 0}, 422, "max_new_tokens"),
+        (None, {"prompt": "x", "temperature": -1}, 422, "temperature"),
+        (None, {"prompt": "x", "top_p": 0}, 422, "top_p"),
+        (None, {"prompt": "x", "stop": [""]}, 422, None),
+        (None, {"prompt": "x", "min_new_tokens": 5, "max_new_tokens": 2}, 422, None),
+        (None, {"prompt": "x", "best_of": 2}, 422, "best_of"),
+        (None, {"prompt": "x", "max_new_tokens": 300}, 422, "max_new_tokens"),  # context is 256
+        (None, {"prompt": ""}, 422, "prompt"),
+    ],
+)
+def test_bad_requests_answer_4xx_naming_the_field(served: TestClient, adapter: str | None, body: dict[str, Any],
+                                                  status: int, param: str | None) -> None:
+    response = generate(served, adapter, **body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_adapter_made_for_another_base_model_is_refused(served: TestClient, adapters: list[Path]) -> None:
+    services = served.app.state.services
+    files = upload(served, "other-base", adapters[0])["files"]
+    with services.db.session() as session:
+        create_version(session, "other-base", VersionSpec("lora", {}, files, 0, base_model="some/other-model"))
+    response = generate(served, "other-base@2", prompt="x", max_new_tokens=2)
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "incompatible_base_model"
+    assert "some/other-model" in response.json()["error"]["message"]
+
+
+def test_rank_above_the_server_limit_is_refused(tmp_path: Path, demo_model_dir: Path, base_host: Any,
+                                                adapters: list[Path]) -> None:
+    settings = serving_settings(tmp_path, demo_model_dir, max_lora_rank=4)
+    with served_app(settings, base_host) as client:
+        upload(client, "big", adapters[1])  # r=6
+        response = generate(client, "big", prompt="x", max_new_tokens=2)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["code"] == "rank_too_large"
+        assert "ADAPTERFORGE_MAX_LORA_RANK" in response.json()["error"]["message"]
+        assert generate(client, None, prompt="x", max_new_tokens=2).status_code == 200
+
+
+# --------------------------------------------------------------------------- slots, eviction, overload
+def test_more_adapters_than_slots_are_evicted_and_reloaded(tmp_path: Path, demo_model_dir: Path, base_host: Any,
+                                                           adapters: list[Path], served: TestClient) -> None:
+    one = Path(adapters[0]) / "adapter_model.safetensors"
+    settings = serving_settings(tmp_path, demo_model_dir, adapter_slots=2,
+                                adapter_host_cache_bytes=2 * one.stat().st_size)
+    want = {i: greedy(served, f"a{i}", PROMPTS[0])["tokens"] for i in range(5)}
+    with served_app(settings, base_host) as client:
+        for i in range(5):
+            upload(client, f"a{i}", adapters[i])
+        for _ in range(2):
+            for i in range(5):
+                assert greedy(client, f"a{i}", PROMPTS[0])["tokens"] == want[i]
+        metrics = client.get("/metrics").text
+    evictions = {tier: _metric(metrics, "adapterforge_adapter_cache_total", tier=tier, event="eviction")
+                 for tier in ("device", "host")}
+    assert evictions["device"] >= 8 and evictions["host"] >= 1, evictions
+    assert _metric(metrics, "adapterforge_adapter_cache_total", tier="host", event="miss") >= 6
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_overload_answers_429_with_retry_after(tmp_path: Path, demo_model_dir: Path, base_host: Any) -> None:
+    settings = serving_settings(tmp_path, demo_model_dir, max_batch_size=1, max_queue_depth=1)
+    with served_app(settings, base_host) as client:
+        engine = client.app.state.services.serving.engine
+        long = {"prompt": "x", "max_new_tokens": 200, "min_new_tokens": 200, "temperature": 0}
+        answers: list[Any] = []
+        threads = [threading.Thread(target=lambda: answers.append(generate(client, None, **long))) for _ in range(2)]
+        threads[0].start()
+        _wait(lambda: engine.running_rows == 1)
+        threads[1].start()
+        _wait(lambda: engine.queue_depth == 1)
+        refused = generate(client, None, prompt="y", max_new_tokens=2)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "rate_limited" and int(refused.headers["Retry-After"]) >= 1
+        for t in threads:
+            t.join()
+        assert [a.status_code for a in answers] == [200, 200]
+        assert generate(client, None, prompt="y", max_new_tokens=2).status_code == 200
+
+
+def _wait(predicate: Any, timeout: float = 20.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def test_metrics_count_requests_tokens_and_latencies(served: TestClient) -> None:
+    greedy(served, "a3", PROMPTS[0], 5, min_new_tokens=5)
+    text = served.get("/metrics").text
+    assert _metric(text, "adapterforge_generate_requests_total", adapter="a3", finish_reason="length") >= 1
+    for name in ("adapterforge_generated_tokens_total", "adapterforge_prompt_tokens_total",
+                 "adapterforge_time_to_first_token_seconds_count", "adapterforge_inter_token_latency_seconds_count"):
+        assert any(line.startswith(name) and float(line.split()[-1]) > 0 for line in text.splitlines()), name
+    assert "adapterforge_generate_queue_depth" in text and "adapterforge_adapter_slots_used" in text
+    ready = served.get("/readyz").json()
+    assert ready["checks"]["serving"] == {"ok": True, "enabled": True, "queued": 0, "running": 0}
