@@ -218,10 +218,13 @@ def _completion_logprobs(host: ServingHost, r: GenerationResult) -> dict[str, An
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    top = None
-    if r.top_logprobs is not None:
-        top = [{host.decode([i]): lp for i, lp in step} for step in r.top_logprobs]
+    top = None if r.top_logprobs is None else [_top_dict(host, step) for step in r.top_logprobs]
     return {"tokens": tokens, "token_logprobs": r.logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _top_dict(host: ServingHost, step: list[tuple[int, float]]) -> dict[str, float]:
+    """OpenAI's ``{token text: logprob}`` (tokens decoding to the same text keep the likeliest)."""
+    return {host.decode([i]): lp for i, lp in reversed(step)}
 
 
 @router.post("/completions", summary="Create a completion (OpenAI)",
@@ -261,7 +264,7 @@ async def _completion_chunks(host: ServingHost, generation: inference.Generation
             if item.logprobs is not None:
                 lp = {"tokens": [host.decode([t]) for t in item.token_ids], "token_logprobs": item.logprobs,
                       "top_logprobs": None if item.top_logprobs is None else
-                      [{host.decode([i]): v for i, v in step} for step in item.top_logprobs]}
+                      [_top_dict(host, step) for step in item.top_logprobs]}
             yield inference.sse({**meta, "choices": [{"index": index, "text": item.text, "logprobs": lp,
                                                       "finish_reason": None}]})
         else:

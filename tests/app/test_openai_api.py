@@ -1,0 +1,152 @@
+"""The OpenAI-compatible routes, driven by the official ``openai`` Python client, unchanged.
+
+The client talks to the app through Starlette's TestClient (an ``httpx.Client``), so every request
+goes through the real client code: URL building, auth header, streaming parser, error mapping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+openai = pytest.importorskip("openai", reason="the official openai client is a dev dependency")
+pytest.importorskip("peft", reason="peft writes the test adapters")
+
+from tests.app.serving_helpers import PROMPTS, peft_adapter, served_app, serving_settings, upload  # noqa: E402
+
+KEY = "sk-test-key"
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path, base_host: Any) -> Iterator[TestClient]:
+    settings = serving_settings(tmp_path_factory.mktemp("openai"), demo_model_dir, api_keys=[KEY])
+    with served_app(settings, base_host) as test_client:
+        test_client.headers["Authorization"] = f"Bearer {KEY}"
+        root = tmp_path_factory.mktemp("adapters")
+        upload(test_client, "support", peft_adapter(demo_model_dir, root / "s1", seed=11))
+        upload(test_client, "support", peft_adapter(demo_model_dir, root / "s2", seed=12))
+        upload(test_client, "legal", peft_adapter(demo_model_dir, root / "l1", seed=13, r=4))
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def oai(client: TestClient) -> Any:
+    return openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=client, max_retries=0)
+
+
+def native(client: TestClient, adapter: str | None, prompt: str, n: int, **extra: Any) -> Any:
+    params = {"adapter": adapter} if adapter else {}
+    body = {"prompt": prompt, "max_new_tokens": n, "temperature": 0, "logprobs": True, **extra}
+    response = client.post("/generate", params=params, json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_models_lists_base_and_adapters(oai: Any) -> None:
+    models = {m.id: m for m in oai.models.list()}
+    assert set(models) == {"base", "support", "legal"}
+    assert models["support"].root == "support@2" and models["support"].parent == "base"
+    assert oai.models.retrieve("support@1").root == "support@1"
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("missing")
+
+
+def test_completion_equals_generate(oai: Any, client: TestClient) -> None:
+    got = oai.completions.create(model="support@1", prompt=PROMPTS[0], max_tokens=12, temperature=0, logprobs=2)
+    want = native(client, "support@1", PROMPTS[0], 12, top_logprobs=2)
+    choice = got.choices[0]
+    assert choice.text == want["text"] and got.model == "support@1"
+    assert choice.logprobs.token_logprobs == pytest.approx(want["logprobs"])
+    assert len(choice.logprobs.top_logprobs) == len(want["tokens"])
+    for alts, step in zip(choice.logprobs.top_logprobs, want["top_logprobs"], strict=True):
+        assert alts == {t["token"]: pytest.approx(t["logprob"]) for t in reversed(step)}  # OpenAI's dict form
+    assert got.usage.completion_tokens == len(want["tokens"])
+    assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
+
+
+def test_completion_with_several_prompts_and_choices(oai: Any, client: TestClient) -> None:
+    got = oai.completions.create(model="legal", prompt=PROMPTS[:2], max_tokens=6, temperature=0.8, n=2, seed=5)
+    assert [c.index for c in got.choices] == [0, 1, 2, 3]
+    again = oai.completions.create(model="legal", prompt=PROMPTS[:2], max_tokens=6, temperature=0.8, n=2, seed=5)
+    assert [c.text for c in got.choices] == [c.text for c in again.choices]
+    token_prompt = oai.completions.create(model="legal", prompt=[5, 6, 7], max_tokens=4, temperature=0)
+    assert token_prompt.usage.prompt_tokens == 3
+
+
+def test_completion_stream(oai: Any, client: TestClient) -> None:
+    want = native(client, "support", PROMPTS[1], 16, min_new_tokens=16)
+    stream = oai.completions.create(model="support", prompt=PROMPTS[1], max_tokens=16, temperature=0, stream=True,
+                                    extra_body={"min_tokens": 16}, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want["text"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 16
+
+
+def test_chat_completion_equals_generate_with_messages(oai: Any, client: TestClient) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is two plus two?"}]
+    got = oai.chat.completions.create(model="support", messages=messages, max_tokens=10, temperature=0,
+                                      logprobs=True, top_logprobs=3)
+    response = client.post("/generate", params={"adapter": "support"},
+                           json={"messages": messages, "max_new_tokens": 10, "temperature": 0, "logprobs": True})
+    want = response.json()
+    choice = got.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == want["text"]
+    assert [t.logprob for t in choice.logprobs.content] == pytest.approx(want["logprobs"])
+    assert all(len(t.top_logprobs) == 3 for t in choice.logprobs.content)
+    assert got.usage.prompt_tokens == want["usage"]["prompt_tokens"]
+
+
+def test_chat_completion_stream_and_text_parts(oai: Any, client: TestClient) -> None:
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hello "}, {"type": "text", "text": "there"}]}]
+    whole = oai.chat.completions.create(model="legal", messages=messages, max_completion_tokens=12, temperature=0)
+    stream = oai.chat.completions.create(model="legal", messages=messages, max_completion_tokens=12, temperature=0,
+                                         stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_base_model_by_name_and_unknown_model(oai: Any, client: TestClient) -> None:
+    base = oai.completions.create(model="base", prompt=PROMPTS[2], max_tokens=8, temperature=0)
+    assert base.choices[0].text == native(client, None, PROMPTS[2], 8)["text"]
+    with pytest.raises(openai.NotFoundError) as info:
+        oai.completions.create(model="nope", prompt="x", max_tokens=2)
+    assert info.value.body["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"echo": True}, "echo"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"suffix": "end"}, "suffix"),
+        ({"extra_body": {"unknown_field": 1}}, "unknown_field"),
+    ],
+)
+def test_unsupported_fields_are_refused_not_ignored(oai: Any, kwargs: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        oai.completions.create(model="base", prompt="x", max_tokens=2, **kwargs)
+    assert param in info.value.body["message"]
+
+
+def test_chat_refuses_tools_and_images(oai: Any) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.UnprocessableEntityError):
+        oai.chat.completions.create(model="base", messages=[{"role": "user", "content": "x"}], tools=[tool])
+    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        oai.chat.completions.create(model="base", messages=[{"role": "user", "content": image}])
+    assert info.value.body["param"] == "messages[0].content"
+
+
+def test_wrong_key_is_refused(client: TestClient) -> None:
+    other = openai.OpenAI(base_url="http://testserver/v1", api_key="wrong", http_client=client, max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        other.models.list()
