@@ -1,0 +1,64 @@
+"""A client that goes away stops its generation (real uvicorn server, real sockets)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from app.main import create_app
+from tests.app.conftest import RecordingQueue
+from tests.app.serving_helpers import serving_settings
+from tests.e2e.harness import free_port, wait_for
+
+LONG = {"prompt": "x", "max_new_tokens": 250, "min_new_tokens": 250, "temperature": 0}
+
+
+@pytest.fixture
+def server(tmp_path: Path, demo_model_dir: Path, base_host: Any) -> Iterator[tuple[str, Any]]:
+    app = create_app(serving_settings(tmp_path, demo_model_dir), queue=RecordingQueue(), base_model=base_host)
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    wait_for(lambda: uv.started, 60, "uvicorn to start")
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        uv.should_exit = True
+        thread.join(30)
+
+
+def cancelled(base: str) -> float:
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith("adapterforge_generate_requests_total{") and 'finish_reason="cancelled"' in line:
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_closing_a_stream_stops_the_generation(server: tuple[str, Any]) -> None:
+    base, app = server
+    engine = app.state.services.serving.engine
+    with httpx.Client(timeout=30) as client, client.stream("POST", f"{base}/generate", json={**LONG, "stream": True}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert any(line.startswith("event: token") for line in lines)
+    wait_for(lambda: cancelled(base) == 1 and engine.running_rows == 0, 10, "the engine to drop the request")
+    done = httpx.post(f"{base}/generate", json={"prompt": "y", "max_new_tokens": 3}, timeout=30)
+    assert done.status_code == 200
+
+
+def test_a_client_timing_out_stops_the_generation(server: tuple[str, Any]) -> None:
+    base, app = server
+    engine = app.state.services.serving.engine
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/generate", json=LONG, timeout=httpx.Timeout(30, read=0.05))
+    wait_for(lambda: cancelled(base) == 1 and engine.running_rows == 0, 10, "the engine to drop the request")
+    assert time.monotonic() - started < 10
