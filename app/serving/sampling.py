@@ -91,29 +91,28 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSampling], eos_ids: Sequence[
 
 
 def _draw(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
-    """Sample one token per row with temperature, top-k and top-p applied."""
+    """Sample one token per row with temperature, top-k and top-p applied.
+
+    The filtered scores go back to vocabulary order before drawing, so a row's draw depends only on
+    its own logits, settings and generator, never on which other rows share the batch.
+    """
     temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype, device=logits.device)
     scores = logits / temps.unsqueeze(1)
     vocab = scores.shape[-1]
-    if any(r.params.top_p < 1.0 for r in rows):
-        scores, order = scores.sort(dim=-1, descending=True)
-        ranks = torch.arange(vocab, device=scores.device).unsqueeze(0)
-        ks = torch.tensor([r.params.top_k or vocab for r in rows], device=scores.device).unsqueeze(1)
-        scores = scores.masked_fill(ranks >= ks, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        before = probs.cumsum(dim=-1) - probs
-        ps = torch.tensor([r.params.top_p for r in rows], dtype=probs.dtype, device=probs.device).unsqueeze(1)
-        scores = scores.masked_fill(before >= ps, float("-inf"))
-    elif any(r.params.top_k for r in rows):
-        k_max = min(max(r.params.top_k or vocab for r in rows), vocab)
-        scores, order = scores.topk(k_max, dim=-1)
-        ranks = torch.arange(k_max, device=scores.device).unsqueeze(0)
-        ks = torch.tensor([r.params.top_k or vocab for r in rows], device=scores.device).unsqueeze(1)
-        scores = scores.masked_fill(ranks >= ks, float("-inf"))
-    else:
-        order = None
+    nucleus = any(r.params.top_p < 1.0 for r in rows)
+    if nucleus or any(r.params.top_k for r in rows):
+        ks = torch.tensor([min(r.params.top_k or vocab, vocab) for r in rows], device=scores.device).unsqueeze(1)
+        if nucleus:
+            kept, order = scores.sort(dim=-1, descending=True)
+        else:
+            kept, order = scores.topk(int(ks.max()), dim=-1)
+        ranks = torch.arange(kept.shape[-1], device=scores.device).unsqueeze(0)
+        kept = kept.masked_fill(ranks >= ks, float("-inf"))
+        if nucleus:
+            probs = torch.softmax(kept, dim=-1)
+            before = probs.cumsum(dim=-1) - probs
+            ps = torch.tensor([r.params.top_p for r in rows], dtype=probs.dtype, device=probs.device).unsqueeze(1)
+            kept = kept.masked_fill(before >= ps, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(1, order, kept)
     probs = torch.softmax(scores, dim=-1)
-    picks = torch.stack([torch.multinomial(probs[i], 1, generator=r.generator).squeeze(0) for i, r in enumerate(rows)])
-    if order is None:
-        return picks
-    return order.gather(1, picks.unsqueeze(1)).squeeze(1)
+    return torch.stack([torch.multinomial(probs[i], 1, generator=r.generator).squeeze(0) for i, r in enumerate(rows)])

@@ -1,0 +1,175 @@
+"""``AdapterBank``: the two LRU tiers, leases, pins and evictions, on a recording stand-in for the slots."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from app.serving.bank import AdapterBank, BankEvents
+from app.serving.errors import NoFreeSlot
+
+
+@dataclass
+class Prepared:
+    name: str
+    nbytes: int = 100
+
+
+class RecordingSlots:
+    """Stands in for ``SlottedModel``: records what each slot holds."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.held: dict[int, str] = {}
+        self.loads = 0
+
+    def load(self, slot: int, prepared: Any) -> None:
+        self.held[slot] = prepared.name
+        self.loads += 1
+
+    def clear(self, slot: int) -> None:
+        self.held.pop(slot, None)
+
+
+class Counting(BankEvents):
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def _add(self, key: str) -> None:
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def hit(self, tier: str) -> None:
+        self._add(f"{tier}.hit")
+
+    def miss(self, tier: str) -> None:
+        self._add(f"{tier}.miss")
+
+    def evicted(self, tier: str) -> None:
+        self._add(f"{tier}.eviction")
+
+
+def make(slots: int = 2, capacity: int = 1000) -> tuple[AdapterBank, RecordingSlots, Counting]:
+    recorder, events = RecordingSlots(slots), Counting()
+    return AdapterBank(recorder, host_capacity_bytes=capacity, events=events), recorder, events  # type: ignore[arg-type]
+
+
+def run(bank: AdapterBank, key: str) -> Any:
+    """Fetch, acquire and release one request for ``key``; returns the slot it ran in."""
+    lease = bank.fetch(key, f"{key}@1", lambda: Prepared(key))
+    slot = bank.acquire(lease)
+    bank.release(lease)
+    return slot
+
+
+def test_fetch_reads_once_then_hits_host_and_device() -> None:
+    bank, recorder, events = make()
+    loads = []
+    lease = bank.fetch("a", "a@1", lambda: loads.append(1) or Prepared("a"))
+    assert bank.where("a") == "host"
+    slot = bank.acquire(lease)
+    assert slot is not None and recorder.held[slot] == "a" and bank.where("a") == "device"
+    bank.release(lease)
+    again = bank.fetch("a", "a@1", lambda: loads.append(1) or Prepared("a"))
+    assert bank.acquire(again) == slot and len(loads) == 1 and recorder.loads == 1
+    assert events.counts == {"host.miss": 1, "device.miss": 1, "device.hit": 2}
+
+
+def test_least_recently_used_idle_slot_is_taken() -> None:
+    bank, recorder, events = make(slots=2)
+    slot_a, slot_b = run(bank, "a"), run(bank, "b")
+    run(bank, "a")  # a is now more recent than b
+    slot_c = run(bank, "c")
+    assert slot_c == slot_b and recorder.held == {slot_a: "a", slot_c: "c"}
+    assert events.counts["device.eviction"] == 1
+
+
+def test_slots_of_leased_adapters_are_never_taken() -> None:
+    bank, recorder, _ = make(slots=2)
+    running = bank.fetch("a", "a@1", lambda: Prepared("a"))
+    bank.acquire(running)
+    waiting = bank.fetch("b", "b@1", lambda: Prepared("b"))
+    bank.acquire(waiting)  # has a slot, its request not finished
+    third = bank.fetch("c", "c@1", lambda: Prepared("c"))
+    assert bank.acquire(third) is None  # every slot busy: wait, not an error
+    bank.release(running)
+    assert bank.acquire(third) is not None and sorted(recorder.held.values()) == ["b", "c"]
+
+
+def test_every_slot_pinned_to_others_is_no_free_slot() -> None:
+    bank, _, _ = make(slots=1)
+    run(bank, "a")
+    bank.pin("a")
+    lease = bank.fetch("b", "b@1", lambda: Prepared("b"))
+    with pytest.raises(NoFreeSlot, match="pinned"):
+        bank.acquire(lease)
+    bank.unpin("a")
+    assert bank.acquire(lease) is not None
+
+
+def test_host_tier_keeps_leased_and_pinned_and_drops_the_oldest() -> None:
+    bank, _, events = make(slots=1, capacity=250)  # room for two 100-byte adapters
+
+    def visit(key: str) -> None:
+        bank.release(bank.fetch(key, f"{key}@1", lambda: Prepared(key)))
+
+    held = bank.fetch("a", "a@1", lambda: Prepared("a"))
+    for key in ("b", "c", "d"):
+        visit(key)
+    assert [bank.where(k) for k in "abcd"] == ["host", "store", "store", "host"]  # a is leased: kept
+    bank.release(held)
+    bank.pin("d")
+    for key in ("e", "f"):
+        visit(key)
+    assert [bank.where(k) for k in "adef"] == ["store", "host", "store", "host"]  # d is pinned: kept
+    assert bank.host_bytes == 200 and events.counts["host.eviction"] == 4
+
+
+def test_a_failed_read_is_not_cached() -> None:
+    bank, _, _ = make()
+
+    def broken() -> Prepared:
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        bank.fetch("a", "a@1", broken)
+    assert bank.where("a") == "store"
+    assert run(bank, "a") is not None
+
+
+def test_concurrent_fetches_read_once() -> None:
+    bank, _, _ = make()
+    reads = []
+
+    def slow() -> Prepared:
+        reads.append(1)
+        time.sleep(0.2)
+        return Prepared("a")
+
+    leases: list[Any] = []
+    threads = [threading.Thread(target=lambda: leases.append(bank.fetch("a", "a@1", slow))) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(reads) == 1 and len(leases) == 5
+
+
+def test_evicting_a_running_version_clears_its_slot_after_its_rows_finish() -> None:
+    bank, recorder, _ = make(slots=2)
+    lease = bank.fetch("a", "a@1", lambda: Prepared("a"))
+    slot = bank.acquire(lease)
+    assert bank.evict("a") and bank.where("a") == "store"
+    bank.sweep()
+    assert recorder.held == {slot: "a"}  # still running: untouched
+    bank.release(lease)
+    bank.sweep()
+    assert recorder.held == {}
+    idle_slot = run(bank, "b")
+    bank.evict("b")
+    bank.sweep()
+    assert idle_slot not in recorder.held
+    assert run(bank, "b") is not None  # a new version under that key loads afresh

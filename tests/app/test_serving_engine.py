@@ -1,0 +1,128 @@
+"""The generation engine on its own: rows joining a running batch, sampling rules, text and stops."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from app.serving.engine import GenerationEngine
+from app.serving.errors import RequestTooLarge
+from app.serving.host import ServingHost
+from app.serving.sampling import RowSampling, SamplingParams, sample
+from app.serving.text import TextTracker
+from app.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def host(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServingHost]:
+    settings = Settings(data_dir=tmp_path_factory.mktemp("engine"), base_model=str(demo_model_dir))
+    served = ServingHost.load(settings)
+    yield served
+    served.close()
+
+
+def alone(engine: GenerationEngine, ids: list[int], params: SamplingParams) -> list[int]:
+    return engine.submit(ids, params).wait(60).token_ids
+
+
+def test_rows_joining_a_running_batch_generate_what_they_generate_alone(host: ServingHost) -> None:
+    """B (shorter prompt) and C (longer than A's cache) join while A decodes; A leaves first, B and C go on."""
+    engine = host.engine
+    greedy = SamplingParams(max_new_tokens=60, min_new_tokens=60, temperature=0)
+    prompts = {"a": host.encode_prompt("The quick brown fox jumps over"), "b": host.encode_prompt("hi"),
+               "c": host.encode_prompt("What is the capital of France? " * 6)}
+    want = {k: alone(engine, ids, greedy) for k, ids in prompts.items()}
+    a = engine.submit(prompts["a"], SamplingParams(max_new_tokens=30, min_new_tokens=30, temperature=0))
+    while engine.running_rows == 0:
+        time.sleep(0.001)
+    time.sleep(0.01)  # A has decoded some steps: its cache is longer than B's prompt
+    b, c = engine.submit(prompts["b"], greedy), engine.submit(prompts["c"], greedy)
+    assert a.wait(60).token_ids == want["a"][:30]
+    assert b.wait(60).token_ids == want["b"]
+    assert c.wait(60).token_ids == want["c"]
+    assert engine.peak_rows >= 2
+
+
+def test_request_longer_than_the_context_is_refused(host: ServingHost) -> None:
+    with pytest.raises(RequestTooLarge, match="context length of 256"):
+        host.engine.submit([5] * 200, SamplingParams(max_new_tokens=100))
+
+
+def rows(*params: SamplingParams) -> list[RowSampling]:
+    return [RowSampling(p, p.generator(torch.device("cpu")), 0) for p in params]
+
+
+def test_top_k_and_top_p_keep_sampling_inside_their_sets() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(3, 1)
+    seen: list[set[int]] = [set(), set(), set()]
+    params = (SamplingParams(top_k=2, seed=1), SamplingParams(top_p=0.7, seed=2), SamplingParams(seed=3))
+    state = rows(*params)
+    for _ in range(400):
+        for i, token in enumerate(sample(logits, state, eos_ids=[]).tokens):
+            seen[i].add(token)
+    assert seen == [{0, 1}, {0, 1}, {0, 1, 2, 3}]
+
+
+def test_seeded_rows_draw_the_same_whatever_shares_the_batch() -> None:
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    p = SamplingParams(temperature=1.3, seed=42)
+    solo = sample(logits[2:3], rows(p), []).tokens[0]
+    for others in (SamplingParams(top_k=5, seed=9), SamplingParams(top_p=0.5, seed=9), SamplingParams(temperature=0)):
+        mixed_rows = rows(SamplingParams(temperature=0.7, seed=1), others, p)
+        assert sample(logits[:3], mixed_rows, []).tokens[2] == solo
+
+
+def test_min_new_tokens_masks_end_of_sequence_and_logprobs_stay_raw() -> None:
+    logits = torch.tensor([[0.0, 5.0, 1.0]])
+    blocked = RowSampling(SamplingParams(temperature=0, min_new_tokens=2, logprobs=True, top_logprobs=2), None, 0)
+    out = sample(logits, [blocked], eos_ids=[1])
+    assert out.tokens == [2]
+    raw = torch.log_softmax(logits, dim=-1)[0]
+    assert out.logprobs == pytest.approx([float(raw[2])])
+    assert out.top is not None and [t for t, _ in out.top[0]] == [1, 2]
+    free = RowSampling(blocked.params, None, 2)
+    assert sample(logits, [free], eos_ids=[1]).tokens == [1]
+
+
+class CharTokenizer:
+    """Decodes ids as characters (id 0 = an incomplete UTF-8 byte)."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join("\ufffd" if i == 0 else chr(i) for i in ids)
+
+
+def test_text_tracker_cuts_at_stops_and_holds_back_partial_ones() -> None:
+    tracker = TextTracker(CharTokenizer(), [ord(c) for c in "prompt"], stop=["END"])
+    out = []
+    for k, text in enumerate("abcEN"):
+        tracker.update([ord(c) for c in "abcEN"[: k + 1]])
+        out.append(tracker.delta(final=False))
+        assert not tracker.stopped, text
+    assert "".join(out) == "abc"  # "EN" could still become "END": held back
+    tracker.update([ord(c) for c in "abcENDxyz"])
+    assert tracker.stopped and tracker.text == "abc" and tracker.delta(final=True) == ""
+    incomplete = TextTracker(CharTokenizer(), [])
+    incomplete.update([ord("a"), 0])
+    assert incomplete.delta(final=False) == "a"
+
+
+def test_engine_answers_every_queued_request_when_stopped(demo_model_dir: Path, tmp_path: Path) -> None:
+    from app.serving.errors import ServingUnavailable
+
+    served = ServingHost.load(Settings(data_dir=tmp_path, base_model=str(demo_model_dir), max_batch_size=1))
+    handles = [served.engine.submit([5, 6, 7], SamplingParams(max_new_tokens=200, min_new_tokens=200)) for _ in range(3)]
+    served.close()
+    outcomes: list[Any] = []
+    for handle in handles:
+        try:
+            outcomes.append(handle.wait(30).finish_reason)
+        except ServingUnavailable as exc:
+            outcomes.append(type(exc))
+    assert ServingUnavailable in outcomes
+    with pytest.raises(ServingUnavailable):
+        served.engine.submit([5], SamplingParams(max_new_tokens=1))
