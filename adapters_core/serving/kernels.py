@@ -5,9 +5,11 @@ One operation, three strategies chosen by shape::
     out[i] += (x[i] @ A[sᵢ]) @ B[sᵢ]        A: (slots, in, r)   B: (slots, r, out)   (B pre-scaled)
 
 * one slot for every row: two dense GEMMs on that slot's views (no gather);
-* one token per row (decode): two ``embedding_bag`` calls with per-sample weights, which read
-  each row's adapter straight from the slot bank without materialising a gathered copy
-  (Punica's BGMV, in stock torch);
+* one token per row (decode) with per-row buffers (:func:`lora_delta_rows`): ``bmm`` on copies of
+  each row's weights kept next to the batch, written once when the row joins;
+* one token per row (decode) without them: two ``embedding_bag`` calls with per-sample weights,
+  which read each row's adapter straight from the slot bank without materialising a gathered
+  copy (Punica's BGMV, in stock torch);
 * several tokens per row (prefill): gather the rows' A and B, then ``bmm`` / ``baddbmm`` (the
   gather is amortised over the row's tokens).
 
@@ -78,3 +80,12 @@ def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.T
                index: RowIndex, out: torch.Tensor | None = None) -> torch.Tensor:
     """``out[i] += (x[i] @ A[sᵢ]) @ B[sᵢ]`` (see the module docstring); ``x`` is ``(batch, tokens, in)``."""
     return lora_expand(lora_hidden(x, a, slots, uniform, index), b, slots, uniform, index, out)
+
+
+def lora_delta_rows(x: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[i] += (x[i] @ A_rows[i]) @ B_rows[i]``: the weights already sit at the rows' positions."""
+    h = torch.bmm(x, a_rows)
+    if out is None:
+        return torch.bmm(h, b_rows)
+    return out.baddbmm_(h, b_rows)

@@ -14,7 +14,11 @@ and computes, for row ``i`` with slot ``sᵢ``::
     δ[i] = (x[i] @ A[sᵢ]) @ B[sᵢ] + lora_bias[sᵢ],   g = m / ‖W + s·B·A‖ (computed when loaded)
 
 Ranks are zero-padded to the largest rank loaded on the layer (the buffers grow when a larger one
-arrives), which keeps every product exact. :class:`SlotModuleSwap` serves ``modules_to_save``: rows
+arrives), which keeps every product exact. With ``row_capacity`` set, the layer also keeps *row
+buffers* ``A_rows (rows, in, r)`` and ``B_rows (rows, r, out)``: copies of the slot weights of each row
+of the running batch, written when a row joins. A decode step then multiplies in place
+(``bmm`` on views, no gather), which on CPUs, where decode is bound by reading adapter weights, costs
+about half of gathering from the slot bank every step. :class:`SlotModuleSwap` serves ``modules_to_save``: rows
 whose adapter has its own copy of the module go through that copy, grouped by slot.
 :class:`SlotBias` adds trained biases on modules an adapter does not put LoRA on. Wrappers nest as
 ``SlotModuleSwap(SlotBias(SlotLoraLayer(base)))``, each present only where some adapter needs it.
@@ -32,7 +36,7 @@ from torch import nn
 
 from adapters_core.errors import AdapterStateError
 from adapters_core.methods.lora.base_layers import BaseLayerInfo
-from adapters_core.serving.kernels import RowIndex, lora_delta, lora_expand
+from adapters_core.serving.kernels import RowIndex, lora_delta, lora_delta_rows, lora_expand
 
 
 @dataclass(frozen=True)
@@ -43,13 +47,14 @@ class SlotRouting:
     distinct: frozenset[int]
     uniform: int | None
     index: RowIndex
+    rows_synced: bool = False  # the row buffers hold row i's slot weights at position i (see SlotLoraLayer)
 
     @classmethod
-    def of(cls, slots: list[int], device: torch.device) -> SlotRouting:
+    def of(cls, slots: list[int], device: torch.device, *, rows_synced: bool = False) -> SlotRouting:
         tensor = torch.tensor(slots, dtype=torch.long, device=device)
         distinct = frozenset(slots)
         uniform = next(iter(distinct)) if len(distinct) == 1 else None
-        return cls(tensor, distinct, uniform, RowIndex(tensor))
+        return cls(tensor, distinct, uniform, RowIndex(tensor), rows_synced)
 
     @property
     def batch_size(self) -> int:
@@ -85,15 +90,18 @@ class SlotLoraLayer(nn.Module):
     """``base_layer`` plus per-slot LoRA buffers (see the module docstring)."""
 
     def __init__(self, base_layer: nn.Module, info: BaseLayerInfo, routing: RoutingState, num_slots: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, row_capacity: int = 0) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.info = info
         self._routing = routing
         self.num_slots = num_slots
+        self.row_capacity = row_capacity if info.kind == "linear" else 0
         self.dtype, self.device = dtype, device
         self.a: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
+        self.rows_a: torch.Tensor | None = None
+        self.rows_b: torch.Tensor | None = None
         self.lora_bias: torch.Tensor | None = None
         self.gain: torch.Tensor | None = None
         self.bias_delta: torch.Tensor | None = None
@@ -102,6 +110,7 @@ class SlotLoraLayer(nn.Module):
         self.gain_slots: set[int] = set()
         self.bias_slots: set[int] = set()
         self.used_slots: frozenset[int] = frozenset()
+        self._extra_slots: frozenset[int] = frozenset()  # slots with DoRA, lora_bias or a bias delta here
         bias = getattr(base_layer, "bias", None)
         self._base_bias = bias.detach() if isinstance(bias, torch.Tensor) else None
 
@@ -116,9 +125,9 @@ class SlotLoraLayer(nn.Module):
         return 0 if self.a is None else int(self.a.shape[2])
 
     def nbytes(self) -> int:
-        """Bytes held by this layer's slot buffers."""
-        return sum(t.numel() * t.element_size() for t in (self.a, self.b, self.lora_bias, self.gain, self.bias_delta)
-                   if t is not None)
+        """Bytes held by this layer's slot and row buffers."""
+        tensors = (self.a, self.b, self.rows_a, self.rows_b, self.lora_bias, self.gain, self.bias_delta)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # ------------------------------------------------------------------ slot writes
     def _vector(self, fill: float) -> torch.Tensor:
@@ -135,17 +144,23 @@ class SlotLoraLayer(nn.Module):
             a[:, :, :old] = self.a
             b[:, :old, :] = self.b
         self.a, self.b = a, b
+        if self.row_capacity:  # the owner re-syncs every row after a layer changes shape
+            shape_a, shape_b = (self.row_capacity, *a.shape[1:]), (self.row_capacity, *b.shape[1:])
+            self.rows_a = torch.zeros(shape_a, dtype=self.dtype, device=self.device)
+            self.rows_b = torch.zeros(shape_b, dtype=self.dtype, device=self.device)
 
     def write(self, slot: int, weights: SlotWeights) -> None:
         """Copy ``weights`` into ``slot`` (whatever the slot held on this layer before is replaced)."""
-        self.clear(slot)
         if weights.a is not None and weights.b is not None:
             rank = weights.rank
             self._ensure_rank(rank)
+            self.clear(slot, keep_lora=rank == self.rank_capacity)
             assert self.a is not None and self.b is not None
             self.a[slot, :, :rank].copy_(weights.a, non_blocking=True)
             self.b[slot, :rank, :].copy_(weights.b, non_blocking=True)
             self.lora_slots.add(slot)
+        else:
+            self.clear(slot)
         if weights.lora_bias is not None:
             if self.lora_bias is None:
                 self.lora_bias = self._vector(0.0)
@@ -163,9 +178,10 @@ class SlotLoraLayer(nn.Module):
             self.bias_slots.add(slot)
         self._refresh_used()
 
-    def clear(self, slot: int) -> None:
-        """Zero ``slot`` on this layer (its rows then get the base layer's output)."""
-        if slot in self.lora_slots and self.a is not None and self.b is not None:
+    def clear(self, slot: int, *, keep_lora: bool = False) -> None:
+        """Zero ``slot`` on this layer (its rows then get the base layer's output); ``keep_lora`` skips
+        zeroing A/B that the caller overwrites in full."""
+        if slot in self.lora_slots and self.a is not None and self.b is not None and not keep_lora:
             self.a[slot].zero_()
             self.b[slot].zero_()
         if slot in self.lora_bias_slots and self.lora_bias is not None:
@@ -180,14 +196,33 @@ class SlotLoraLayer(nn.Module):
 
     def _refresh_used(self) -> None:
         self.used_slots = frozenset(self.lora_slots | self.lora_bias_slots | self.gain_slots | self.bias_slots)
+        self._extra_slots = frozenset(self.lora_bias_slots | self.gain_slots | self.bias_slots)
+
+    def sync_row(self, row: int, slot: int) -> None:
+        """Row buffer ``row`` := slot ``slot``'s A and B (zeros when the slot has no LoRA here)."""
+        if self.rows_a is None or self.rows_b is None or self.a is None or self.b is None:
+            return
+        if slot in self.lora_slots:
+            self.rows_a[row].copy_(self.a[slot])
+            self.rows_b[row].copy_(self.b[slot])
+        else:
+            self.rows_a[row].zero_()
+            self.rows_b[row].zero_()
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         routing = self._routing.current
         if routing is None or routing.distinct.isdisjoint(self.used_slots):
-            return result
-        return self._add_adapters(x, result, routing)
+            return self.base_layer(x, *args, **kwargs)
+        rows_a, rows_b = self.rows_a, self.rows_b
+        if (routing.rows_synced and rows_a is not None and rows_b is not None and x.dim() == 3 and x.shape[1] == 1
+                and x.shape[0] == routing.batch_size and x.dtype == self.dtype and routing.uniform is None
+                and routing.distinct.isdisjoint(self._extra_slots) and not torch.is_grad_enabled()):
+            # the decode hot path: plain LoRA rows, weights already at the rows' positions
+            batch = x.shape[0]
+            out: torch.Tensor = self.base_layer(x, *args, **kwargs)
+            return out.baddbmm_(torch.bmm(x, rows_a[:batch]), rows_b[:batch])
+        return self._add_adapters(x, self.base_layer(x, *args, **kwargs), routing)
 
     def _add_adapters(self, x: torch.Tensor, result: torch.Tensor, routing: SlotRouting) -> torch.Tensor:
         batch = routing.batch_size
@@ -236,6 +271,9 @@ class SlotLoraLayer(nn.Module):
         x3 = x.reshape(batch, -1, x.shape[-1])
         if x3.dtype != self.dtype:
             x3 = x3.to(self.dtype)
+        rows_synced = self._routing.current is not None and self._routing.current.rows_synced
+        if rows_synced and uniform is None and x3.shape[1] == 1 and self.rows_a is not None and self.rows_b is not None:
+            return lora_delta_rows(x3, self.rows_a[:batch], self.rows_b[:batch], out)
         return lora_delta(x3, self.a, self.b, slots, uniform, index, out)
 
 

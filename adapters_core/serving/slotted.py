@@ -41,12 +41,15 @@ _WRAPPERS = (SlotLoraLayer, SlotBias, SlotModuleSwap)
 class SlottedModel:
     """A base model whose adapters live in ``num_slots`` fixed slots (ids 1..num_slots; 0 = base)."""
 
-    def __init__(self, model: nn.Module, num_slots: int, *, max_rank: int = 64, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: nn.Module, num_slots: int, *, max_rank: int = 64, dtype: torch.dtype | None = None,
+                 row_capacity: int = 0) -> None:
         if num_slots < 1:
             raise ConfigError("num_slots must be at least 1", field="num_slots")
         self.model = model
         self.num_slots = num_slots
         self.max_rank = max_rank
+        self.row_capacity = row_capacity
+        self._synced: list[int] = []  # slot whose weights row buffer i holds (-1: unknown)
         params = [p for p in model.parameters() if p.is_floating_point()]
         self.dtype = dtype or (params[0].dtype if params else torch.float32)
         self.device = params[0].device if params else torch.device("cpu")
@@ -131,7 +134,8 @@ class SlottedModel:
             info = self.layer_info(name)
             device = _device_of(self.base_module(name), self.device)
             made = self._insert(
-                name, lambda inner: SlotLoraLayer(inner, info, self.routing, self.num_slots + 1, self.dtype, device),
+                name, lambda inner: SlotLoraLayer(inner, info, self.routing, self.num_slots + 1, self.dtype, device,
+                                                  self.row_capacity),
                 innermost=True,
             )
             assert isinstance(made, SlotLoraLayer)
@@ -189,8 +193,12 @@ class SlottedModel:
         wanted = set(prepared.layers) | set(prepared.swaps) | set(prepared.biases)
         for name in previous - wanted:
             self._clear_module(name, slot)
+        capacities = [layer.rank_capacity for layer in self._lora_layers.values()]
         for name, weights in prepared.layers.items():
             self._lora_layers[name].write(slot, weights)
+        if capacities != [layer.rank_capacity for layer in self._lora_layers.values()]:
+            self._synced = []  # a layer grew (or appeared with) new row buffers: every row re-syncs
+        self._forget_rows(slot)
         for name, state in prepared.swaps.items():
             self._swaps[name].write(slot, state)
         for name, delta in prepared.biases.items():
@@ -202,6 +210,29 @@ class SlottedModel:
         self._check_slot(slot)
         for name in self._slot_modules.pop(slot, set()):
             self._clear_module(name, slot)
+        self._forget_rows(slot)
+
+    def _forget_rows(self, slot: int) -> None:
+        self._synced = [-1 if s == slot else s for s in self._synced]
+
+    def sync_rows(self, slots: Sequence[int]) -> None:
+        """Make the row buffers hold, at position ``i``, the weights of slot ``slots[i]`` (rows whose slot
+        did not change cost nothing). Call between forwards; a later :meth:`route` with the same slots
+        then decodes from the row buffers. A no-op without ``row_capacity``."""
+        if not self.row_capacity or len(slots) > self.row_capacity:
+            return
+        synced = self._synced + [-1] * (len(slots) - len(self._synced))
+        for i, slot in enumerate(slots):
+            before = synced[i]
+            if before == slot:
+                continue
+            names = self._slot_modules.get(slot, set()) | self._slot_modules.get(before, set())
+            layers = self._lora_layers.values() if before < 0 else [self._lora_layers[n] for n in names
+                                                                       if n in self._lora_layers]
+            for layer in layers:
+                layer.sync_row(i, slot)
+            synced[i] = slot
+        self._synced = synced
 
     def _clear_module(self, name: str, slot: int) -> None:
         for table in (self._lora_layers, self._swaps, self._biases):
@@ -225,7 +256,8 @@ class SlottedModel:
         ids = [int(s) for s in slots]
         if any(s < 0 or s > self.num_slots for s in ids):
             raise ConfigError(f"slot ids must be in 0..{self.num_slots}", field="slots")
-        self.routing.current = None if not any(ids) else SlotRouting.of(ids, self.device)
+        synced = bool(self.row_capacity) and self._synced[: len(ids)] == ids
+        self.routing.current = None if not any(ids) else SlotRouting.of(ids, self.device, rows_synced=synced)
         try:
             yield
         finally:

@@ -402,7 +402,9 @@ class GenerationEngine:
         rows = self._rows
         mask = append_step(kv)
         ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self.device)
-        logits = self._forward(ids, mask, kv.positions.unsqueeze(1), kv.cache, [r.slot for r in rows], last_only=False)
+        slots = [r.slot for r in rows]
+        self.slotted.sync_rows(slots)
+        logits = self._forward(ids, mask, kv.positions.unsqueeze(1), kv.cache, slots, last_only=False)
         kv.positions = kv.positions + 1
         self._take_tokens(logits, rows)
 
@@ -457,8 +459,9 @@ class GenerationEngine:
         row.request.handle.deliver(delta)
 
     def _retire(self) -> None:
-        """Answer and remove the rows that finished."""
-        keep = [i for i, r in enumerate(self._rows) if not r.finish_reason]
+        """Answer and remove the rows that finished. The last running rows move into the holes, so every
+        other row keeps its position (and its per-row adapter buffers, see ``SlottedModel.sync_rows``)."""
+        keep = _fill_holes([bool(r.finish_reason) for r in self._rows])
         done = [r for r in self._rows if r.finish_reason]
         for row in done:
             self._answer(row)
@@ -494,3 +497,14 @@ class GenerationEngine:
             prompt_tokens=len(request.prompt_ids), adapter=request.adapter, time_to_first_token=ttft,
         ))
 
+
+
+def _fill_holes(finished: list[bool]) -> list[int]:
+    """Order of the surviving rows when each finished row's place goes to the last surviving row:
+    ``[F, a, F, b, c] -> [b, a, c]`` (as indices ``[3, 1, 4]``)."""
+    survivors = [i for i, done in enumerate(finished) if not done]
+    order = list(range(len(survivors)))  # positions 0..n-1 of the new batch
+    tail = [i for i in survivors if i >= len(survivors)]  # survivors beyond the new end move into holes
+    holes = [i for i in range(len(survivors)) if finished[i]]
+    moved = dict(zip(holes, tail, strict=True))
+    return [moved.get(pos, pos) for pos in order]

@@ -68,7 +68,11 @@ class ServingHost:
         self.source = source
         self.model = model
         self.tokenizer = tokenizer
-        self.slotted = SlottedModel(model, settings.adapter_slots, max_rank=settings.max_lora_rank)
+        # per-row adapter buffers: on CPUs, decode is bound by reading adapter weights and a gather per step
+        # costs about twice what reading them in place does; GPUs gather fast and have less memory to spare
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        self.slotted = SlottedModel(model, settings.adapter_slots, max_rank=settings.max_lora_rank,
+                                    row_capacity=settings.max_batch_size if on_cpu else 0)
         events: BankEvents | None = metrics if isinstance(metrics, BankEvents) else None
         self.bank = AdapterBank(self.slotted, host_capacity_bytes=settings.adapter_host_cache_bytes, events=events)
         config = getattr(model, "config", None)

@@ -22,7 +22,10 @@ def test_health_readiness_and_metrics(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert {k: v["ok"] for k, v in ready.json()["checks"].items()} == {"database": True, "broker": True, "base_model": True}
+    checks = ready.json()["checks"]
+    assert {k: v["ok"] for k, v in checks.items()} == {"database": True, "broker": True, "base_model": True,
+                                                      "serving": True}
+    assert checks["serving"]["enabled"] is False  # these API tests run without a resident model
     client.queue.fail = True  # type: ignore[attr-defined]
     down = client.get("/readyz")
     assert down.status_code == 503 and down.json()["checks"]["broker"]["ok"] is False

@@ -110,27 +110,41 @@ def test_mixed_rows_equal_each_row_alone(arch: str, saved: dict[str, Saved], mod
             assert maxdiff(mixed[i], mixed[0]) > MIN_EFFECT, cases[slot - 1].id
 
 
-def test_decode_step_rows_use_their_own_slot(saved: dict[str, Saved], model_dirs: dict[str, Path]) -> None:
-    """One token per row (the decode path) with a cache: mixed rows equal rows alone."""
+@pytest.mark.parametrize("row_buffers", [False, True], ids=["bank", "row-buffers"])
+def test_decode_step_rows_use_their_own_slot(row_buffers: bool, saved: dict[str, Saved],
+                                             model_dirs: dict[str, Path]) -> None:
+    """One token per row (the decode path) with a cache: mixed rows equal rows alone, whether the step
+    reads the slot bank or per-row buffers (which must follow rows that change slot, and reloaded slots)."""
     from transformers import DynamicCache
 
-    names = ["llama-r8-qv", "llama-all-linear", "llama-dora", "llama-embed_tokens"]
-    sm = slotted(model_dirs["llama"], num_slots=len(names))
-    for slot, name in enumerate(names, start=1):
+    names = ["llama-r8-qv", "llama-all-linear", "llama-dora", "llama-embed_tokens", "llama-rank-alpha-pattern"]
+    sm = SlottedModel(load_model(model_dirs["llama"]), len(names), row_capacity=8 if row_buffers else 0)
+    for slot, name in enumerate(names[:4], start=1):
         load_into(sm, slot, saved[name].path)
-    rows = [1, 2, 0, 3, 4, 2]
-    ids = saved[names[0]].ids[:1].repeat(len(rows), 1)
+    ids = saved[names[0]].ids[:1].repeat(6, 1)
 
     def two_steps(batch_ids: torch.Tensor, slots: list[int]) -> torch.Tensor:
-        with torch.inference_mode(), sm.route(slots):
+        with torch.inference_mode():
             cache = DynamicCache()
-            out = sm.model(input_ids=batch_ids, cache=cache, use_cache=True)
+            with sm.route(slots):
+                out = sm.model(input_ids=batch_ids, cache=cache, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
-            return sm.model(input_ids=nxt, cache=cache, use_cache=True).logits.float()
+            sm.sync_rows(slots)
+            with sm.route(slots):
+                routing = sm.routing.current
+                assert routing is None if not any(slots) else routing is not None and routing.rows_synced == row_buffers
+                return sm.model(input_ids=nxt, cache=cache, use_cache=True).logits.float()
 
-    mixed = two_steps(ids, rows)
-    for i, slot in enumerate(rows):
-        assert maxdiff(mixed[i:i + 1], two_steps(ids[i:i + 1], [slot])) <= ATOL
+    def check(rows: list[int]) -> None:
+        mixed = two_steps(ids[: len(rows)], rows)
+        for i, slot in enumerate(rows):
+            sm.sync_rows([slot])
+            assert maxdiff(mixed[i:i + 1], two_steps(ids[i:i + 1], [slot])) <= ATOL, (rows, i)
+
+    check([1, 2, 0, 4, 2, 1])
+    check([2, 1, 0, 4, 2, 1])  # rows changed slot
+    load_into(sm, 2, saved[names[4]].path)  # slot 2 reloaded with another adapter (other ranks)
+    check([1, 2, 0, 4, 2, 3])
 
 
 def test_reload_and_clear_forget_the_old_adapter(saved: dict[str, Saved], model_dirs: dict[str, Path]) -> None:

@@ -89,3 +89,19 @@ def check_registered_and_loadable(client: httpx.Client, name: str, job_id: str, 
             plain = base(input_ids=ids).logits
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     assert not torch.allclose(expected, plain, atol=1e-4), "the trained adapter changes nothing"
+    check_served(client, name, theirs, model_dir)
+
+
+def check_served(client: httpx.Client, name: str, peft_model: Any, model_dir: Path) -> None:
+    """The running API serves the trained adapter: greedy tokens equal peft's generate on the download."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt = QA[0][0]
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        want = peft_model.generate(**ids, max_new_tokens=12, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+    response = client.post("/generate", params={"adapter": name},
+                           json={"prompt": prompt, "max_new_tokens": 12, "temperature": 0})
+    assert response.status_code == 200, response.text
+    assert response.json()["adapter"] == f"{name}@1" and response.json()["tokens"] == want
