@@ -50,9 +50,19 @@ def read_adapter_weights(directory: str | Path, *, allow_pickle: bool = False) -
 
 
 def check_finite(tensors: dict[str, torch.Tensor]) -> None:
-    """Raise :class:`NonFiniteWeightsError` naming the first key holding NaN or Inf."""
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    """Raise :class:`NonFiniteWeightsError` naming the first key holding NaN or Inf.
+
+    One float64 sum per tensor, checked together (a NaN or Inf anywhere makes its sum non-finite);
+    only when some sum is not finite are that tensor's elements inspected one by one.
+    """
+    floats = [(key, t) for key, t in tensors.items() if t.is_floating_point() and t.numel()]
+    if not floats:
+        return
+    sums = torch.stack([t.sum(dtype=torch.float64) for _, t in floats])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for key, tensor in floats:
+        if not bool(torch.isfinite(tensor).all()):
             raise NonFiniteWeightsError(f"adapter weight {key} contains NaN or Inf values")
 
 

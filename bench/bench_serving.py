@@ -320,6 +320,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         peft_requests = [reqs[0] for reqs in own]  # one request per client: 32 requests, 32 adapters
 
         logger.info("loading %d adapters into peft", CLIENTS)
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
         peft_model = PeftModel.from_pretrained(
             AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device), folders[0], adapter_name="a0"
         ).eval()
@@ -369,7 +370,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "setup": {"spec": spec.__dict__, "dtype": str(dtype), "device": device, "clients": CLIENTS,
                   "requests_per_client": per_client, "new_tokens": NEW_TOKENS, "rank": RANK, "slots": SLOTS,
                   "rounds": rounds, "quick": quick,
-                  "params": sum(p.numel() for p in peft_model.get_base_model().parameters())},
+                  "params": n_params},
         "tok_s": {k: med(k) for k in results if k != "ttft"},
         "tok_s_all": {k: [round(x["tok_s"], 1) for x in v] for k, v in results.items()},
         "ttft_ms": {"p50": _pct(ttft, 50) * 1e3, "p99": _pct(ttft, 99) * 1e3, "n": len(ttft)},

@@ -18,6 +18,7 @@ forward (:mod:`adapters_core.serving.kernels`). Only inference: forwards run wit
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -60,16 +61,23 @@ class SlottedModel:
         self._biases: dict[str, SlotBias] = {}
         self._slot_modules: dict[int, set[str]] = {}
         self._originals: dict[str, nn.Module] = {}
+        self._targets: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ structure
     def lora_targets(self, config: LoraConfig) -> list[str]:
-        """Names of the modules ``config`` puts LoRA on (wrapping them if needed)."""
+        """Names of the modules ``config`` puts LoRA on (wrapping them if needed); remembered per targeting
+        spec, since the adapters of one service mostly share a few."""
+        key = json.dumps([config.target_modules, config.exclude_modules, config.layers_to_transform,
+                          config.layers_pattern, config.modules_to_save], sort_keys=True, default=str)
         with self._lock:
-            targets, _ = find_targets(self.model, config, is_linear_like=base_layers.is_linear_like,
-                                      wrapper_types=_WRAPPERS)
-            for name in targets:
-                self._wrap_lora(name)
-        return targets
+            targets = self._targets.get(key)
+            if targets is None:
+                targets, _ = find_targets(self.model, config, is_linear_like=base_layers.is_linear_like,
+                                          wrapper_types=_WRAPPERS)
+                for name in targets:
+                    self._wrap_lora(name)
+                self._targets[key] = targets
+        return list(targets)
 
     def saved_module_targets(self, config: LoraConfig) -> list[str]:
         """Names of the modules ``config`` keeps full copies of (``modules_to_save``), wrapped for swapping."""

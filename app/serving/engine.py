@@ -32,7 +32,7 @@ from transformers import DynamicCache
 from adapters_core.serving import SlottedModel
 from app.serving.bank import AdapterBank, AdapterLease
 from app.serving.errors import NoFreeSlot, QueueFull, RequestTooLarge, ServingError, ServingUnavailable
-from app.serving.kv import BatchKV, append_step, concat, select
+from app.serving.kv import BatchKV, append_step, concat, new_cache, select
 from app.serving.sampling import RowSampling, SamplingParams, sample
 from app.serving.text import TextTracker
 
@@ -387,7 +387,7 @@ class GenerationEngine:
             mask[i, width - n:] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = new_cache()
         logits = self._forward(ids, mask, positions, cache, [r.slot for r in new], last_only=True)
         kv = BatchKV(cache, mask, torch.tensor(lengths, dtype=torch.long, device=self.device))
         self._kv = kv if self._kv is None else concat(self._kv, kv)
