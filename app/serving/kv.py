@@ -56,7 +56,8 @@ class RoomyLayer(DynamicLayer):
             new = key_states.shape[2]
             end = self._length + new
             if end > self._k.shape[2]:
-                self.assign(self.keys, self.values, spare=max(new, self._k.shape[2]))
+                self.assign(self._k[:, :, :self._length], self._v[:, :, :self._length],
+                            spare=max(new, self._k.shape[2]))
                 assert self._k is not None and self._v is not None
             self._k[:, :, self._length:end] = key_states
             self._v[:, :, self._length:end] = value_states
