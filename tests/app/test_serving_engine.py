@@ -126,3 +126,20 @@ def test_engine_answers_every_queued_request_when_stopped(demo_model_dir: Path, 
     assert ServingUnavailable in outcomes
     with pytest.raises(ServingUnavailable):
         served.engine.submit([5], SamplingParams(max_new_tokens=1))
+
+
+def test_long_generation_equals_hf_generate(host: ServingHost, demo_model_dir: Path) -> None:
+    """200 tokens: the cache grows past its preallocated room several times on the way."""
+    from tests.conftest import load_model
+
+    ids = host.encode_prompt("The rain in Spain")
+    params = SamplingParams(max_new_tokens=200, min_new_tokens=200, temperature=0, logprobs=True)
+    got = host.engine.submit(ids, params).wait(120)
+    model = load_model(demo_model_dir)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=200, min_new_tokens=200, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    want = out.sequences[0, len(ids):].tolist()
+    assert got.token_ids == want
+    want_lp = [float(torch.log_softmax(step[0], dim=-1)[t]) for step, t in zip(out.logits, want, strict=True)]
+    assert got.logprobs == pytest.approx(want_lp, abs=1e-4)
