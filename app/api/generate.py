@@ -187,10 +187,10 @@ _STREAM_DOC = {
 async def generate(body: GenerateRequest, request: Request, services: ServicesDep,
                    adapter: AdapterQuery = None) -> Any:
     host = inference.serving_host(services)
-    version = await inference.resolve_adapter(services, adapter, "adapter")
     prompts = body.token_ids(host)
     params = body.sampling()
-    generation = await inference.start(services, version, prompts, [params] * len(prompts), stream=body.stream)
+    generation = await inference.start(services, adapter, "adapter", prompts, [params] * len(prompts),
+                                       stream=body.stream)
     if body.stream:
         return StreamingResponse(_stream(host, generation, body), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})

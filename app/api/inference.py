@@ -83,6 +83,15 @@ class Generation:
 
     async def events(self) -> AsyncIterator[tuple[int, StreamDelta | GenerationResult | ServingError]]:
         """``(prompt index, delta or result or error)`` in the order they happen; cancels on exit."""
+        if len(self.handles) == 1:
+            try:
+                async for item in self.handles[0].events():
+                    yield 0, item
+            except ServingError as exc:
+                yield 0, exc
+            finally:
+                self.cancel()
+            return
         merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
         async def pump(index: int, handle: RequestHandle) -> None:
@@ -111,21 +120,37 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def start(services: Services, version: ServedVersion | None, prompts: Sequence[list[int]],
+def _lease(services: Services, ref: str, param: str, count: int) -> tuple[ServedVersion, list[AdapterLease]]:
+    """Resolve ``ref`` and lease its version ``count`` times (blocking: one thread hop for both)."""
+    host = serving_host(services)
+    version = resolve_version(services, ref, param)
+    leases: list[AdapterLease] = []
+    try:
+        for _ in range(count):
+            leases.append(host.lease(version, services.store))
+    except BaseException:
+        for lease in leases:
+            host.bank.release(lease)
+        raise
+    return version, leases
+
+
+async def start(services: Services, adapter: str | None, param: str, prompts: Sequence[list[int]],
                 params: Sequence[SamplingParams], *, stream: bool) -> Generation:
-    """Check, lease the adapter for, and queue every prompt; all of them or none (errors raise)."""
+    """Check the prompts, resolve and lease the adapter ``adapter`` names (``None``: the base model) and
+    queue every prompt; all of them or none (errors raise)."""
     host = serving_host(services)
     for ids, p in zip(prompts, params, strict=True):
         host.engine.check_request(len(ids), p)
+    version: ServedVersion | None = None
+    leases: list[AdapterLease | None] = [None] * len(prompts)
+    if adapter is not None:
+        version, leased = await asyncio.to_thread(_lease, services, adapter, param, len(prompts))
+        leases = list(leased)
     loop = asyncio.get_running_loop()
-    leases: list[AdapterLease | None] = []
     handles: list[RequestHandle] = []
     try:
-        for ids, p in zip(prompts, params, strict=True):
-            lease = None
-            if version is not None:
-                lease = await asyncio.to_thread(host.lease, version, services.store)
-            leases.append(lease)
+        for ids, p, lease in zip(prompts, params, leases, strict=True):
             handles.append(host.engine.submit(ids, p, lease=lease, loop=loop, stream=stream))
     except BaseException:
         for handle in handles:

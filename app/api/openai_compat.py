@@ -25,8 +25,8 @@ from app.api.deps import Services, ServicesDep
 from app.api.errors import ERROR_RESPONSES, ApiError
 from app.registry import adapters as registry
 from app.serving.engine import GenerationResult, StreamDelta
-from app.serving.errors import AdapterNotFound, ServingError
-from app.serving.host import ServedVersion, ServingHost
+from app.serving.errors import ServingError
+from app.serving.host import ServingHost
 from app.serving.sampling import SamplingParams
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -86,9 +86,11 @@ async def list_models(services: ServicesDep) -> ModelList:
 async def retrieve_model(model: Annotated[str, PathParam(description="`base` or an adapter reference.")],
                          services: ServicesDep) -> ModelOut:
     host = inference.serving_host(services)
-    version = await _resolve_model(services, host, model)
-    if version is None:
+    ref = _model_ref(host, model)
+    if ref is None:
         return _base_entry(host, _started(services))
+    version = await inference.resolve_adapter(services, ref, "model")
+    assert version is not None
     return ModelOut(id=model, created=_started(services), root=version.ref, parent=BASE_MODEL_ID)
 
 
@@ -96,14 +98,9 @@ def _started(services: Services) -> int:
     return int(services.started_at)
 
 
-async def _resolve_model(services: Services, host: ServingHost, model: str) -> ServedVersion | None:
-    if model in (BASE_MODEL_ID, host.name):
-        return None
-    try:
-        return await inference.resolve_adapter(services, model, "model")
-    except AdapterNotFound as exc:
-        raise AdapterNotFound(f"model {model!r} does not exist: use `base` or an adapter name ({exc})",
-                              param="model") from exc
+def _model_ref(host: ServingHost, model: str) -> str | None:
+    """The adapter reference ``model`` names, or ``None`` for the base model."""
+    return None if model in (BASE_MODEL_ID, host.name) else model
 
 
 # --------------------------------------------------------------------------------------- shared fields
@@ -233,7 +230,6 @@ def _top_dict(host: ServingHost, step: list[tuple[int, float]]) -> dict[str, flo
                         429: {"description": "too many requests waiting (Retry-After)"}})
 async def completions(body: CompletionRequest, request: Request, services: ServicesDep) -> Any:
     host = inference.serving_host(services)
-    version = await _resolve_model(services, host, body.model)
     prompts = body.prompt_ids(host)
     _check_ids(host, prompts)
     n = body.n or 1
@@ -241,7 +237,8 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
     logprobs = -1 if body.logprobs is None else body.logprobs
     expanded = [ids for ids in prompts for _ in range(n)]
     params = [body.params(max_tokens, logprobs, j) for _ in prompts for j in range(n)]
-    generation = await inference.start(services, version, expanded, params, stream=bool(body.stream))
+    generation = await inference.start(services, _model_ref(host, body.model), "model", expanded, params,
+                                       stream=bool(body.stream))
     meta = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
             "model": generation.adapter or BASE_MODEL_ID}
     if body.stream:
@@ -351,14 +348,14 @@ def _chat_logprobs(host: ServingHost, token_ids: list[int], logprobs: list[float
                         429: {"description": "too many requests waiting (Retry-After)"}})
 async def chat_completions(body: ChatCompletionRequest, request: Request, services: ServicesDep) -> Any:
     host = inference.serving_host(services)
-    version = await _resolve_model(services, host, body.model)
     messages = [{"role": m.role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(body.messages)]
     ids = host.encode_chat(messages)
     n = body.n or 1
     max_tokens = body.max_completion_tokens or body.max_tokens or _default_chat_tokens(host, len(ids))
     logprobs = (body.top_logprobs or 0) if body.logprobs else -1
     params = [body.params(max_tokens, logprobs, j) for j in range(n)]
-    generation = await inference.start(services, version, [ids] * n, params, stream=bool(body.stream))
+    generation = await inference.start(services, _model_ref(host, body.model), "model", [ids] * n, params,
+                                       stream=bool(body.stream))
     meta = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()),
             "model": generation.adapter or BASE_MODEL_ID, "system_fingerprint": None}
     if body.stream:

@@ -110,15 +110,19 @@ class RequestHandle:
             self._sync.put(item)
 
     async def events(self) -> AsyncIterator[StreamDelta | GenerationResult]:
-        """Deltas then the result; an engine error is raised."""
+        """Deltas then the result; an engine error is raised. Deltas that piled up while the caller was
+        busy come as one (a slow consumer gets fewer, larger events, never a backlog)."""
         assert self._async is not None, "events() needs a handle made with an event loop"
         while True:
-            item = await self._async.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if isinstance(item, GenerationResult):
-                return
+            items = [await self._async.get()]
+            while not self._async.empty():
+                items.append(self._async.get_nowait())
+            for item in _coalesce(items):
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, GenerationResult):
+                    return
 
     async def result(self) -> GenerationResult:
         async for item in self.events():
@@ -137,6 +141,22 @@ class RequestHandle:
                 raise item
             if isinstance(item, GenerationResult):
                 return item
+
+
+def _coalesce(items: list[Any]) -> list[Any]:
+    """Merge consecutive :class:`StreamDelta` items into one."""
+    out: list[Any] = []
+    for item in items:
+        last = out[-1] if out else None
+        if isinstance(item, StreamDelta) and isinstance(last, StreamDelta):
+            out[-1] = StreamDelta(
+                last.text + item.text, last.token_ids + item.token_ids,
+                None if last.logprobs is None or item.logprobs is None else last.logprobs + item.logprobs,
+                None if last.top_logprobs is None or item.top_logprobs is None else last.top_logprobs + item.top_logprobs,
+            )
+        else:
+            out.append(item)
+    return out
 
 
 @dataclass(eq=False)
