@@ -220,12 +220,11 @@ class GenerationEngine:
         """The largest running batch so far (rows decoded together in one step)."""
 
     # ------------------------------------------------------------------ lifecycle
-    def warm_up(self) -> None:
-        """Run one short generation on the base model before taking requests: the first forward of a
-        process pays one-off kernel and allocator set-up (~0.2 s on CPU) that a user should not."""
-        self._prefill_and_decode_once()
-
-    def _prefill_and_decode_once(self) -> None:
+    def _warm_up(self) -> None:
+        """One short generation on the base model, on the engine thread, before taking requests: the
+        first forward pays one-off kernel and allocator set-up (~0.2 s on CPU) that a user should not.
+        (It must run on the engine thread: a forward on another thread first leaves that thread's
+        OpenMP workers competing with the engine's for the cores, halving throughput on CPUs.)"""
         ids = torch.tensor([[self._pad_id] * 4], dtype=torch.long, device=self.device)
         mask = torch.ones_like(ids)
         cache = new_cache()
@@ -234,10 +233,13 @@ class GenerationEngine:
         self._forward(ids[:, :1], step, torch.tensor([[4]], device=self.device), cache, [0], last_only=False)
 
     def start(self) -> None:
+        """Start the engine thread; returns once it has warmed up and takes requests."""
+        ready = threading.Event()
         with self._cond:
             self._accepting, self._stopping = True, False
-        self._thread = threading.Thread(target=self._loop, name="adapterforge-generation", daemon=True)
+        self._thread = threading.Thread(target=self._loop, args=(ready,), name="adapterforge-generation", daemon=True)
         self._thread.start()
+        ready.wait()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Refuse new requests, fail the ones in flight with 503, and end the thread."""
@@ -301,8 +303,14 @@ class GenerationEngine:
         return handle
 
     # ------------------------------------------------------------------ the loop (engine thread)
-    def _loop(self) -> None:
+    def _loop(self, ready: threading.Event) -> None:
         torch.set_grad_enabled(False)
+        try:
+            self._warm_up()
+        except Exception:
+            logger.exception("warm-up forward failed")
+        finally:
+            ready.set()
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._rows:

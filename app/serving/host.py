@@ -100,7 +100,6 @@ class ServingHost:
         model.requires_grad_(False)
         tokenizer = AutoTokenizer.from_pretrained(source.path)
         host = cls(source, model, tokenizer, settings, metrics)
-        host.engine.warm_up()
         host.engine.start()
         return host
 
