@@ -289,7 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     quick = args.quick
     rounds = args.rounds or (1 if quick else 3)
-    per_client = 1 if quick else 2
+    per_client = 1 if quick else 4
     device = args.device
     spec = SPECS[args.spec or ("gpu" if device.startswith("cuda") else "cpu")]
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

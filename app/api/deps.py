@@ -33,7 +33,9 @@ class Services:
     started_at: float = field(default_factory=time.time)
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    """The app's services (async: FastAPI would run a plain function in its thread pool, a thread hop
+    per request for an attribute read)."""
     services: Services = request.app.state.services
     return services
 
