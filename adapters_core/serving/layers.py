@@ -220,7 +220,9 @@ class SlotLoraLayer(nn.Module):
                 and routing.distinct.isdisjoint(self._extra_slots) and not torch.is_grad_enabled()):
             # the decode hot path: plain LoRA rows, weights already at the rows' positions
             batch = x.shape[0]
-            out: torch.Tensor = self.base_layer(x, *args, **kwargs)
+            base = self.base_layer
+            out: torch.Tensor = (F.linear(x, base.weight, base.bias) if type(base) is nn.Linear and not args
+                                 and not kwargs else base(x, *args, **kwargs))
             return out.baddbmm_(torch.bmm(x, rows_a[:batch]), rows_b[:batch])
         return self._add_adapters(x, self.base_layer(x, *args, **kwargs), routing)
 
