@@ -364,3 +364,24 @@ def test_metrics_count_requests_tokens_and_latencies(served: TestClient) -> None
     assert "adapterforge_generate_queue_depth" in text and "adapterforge_adapter_slots_used" in text
     ready = served.get("/readyz").json()
     assert ready["checks"]["serving"] == {"ok": True, "enabled": True, "queued": 0, "running": 0}
+
+
+def test_pinned_adapters_load_at_start_and_keep_their_slot(tmp_path: Path, demo_model_dir: Path, base_host: Any,
+                                                          adapters: list[Path]) -> None:
+    settings = serving_settings(tmp_path, demo_model_dir, adapter_slots=1)
+    with served_app(settings, base_host) as client:
+        pinned_id = upload(client, "keep", adapters[0])["id"]
+        upload(client, "other", adapters[1])
+    pinned = settings.model_copy(update={"pinned_adapters": ["keep"]})
+    with served_app(pinned, base_host) as client:
+        bank = client.app.state.services.serving.bank
+        assert bank.where(pinned_id) == "host"  # read and checked at start
+        assert greedy(client, "keep", PROMPTS[0])["adapter"] == "keep@1"
+        assert bank.where(pinned_id) == "device"
+        refused = generate(client, "other", prompt="x", max_new_tokens=2)  # the only slot is pinned
+        assert refused.status_code == 503 and "pinned" in refused.json()["error"]["message"]
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert greedy(client, "keep", PROMPTS[1])["adapter"] == "keep@1"
+    broken = settings.model_copy(update={"pinned_adapters": ["missing"]})
+    with pytest.raises(Exception, match="missing"), served_app(broken, base_host):
+        pass
