@@ -277,6 +277,34 @@ def cold_loads(model_dir: Path, folders: list[Path], n: int, device: str, dtype:
     return times
 
 
+def engine_static_batch(work: Path, model_dir: Path, folders: list[Path], prompts: list[str], device: str,
+                        rounds: int) -> dict[str, float]:
+    """Context, not a target: the generation engine alone (no HTTP, no event loop), the 32 requests
+    submitted at once, adapters already in host memory; median tokens/s over ``rounds``."""
+    from adapters_core.peft_format import read_adapter
+    from app.serving.host import ServingHost
+    from app.serving.sampling import SamplingParams
+    from app.settings import Settings
+
+    host = ServingHost.load(Settings(data_dir=work / "engine-alone", base_model=str(model_dir), device=device,
+                                     adapter_slots=SLOTS, max_batch_tokens=16384))
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, temperature=0)
+    ids = [host.encode_prompt(p) for p in prompts]
+    out: dict[str, list[float]] = {"adapters": [], "base": []}
+    try:
+        for _ in range(rounds + 1):  # the first round warms the slots up
+            for kind in out:
+                leases = [host.bank.fetch(f"v{c}", f"a{c}@1", lambda c=c: host.slotted.prepare(
+                    *read_adapter(folders[c]))) if kind == "adapters" else None for c in range(len(ids))]
+                t0 = time.perf_counter()
+                handles = [host.engine.submit(p, params, lease=lease) for p, lease in zip(ids, leases, strict=True)]
+                tokens = sum(len(h.wait(600).token_ids) for h in handles)
+                out[kind].append(tokens / (time.perf_counter() - t0))
+    finally:
+        host.close()
+    return {k: statistics.median(v[1:]) for k, v in out.items()}
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -360,6 +388,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for c in range(CLIENTS):
         same += int(served[(c, 0)] == seq_outputs[c])
     loads = cold_loads(model_dir, folders[:33], 8 if quick else 30, device, dtype)
+    engine_alone = engine_static_batch(work, model_dir, folders, prompts[:CLIENTS], device, rounds)
 
     def med(key: str) -> float:
         return statistics.median(x["tok_s"] for x in results[key])
@@ -376,6 +405,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ttft_ms": {"p50": _pct(ttft, 50) * 1e3, "p99": _pct(ttft, 99) * 1e3, "n": len(ttft)},
         "cold_load_ms": {k: statistics.median(v) * 1e3 for k, v in loads.items()},
         "greedy_outputs_equal_peft": f"{same}/{CLIENTS}",
+        "engine_alone_tok_s": engine_alone,
     }
     t = out["tok_s"]
     out["ratios"] = {
@@ -461,6 +491,9 @@ def report(r: dict[str, Any]) -> str:
         f"cold load medians: ours {r['cold_load_ms']['ours']:.2f} ms (of which the copy into the slot "
         f"{r['cold_load_ms']['ours_copy_only']:.2f} ms), peft {r['cold_load_ms']['peft']:.2f} ms",
         f"greedy outputs of the server equal to peft's: {r['greedy_outputs_equal_peft']}",
+        "engine alone (no HTTP; 32 requests submitted at once): adapters {:.0f} tok/s, base {:.0f} tok/s ({:.2f})".format(
+            r["engine_alone_tok_s"]["adapters"], r["engine_alone_tok_s"]["base"],
+            r["engine_alone_tok_s"]["adapters"] / r["engine_alone_tok_s"]["base"]),
     ])
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,21 +89,23 @@ class ServingHost:
 
     @classmethod
     def load(cls, settings: Settings, metrics: Any = None) -> ServingHost:
-        """Load the configured base model onto the configured device and start the engine."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        """Load the configured base model onto the configured device and start the engine, both on the
+        engine's own thread (see :meth:`GenerationEngine.run` for why torch work stays on one thread)."""
+        outcome: queue.Queue[ServingHost | BaseException] = queue.Queue()
 
-        source = resolve_base_model(settings)
-        device = resolve_device(settings.device)
-        dtype: Any = torch.float32 if device.type == "cpu" else "auto"
-        logger.info("serving: loading base model %s from %s onto %s", source.name, source.path, device)
-        model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
-        model.to(device)
-        model.eval()
-        model.requires_grad_(False)
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
-        host = cls(source, model, tokenizer, settings, metrics)
-        host.engine.start()
-        return host
+        def engine_thread() -> None:
+            try:
+                host = cls(*_load_model(settings), settings, metrics)
+            except BaseException as exc:
+                outcome.put(exc)
+                return
+            host.engine.run(on_ready=lambda: outcome.put(host))
+
+        threading.Thread(target=engine_thread, name="adapterforge-generation", daemon=True).start()
+        result = outcome.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     @property
     def name(self) -> str:
@@ -112,8 +116,10 @@ class ServingHost:
 
     # ------------------------------------------------------------------ adapters
     def lease(self, version: ServedVersion, store: LocalArtifactStore) -> AdapterLease:
-        """Lease ``version`` for one request (host-memory hit, or read from ``store`` and checked)."""
-        return self.bank.fetch(version.id, version.ref, lambda: self.prepare(version, store))
+        """Lease ``version`` for one request (host-memory hit, or read from ``store`` and checked on the
+        engine thread, between two steps). Call it from any thread but the engine's."""
+        return self.bank.fetch(version.id, version.ref,
+                               lambda: self.engine.call(lambda: self.prepare(version, store)).result())
 
     def prepare(self, version: ServedVersion, store: LocalArtifactStore) -> PreparedAdapter:
         """Read ``version``'s files from the store and lay them out for the slots; typed errors otherwise."""
@@ -175,6 +181,20 @@ class ServingHost:
     def decode(self, ids: Sequence[int]) -> str:
         text: str = self.tokenizer.decode(list(ids), skip_special_tokens=False)
         return text
+
+
+def _load_model(settings: Settings) -> tuple[BaseModelSource, torch.nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_base_model(settings)
+    device = resolve_device(settings.device)
+    dtype: Any = torch.float32 if device.type == "cpu" else "auto"
+    logger.info("serving: loading base model %s from %s onto %s", source.name, source.path, device)
+    model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return source, model, AutoTokenizer.from_pretrained(source.path)
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
