@@ -277,6 +277,15 @@ def cold_loads(model_dir: Path, folders: list[Path], n: int, device: str, dtype:
     return times
 
 
+def in_fresh_process(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a new Python process: this one has run ``peft`` on its main thread, and a second
+    thread's parallel torch work would then run at half speed (see ``app.serving.engine``)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 def engine_static_batch(work: Path, model_dir: Path, folders: list[Path], prompts: list[str], device: str,
                         rounds: int) -> dict[str, float]:
     """Context, not a target: the generation engine alone (no HTTP, no event loop), the 32 requests
@@ -388,7 +397,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for c in range(CLIENTS):
         same += int(served[(c, 0)] == seq_outputs[c])
     loads = cold_loads(model_dir, folders[:33], 8 if quick else 30, device, dtype)
-    engine_alone = engine_static_batch(work, model_dir, folders, prompts[:CLIENTS], device, rounds)
+    engine_alone = in_fresh_process(engine_static_batch, work, model_dir, folders, prompts[:CLIENTS], device, rounds)
 
     def med(key: str) -> float:
         return statistics.median(x["tok_s"] for x in results[key])
