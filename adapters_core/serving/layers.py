@@ -86,7 +86,20 @@ class SlotWeights:
         return [t for t in (self.a, self.b, self.lora_bias, self.gain, self.bias_delta) if t is not None]
 
 
-class SlotLoraLayer(nn.Module):
+class _Wrapper(nn.Module):
+    """A slot wrapper around ``base_layer`` that still shows the base layer's ``weight`` (code that
+    inspects ``module.weight``, such as tied-embedding checks, keeps working)."""
+
+    base_layer: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        assert isinstance(w, torch.Tensor)
+        return w
+
+
+class SlotLoraLayer(_Wrapper):
     """``base_layer`` plus per-slot LoRA buffers (see the module docstring)."""
 
     def __init__(self, base_layer: nn.Module, info: BaseLayerInfo, routing: RoutingState, num_slots: int,
@@ -113,12 +126,6 @@ class SlotLoraLayer(nn.Module):
         self._extra_slots: frozenset[int] = frozenset()  # slots with DoRA, lora_bias or a bias delta here
         bias = getattr(base_layer, "bias", None)
         self._base_bias = bias.detach() if isinstance(bias, torch.Tensor) else None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        assert isinstance(w, torch.Tensor)
-        return w
 
     @property
     def rank_capacity(self) -> int:
@@ -286,7 +293,7 @@ def _per_row(table: torch.Tensor, slots: torch.Tensor, uniform: int | None) -> t
     return table.index_select(0, slots).unsqueeze(1)
 
 
-class SlotBias(nn.Module):
+class SlotBias(_Wrapper):
     """A per-slot addition to a module's output bias: ``y[i] = base(x[i]) + delta[sᵢ]``.
 
     Serves trained biases (``bias="all"``/``"lora_only"``) on modules an adapter does not put LoRA on:
@@ -300,12 +307,6 @@ class SlotBias(nn.Module):
         self._routing = routing
         self.delta = torch.zeros((num_slots, features), dtype=dtype, device=device)
         self.used_slots: frozenset[int] = frozenset()
-
-    @property
-    def weight(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        assert isinstance(w, torch.Tensor)
-        return w
 
     def write(self, slot: int, delta: torch.Tensor) -> None:
         self.delta[slot].copy_(delta, non_blocking=True)
@@ -325,7 +326,7 @@ class SlotBias(nn.Module):
         return result + rows.view(shape).to(result.dtype)
 
 
-class SlotModuleSwap(nn.Module):
+class SlotModuleSwap(_Wrapper):
     """``modules_to_save`` at serving time: rows whose slot has its own copy of the module use it."""
 
     def __init__(self, base_layer: nn.Module, routing: RoutingState) -> None:
@@ -333,12 +334,6 @@ class SlotModuleSwap(nn.Module):
         self.base_layer = base_layer
         self._routing = routing
         self.copies = nn.ModuleDict()
-
-    @property
-    def weight(self) -> torch.Tensor:
-        w = self.base_layer.weight
-        assert isinstance(w, torch.Tensor)
-        return w
 
     @property
     def used_slots(self) -> frozenset[int]:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.api import inference
 from app.api.deps import Services, ServicesDep
-from app.api.errors import ERROR_RESPONSES, ApiError
+from app.api.errors import ERROR_RESPONSES, ApiError, error_body
 from app.registry import adapters as registry
 from app.serving.engine import GenerationResult, StreamDelta
 from app.serving.errors import ServingError
@@ -254,7 +254,7 @@ async def _completion_chunks(host: ServingHost, generation: inference.Generation
     results: list[GenerationResult] = []
     async for index, item in generation.events():
         if isinstance(item, ServingError):
-            yield inference.sse({"error": {"code": item.code, "message": str(item), "param": item.param}})
+            yield inference.sse(error_body(item.code, str(item), item.param))
             return
         if isinstance(item, StreamDelta):
             lp = None
@@ -383,7 +383,7 @@ async def _chat_chunks(host: ServingHost, generation: inference.Generation, meta
     results: list[GenerationResult] = []
     async for index, item in generation.events():
         if isinstance(item, ServingError):
-            yield inference.sse({"error": {"code": item.code, "message": str(item), "param": item.param}})
+            yield inference.sse(error_body(item.code, str(item), item.param))
             return
         if isinstance(item, StreamDelta):
             lp = _chat_logprobs(host, item.token_ids, item.logprobs, item.top_logprobs)
