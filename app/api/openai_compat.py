@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
@@ -249,28 +249,44 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
     return {**meta, "choices": choices, "usage": _usage(results, [len(p) for p in expanded])}
 
 
-async def _completion_chunks(host: ServingHost, generation: inference.Generation, meta: dict[str, Any],
-                             prompts: list[list[int]], body: CompletionRequest) -> AsyncIterator[str]:
+async def _chunks(generation: inference.Generation, head: dict[str, Any], prompt_counts: Sequence[int],
+                  include_usage: bool, delta_choice: Callable[[int, StreamDelta], dict[str, Any]],
+                  end_choice: Callable[[int, str], dict[str, Any]],
+                  opening: Sequence[dict[str, Any]] = ()) -> AsyncIterator[str]:
+    """OpenAI's stream: ``opening`` choices, a chunk per delta, a chunk per finished choice, the usage
+    when asked, ``[DONE]``; an engine error ends it with the error shape."""
+    for choice in opening:
+        yield inference.sse({**head, "choices": [choice]})
     results: list[GenerationResult] = []
     async for index, item in generation.events():
         if isinstance(item, ServingError):
             yield inference.sse(error_body(item.code, str(item), item.param))
             return
         if isinstance(item, StreamDelta):
-            lp = None
-            if item.logprobs is not None:
-                lp = {"tokens": [host.decode([t]) for t in item.token_ids], "token_logprobs": item.logprobs,
-                      "top_logprobs": None if item.top_logprobs is None else
-                      [_top_dict(host, step) for step in item.top_logprobs]}
-            yield inference.sse({**meta, "choices": [{"index": index, "text": item.text, "logprobs": lp,
-                                                      "finish_reason": None}]})
+            yield inference.sse({**head, "choices": [delta_choice(index, item)]})
         else:
             results.append(item)
-            yield inference.sse({**meta, "choices": [{"index": index, "text": "", "logprobs": None,
-                                                      "finish_reason": _finish(item)}]})
-    if body.stream_options is not None and body.stream_options.include_usage:
-        yield inference.sse({**meta, "choices": [], "usage": _usage(results, [len(p) for p in prompts])})
+            yield inference.sse({**head, "choices": [end_choice(index, _finish(item))]})
+    if include_usage:
+        yield inference.sse({**head, "choices": [], "usage": _usage(results, prompt_counts)})
     yield inference.sse("[DONE]")
+
+
+def _completion_chunks(host: ServingHost, generation: inference.Generation, meta: dict[str, Any],
+                       prompts: list[list[int]], body: CompletionRequest) -> AsyncIterator[str]:
+    def delta(index: int, item: StreamDelta) -> dict[str, Any]:
+        lp = None
+        if item.logprobs is not None:
+            lp = {"tokens": [host.decode([t]) for t in item.token_ids], "token_logprobs": item.logprobs,
+                  "top_logprobs": None if item.top_logprobs is None else
+                  [_top_dict(host, step) for step in item.top_logprobs]}
+        return {"index": index, "text": item.text, "logprobs": lp, "finish_reason": None}
+
+    def end(index: int, reason: str) -> dict[str, Any]:
+        return {"index": index, "text": "", "logprobs": None, "finish_reason": reason}
+
+    usage = body.stream_options is not None and body.stream_options.include_usage
+    return _chunks(generation, meta, [len(p) for p in prompts], usage, delta, end)
 
 
 def _sse(chunks: AsyncIterator[str]) -> StreamingResponse:
@@ -374,25 +390,18 @@ def _default_chat_tokens(host: ServingHost, prompt_tokens: int) -> int:
     return max(1, min(DEFAULT_CHAT_MAX_TOKENS, room))
 
 
-async def _chat_chunks(host: ServingHost, generation: inference.Generation, meta: dict[str, Any],
-                       prompt_tokens: int, body: ChatCompletionRequest) -> AsyncIterator[str]:
-    head = {**meta, "object": "chat.completion.chunk"}
-    for i in range(len(generation.handles)):
-        yield inference.sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                  "logprobs": None, "finish_reason": None}]})
-    results: list[GenerationResult] = []
-    async for index, item in generation.events():
-        if isinstance(item, ServingError):
-            yield inference.sse(error_body(item.code, str(item), item.param))
-            return
-        if isinstance(item, StreamDelta):
-            lp = _chat_logprobs(host, item.token_ids, item.logprobs, item.top_logprobs)
-            yield inference.sse({**head, "choices": [{"index": index, "delta": {"content": item.text}, "logprobs": lp,
-                                                      "finish_reason": None}]})
-        else:
-            results.append(item)
-            yield inference.sse({**head, "choices": [{"index": index, "delta": {}, "logprobs": None,
-                                                      "finish_reason": _finish(item)}]})
-    if body.stream_options is not None and body.stream_options.include_usage:
-        yield inference.sse({**head, "choices": [], "usage": _usage(results, [prompt_tokens] * len(results))})
-    yield inference.sse("[DONE]")
+def _chat_chunks(host: ServingHost, generation: inference.Generation, meta: dict[str, Any],
+                 prompt_tokens: int, body: ChatCompletionRequest) -> AsyncIterator[str]:
+    def delta(index: int, item: StreamDelta) -> dict[str, Any]:
+        lp = _chat_logprobs(host, item.token_ids, item.logprobs, item.top_logprobs)
+        return {"index": index, "delta": {"content": item.text}, "logprobs": lp, "finish_reason": None}
+
+    def end(index: int, reason: str) -> dict[str, Any]:
+        return {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
+
+    n = len(generation.handles)
+    opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+               for i in range(n)]
+    usage = body.stream_options is not None and body.stream_options.include_usage
+    return _chunks(generation, {**meta, "object": "chat.completion.chunk"}, [prompt_tokens] * n, usage, delta,
+                   end, opening)
