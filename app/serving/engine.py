@@ -386,11 +386,15 @@ class GenerationEngine:
             self.bank.release(request.lease)
 
     def _fail_rows(self, error: BaseException) -> None:
+        """Fail every running row (after a failed decode step the batch's cache cannot be trusted)."""
         rows, self._rows, self._kv = self._rows, [], None
+        self._fail(rows, error)
+        self.metrics.running(0)
+
+    def _fail(self, rows: list[_Row], error: BaseException) -> None:
         for row in rows:
             self._release(row.request)
             row.request.handle.deliver(error)
-        self.metrics.running(0)
 
     def _drop_cancelled(self) -> None:
         with self._cond:
@@ -470,7 +474,12 @@ class GenerationEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = new_cache()
-        logits = self._forward(ids, mask, positions, cache, [r.slot for r in new], last_only=True)
+        try:
+            logits = self._forward(ids, mask, positions, cache, [r.slot for r in new], last_only=True)
+        except Exception as exc:  # the running rows' cache is untouched: only the new rows fail
+            logger.exception("prefill of %d requests failed", len(new))
+            self._fail(new, ServingError(f"generation failed: {exc.__class__.__name__}: {exc}"))
+            return
         kv = BatchKV(cache, mask, torch.tensor(lengths, dtype=torch.long, device=self.device))
         self._kv = kv if self._kv is None else concat(self._kv, kv)
         self._rows.extend(new)

@@ -143,3 +143,34 @@ def test_long_generation_equals_hf_generate(host: ServingHost, demo_model_dir: P
     assert got.token_ids == want
     want_lp = [float(torch.log_softmax(step[0], dim=-1)[t]) for step, t in zip(out.logits, want, strict=True)]
     assert got.logprobs == pytest.approx(want_lp, abs=1e-4)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(host: ServingHost) -> None:
+    """A forward that raises answers its requests with an error (never a silent base-model answer),
+    whether it fails in the prefill or in a decode step, and the next requests are served normally."""
+    from app.serving.errors import ServingError
+
+    engine = host.engine
+    original = engine._forward
+    calls = {"n": 0}
+
+    def broken_from(call: int) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            calls["n"] += 1
+            if calls["n"] >= call:
+                raise RuntimeError("simulated device failure")
+            return original(*args, **kwargs)
+        return forward
+
+    for failing_call in (1, 3):  # the prefill, then a decode step
+        calls["n"] = 0
+        engine._forward = broken_from(failing_call)  # type: ignore[method-assign]
+        try:
+            handle = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=4, min_new_tokens=4, temperature=0))
+            with pytest.raises(ServingError, match="simulated device failure") as info:
+                handle.wait(30)
+            assert info.value.status == 500
+        finally:
+            engine._forward = original  # type: ignore[method-assign]
+        assert engine.running_rows == 0
+    assert len(engine.submit([5, 6, 7], SamplingParams(max_new_tokens=4, min_new_tokens=4)).wait(30).token_ids) == 4
