@@ -433,7 +433,10 @@ class GenerationEngine:
                 if request.lease is not None:
                     try:
                         acquired = self.bank.acquire(request.lease)
-                    except NoFreeSlot as exc:
+                    except Exception as exc:  # NoFreeSlot, or a slot copy that failed: answer, never drop
+                        if not isinstance(exc, NoFreeSlot):
+                            logger.exception("loading adapter %s into a slot failed", request.adapter)
+                            exc = ServingError(f"loading adapter {request.adapter} failed: {exc}")
                         self._release(request)
                         request.handle.deliver(exc)
                         continue
