@@ -194,7 +194,12 @@ class AdapterBank:
                     return None
                 assert entry.prepared is not None, "a leased entry keeps its host copy"
                 self.events.miss("device")
-                self.slotted.load(slot, entry.prepared)
+                try:
+                    self.slotted.load(slot, entry.prepared)
+                except BaseException:
+                    self.slotted.clear(slot)  # whatever was half-written; the slot goes back to the pool
+                    self._free.append(slot)
+                    raise
                 entry.slot = slot
                 self._slots[slot] = entry
                 self.events.slots_used(len(self._slots))

@@ -173,3 +173,22 @@ def test_evicting_a_running_version_clears_its_slot_after_its_rows_finish() -> N
     bank.sweep()
     assert idle_slot not in recorder.held
     assert run(bank, "b") is not None  # a new version under that key loads afresh
+
+
+def test_a_failed_slot_load_gives_the_slot_back() -> None:
+    bank, _, _ = make(slots=1)
+
+    class Broken(RecordingSlots):
+        def load(self, slot: int, prepared: Any) -> None:
+            if prepared.name == "bad":
+                raise RuntimeError("copy failed")
+            super().load(slot, prepared)
+
+    broken = Broken(1)
+    bank.slotted = broken  # type: ignore[assignment]
+    lease = bank.fetch("bad", "bad@1", lambda: Prepared("bad"))
+    with pytest.raises(RuntimeError, match="copy failed"):
+        bank.acquire(lease)
+    bank.release(lease)
+    assert bank.where("bad") == "host"
+    assert run(bank, "good") == 1 and broken.held == {1: "good"}
