@@ -141,7 +141,7 @@ def _swap_state(model: SlottedModel, name: str, remaining: dict[str, torch.Tenso
 def _bias_delta(model: SlottedModel, key: str, value: torch.Tensor, prepared: PreparedAdapter) -> None:
     """A trained base bias (``bias="all"``/``"lora_only"``): kept as its difference from the server's."""
     module = key.removesuffix(".bias").removesuffix(".base_layer")
-    live = model.base_bias(module)
+    live = model.base_tensor(module, "bias")
     if live is None:
         raise AdapterMismatchError(f"unexpected key {KEY_PREFIX}{key}: the base model has no such bias")
     if tuple(live.shape) != tuple(value.shape):
@@ -165,7 +165,7 @@ def _bias_delta(model: SlottedModel, key: str, value: torch.Tensor, prepared: Pr
 def _check_embedding_table(model: SlottedModel, key: str, value: torch.Tensor) -> None:
     """PEFT saves whole embedding tables beside embedding adapters; serving needs them to be the base's own."""
     module = key.removesuffix(".base_layer.weight")
-    live = model.base_weight(module)
+    live = model.base_tensor(module, "weight")
     if live is None or tuple(live.shape) != tuple(value.shape):
         shape = None if live is None else tuple(live.shape)
         raise AdapterMismatchError(

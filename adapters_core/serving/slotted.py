@@ -175,19 +175,13 @@ class SlottedModel:
                 self._biases[name] = made
         return True
 
-    def base_bias(self, name: str) -> torch.Tensor | None:
+    def base_tensor(self, name: str, attribute: str) -> torch.Tensor | None:
+        """``weight``/``bias`` of the base model's own module ``name``; ``None`` if there is none."""
         try:
-            bias = getattr(self.base_module(name), "bias", None)
+            tensor = getattr(self.base_module(name), attribute, None)
         except AttributeError:
             return None
-        return bias if isinstance(bias, torch.Tensor) else None
-
-    def base_weight(self, name: str) -> torch.Tensor | None:
-        try:
-            weight = getattr(self.base_module(name), "weight", None)
-        except AttributeError:
-            return None
-        return weight if isinstance(weight, torch.Tensor) else None
+        return tensor if isinstance(tensor, torch.Tensor) else None
 
     # ------------------------------------------------------------------ adapters
     def prepare(self, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> PreparedAdapter:

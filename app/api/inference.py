@@ -40,7 +40,7 @@ def resolve_version(services: Services, ref: str, param: str) -> ServedVersion:
         except registry.InvalidName as exc:
             raise ApiError(422, str(exc), param=param) from exc
         name = ref.partition("@")[0]
-        return ServedVersion(version.id, f"{name}@{version.version}", version.method, dict(version.config),
+        return ServedVersion(version.id, f"{name}@{version.version}", dict(version.config),
                              dict(version.files), version.base_model)
 
 

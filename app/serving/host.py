@@ -56,7 +56,6 @@ class ServedVersion:
 
     id: str
     ref: str  # name@N
-    method: str
     config: dict[str, Any]
     files: dict[str, Any]
     base_model: str | None
