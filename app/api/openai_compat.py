@@ -126,7 +126,7 @@ class _Common(BaseModel):
     presence_penalty: float | None = Field(default=None, description="Not supported: only 0 is accepted.")
     frequency_penalty: float | None = Field(default=None, description="Not supported: only 0 is accepted.")
     logit_bias: dict[str, float] | None = Field(default=None, description="Not supported: only empty is accepted.")
-    user: str | None = Field(default=None, max_length=256, description="Your end-user id (logged, not used).")
+    user: str | None = Field(default=None, max_length=256, description="Your end-user id (OpenAI's abuse-monitoring tag): accepted, it does not change the output.")
     top_k: int | None = Field(default=None, ge=0, description="Extension: sample among the k likeliest tokens.")
     min_tokens: int | None = Field(default=None, ge=0, description="Extension: suppress end-of-sequence until this many tokens.")
 
