@@ -22,7 +22,9 @@ generates exactly the same number of tokens.
    the 512 mix evicts and reloads slots from host memory all the time) (target: the 512 figure
    within 15% of the 8 figure).
 
-Each load runs ``--rounds`` times, contenders interleaved in rotated order; figures are medians.
+Each load runs ``--rounds`` times, contenders interleaved in rotated order; tokens/s figures are
+medians, and each ratio is the median of its per-round ratios (the two loads of a ratio ran minutes
+apart at most, so a machine that slows down for a while moves both), as in ``bench_training.py``.
 The server's greedy tokens are compared with ``peft``'s for every 32-adapter request.
 ``--device cuda`` runs the GPU variant (a larger bfloat16 model, ``--spec gpu``).
 
@@ -416,14 +418,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "greedy_outputs_equal_peft": f"{same}/{CLIENTS}",
         "engine_alone_tok_s": engine_alone,
     }
-    t = out["tok_s"]
-    out["ratios"] = {
-        "vs_peft_sequential": t["ours_adapters"] / t["peft_sequential"],
-        "vs_peft_mixed_batch": t["ours_adapters"] / t["peft_mixed"],
-        "adapters_vs_base": t["ours_adapters"] / t["ours_base"],
-        "cold_load_speedup": out["cold_load_ms"]["peft"] / out["cold_load_ms"]["ours"],
-        "mix_512_vs_8": t["mix_512"] / t["mix_8"],
-    }
+    pairs = {"vs_peft_sequential": ("ours_adapters", "peft_sequential"),
+             "vs_peft_mixed_batch": ("ours_adapters", "peft_mixed"),
+             "adapters_vs_base": ("ours_adapters", "ours_base"), "mix_512_vs_8": ("mix_512", "mix_8")}
+    per_round = {k: [x["tok_s"] / y["tok_s"] for x, y in zip(results[a], results[b], strict=True)]
+                 for k, (a, b) in pairs.items()}
+    per_round["cold_load_speedup"] = [p / o for o, p in zip(loads["ours"], loads["peft"], strict=True)]
+    out["ratios"] = {k: statistics.median(v) for k, v in per_round.items()}
+    out["ratio_range"] = {k: (min(v), max(v)) for k, v in per_round.items()}
     out["pass"] = {k: out["ratios"][k] >= TARGETS[k] for k in TARGETS}
     out["targets"] = TARGETS
     return out
@@ -497,6 +499,8 @@ def report(r: dict[str, Any]) -> str:
         *(fmt(row) for row in rows[1:]),
         "",
         "tok/s per round: " + "; ".join(f"{k} {v}" for k, v in r["tok_s_all"].items() if k != "ttft"),
+        "ratios are medians of per-round ratios; their range over the rounds: " + "; ".join(
+            f"{k} {lo:.2f}-{hi:.2f}" for k, (lo, hi) in r["ratio_range"].items()),
         f"cold load medians: ours {r['cold_load_ms']['ours']:.2f} ms (of which the copy into the slot "
         f"{r['cold_load_ms']['ours_copy_only']:.2f} ms), peft {r['cold_load_ms']['peft']:.2f} ms",
         f"greedy outputs of the server equal to peft's: {r['greedy_outputs_equal_peft']}",

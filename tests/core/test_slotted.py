@@ -186,3 +186,59 @@ def test_base_rows_are_exactly_the_base_model(saved: dict[str, Saved], model_dir
     assert maxdiff(routed_logits(sm, ids, [0, 0, 0]), logits_of(base, ids)) == 0
     with pytest.raises(ConfigError, match="slot ids"), sm.route([0, 3]):
         pass
+
+
+@pytest.mark.parametrize("row_buffers", [False, True], ids=["bank", "row-buffers"])
+def test_bfloat16_model_serves_adapters_as_accurately_as_peft(row_buffers: bool, saved: dict[str, Saved],
+                                                              model_dirs: dict[str, Path]) -> None:
+    """GPU servers run bfloat16 checkpoints: slots (bf16 banks) in a mixed batch, prefill and a decode step,
+    stay as close to the float32 answer as PEFT's own bfloat16 model does."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    names = ["llama-all-linear", "llama-rslora", "llama-r8-qv", "llama-rank-alpha-pattern"]  # (peft: no DoRA in mixed batches)
+    ids = saved[names[0]].ids
+    assert all(torch.equal(saved[n].ids, ids) for n in names)
+
+    def bf16_base() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(model_dirs["llama"], dtype=torch.bfloat16).eval()
+
+    def two_steps(model: torch.nn.Module, call: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the prompt's last position and of one decode step on a cache (fed the same token)."""
+        with torch.inference_mode():
+            cache = DynamicCache()
+            first = call(model, ids, cache).logits[:, -1].float()  # type: ignore[operator]
+            step = call(model, torch.full((len(ids), 1), 7), cache).logits[:, -1].float()  # type: ignore[operator]
+        return first, step
+
+    sm = SlottedModel(bf16_base(), len(names), row_capacity=8 if row_buffers else 0)
+    for slot, name in enumerate(names, start=1):
+        load_into(sm, slot, saved[name].path)
+    slots = [1, 2, 3, 4]
+
+    def ours(model: torch.nn.Module, x: torch.Tensor, cache: DynamicCache) -> object:
+        if x.shape[1] == 1:
+            sm.sync_rows(slots)
+        with sm.route(slots):
+            return model(input_ids=x, cache=cache, use_cache=True)
+
+    def peft_call(model: torch.nn.Module, x: torch.Tensor, cache: DynamicCache) -> object:
+        return model(input_ids=x, cache=cache, use_cache=True, adapter_names=names)
+
+    def peft_model(dtype: torch.dtype) -> torch.nn.Module:
+        pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dirs["llama"], dtype=dtype).eval(),
+                                       saved[names[0]].path, adapter_name=names[0])
+        for name in names[1:]:
+            pm.load_adapter(saved[name].path, adapter_name=name)
+        return pm.eval()
+
+    truth = two_steps(peft_model(torch.float32), peft_call)
+    peft_bf16 = two_steps(peft_model(torch.bfloat16), peft_call)
+    got = two_steps(sm.model, ours)
+    assert maxdiff(truth[0][0], saved[names[0]].logits[0, -1]) <= ATOL  # the float32 reference is PEFT's
+    for position in range(2):
+        peft_error = maxdiff(peft_bf16[position], truth[position])  # about 4e-3 here
+        assert 0 < peft_error < 0.1
+        assert maxdiff(got[position], truth[position]) <= 1.5 * peft_error, (position, peft_error)
+        for i in range(1, len(names)):  # each row's own adapter: rows differ from one another
+            assert maxdiff(got[position][i], got[position][0]) > MIN_EFFECT
