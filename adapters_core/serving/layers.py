@@ -205,16 +205,19 @@ class SlotLoraLayer(_Wrapper):
         self.used_slots = frozenset(self.lora_slots | self.lora_bias_slots | self.gain_slots | self.bias_slots)
         self._extra_slots = frozenset(self.lora_bias_slots | self.gain_slots | self.bias_slots)
 
-    def sync_row(self, row: int, slot: int) -> None:
-        """Row buffer ``row`` := slot ``slot``'s A and B (zeros when the slot has no LoRA here)."""
+    def sync_rows(self, rows: torch.Tensor, slots: torch.Tensor, first: int | None = None) -> None:
+        """Row buffers ``rows[k]`` := slot ``slots[k]``'s A and B, one gather per matrix (a slot with no LoRA
+        on this layer holds zeros in the bank, so its rows get zeros). ``first``: the rows are
+        ``first, first + 1, ...`` (a batch joining), gathered straight into place."""
         if self.rows_a is None or self.rows_b is None or self.a is None or self.b is None:
             return
-        if slot in self.lora_slots:
-            self.rows_a[row].copy_(self.a[slot])
-            self.rows_b[row].copy_(self.b[slot])
-        else:
-            self.rows_a[row].zero_()
-            self.rows_b[row].zero_()
+        if first is not None:
+            end = first + len(rows)
+            torch.index_select(self.a, 0, slots, out=self.rows_a[first:end])
+            torch.index_select(self.b, 0, slots, out=self.rows_b[first:end])
+            return
+        self.rows_a.index_copy_(0, rows, self.a.index_select(0, slots))
+        self.rows_b.index_copy_(0, rows, self.b.index_select(0, slots))
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -224,16 +224,31 @@ class SlottedModel:
         if not self.row_capacity or len(slots) > self.row_capacity:
             return
         synced = self._synced + [-1] * (len(slots) - len(self._synced))
+        changes: dict[str, tuple[list[int], list[int]]] = {}  # layer name -> (rows, their new slots)
         for i, slot in enumerate(slots):
             before = synced[i]
             if before == slot:
                 continue
-            names = self._slot_modules.get(slot, set()) | self._slot_modules.get(before, set())
-            layers = self._lora_layers.values() if before < 0 else [self._lora_layers[n] for n in names
-                                                                       if n in self._lora_layers]
-            for layer in layers:
-                layer.sync_row(i, slot)
+            names = (self._lora_layers.keys() if before < 0 else
+                     self._slot_modules.get(slot, set()) | self._slot_modules.get(before, set()))
+            for name in names:
+                rows, new_slots = changes.setdefault(name, ([], []))
+                rows.append(i)
+                new_slots.append(slot)
             synced[i] = slot
+        indices: dict[tuple[int, ...], torch.Tensor] = {}  # layers mostly share the same lists
+
+        def index(values: list[int]) -> torch.Tensor:
+            key = tuple(values)
+            if key not in indices:
+                indices[key] = torch.tensor(values, dtype=torch.long, device=self.device)
+            return indices[key]
+
+        for name, (rows, new_slots) in changes.items():
+            layer = self._lora_layers.get(name)
+            if layer is not None:
+                consecutive = rows[-1] - rows[0] == len(rows) - 1  # rows ascend without repeats
+                layer.sync_rows(index(rows), index(new_slots), rows[0] if consecutive else None)
         self._synced = synced
 
     def _clear_module(self, name: str, slot: int) -> None:
