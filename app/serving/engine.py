@@ -570,7 +570,7 @@ class GenerationEngine:
         params = request.params
         reason = row.finish_reason or "length"
         if row.text is not None:
-            text = row.text.text
+            text = row.text.finish()
             if request.handle.stream and reason != "cancelled":
                 tail = row.text.delta(final=True)
                 new_tokens = row.generated[row.streamed_tokens:]

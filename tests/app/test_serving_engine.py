@@ -107,8 +107,49 @@ def test_text_tracker_cuts_at_stops_and_holds_back_partial_ones() -> None:
     tracker.update([ord(c) for c in "abcENDxyz"])
     assert tracker.stopped and tracker.text == "abc" and tracker.delta(final=True) == ""
     incomplete = TextTracker(CharTokenizer(), [])
+    incomplete.update([ord("a")])
     incomplete.update([ord("a"), 0])
-    assert incomplete.delta(final=False) == "a"
+    assert incomplete.delta(final=False) == "a"  # the incomplete character waits
+    assert incomplete.finish() == "a\ufffd" and incomplete.delta(final=True) == "\ufffd"
+
+
+class CountingTokenizer:
+    """A real tokenizer that counts the ids it is asked to decode."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        self.decoded += len(ids)
+        text: str = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        return text
+
+
+def test_text_tracker_streams_exactly_the_whole_decode_at_constant_cost_per_token(host: ServingHost) -> None:
+    """Random ids of the byte-level test tokenizer (characters split over several ids, special ids):
+    the streamed pieces add up to decoding the whole sequence, and each new id costs a few ids of
+    decoding, however long the sequence (no re-decode of everything per token)."""
+    tokenizer = host.tokenizer
+    gen = torch.Generator().manual_seed(0)
+    multibyte = tokenizer.encode("é漢字😀", add_special_tokens=False)
+    for trial in range(20):
+        prompt = torch.randint(0, len(tokenizer), (12,), generator=gen).tolist()
+        ids = torch.randint(0, len(tokenizer), (300,), generator=gen).tolist()
+        ids[50:50] = multibyte  # characters of 2-4 bytes, arriving one id at a time
+        counting = CountingTokenizer(tokenizer)
+        tracker = TextTracker(counting, prompt)
+        pieces = []
+        for n in range(1, len(ids) + 1):
+            tracker.update(ids[:n])
+            pieces.append(tracker.delta(final=False))
+        final = tracker.finish()
+        pieces.append(tracker.delta(final=True))
+        context = prompt[-6:]
+        whole = tokenizer.decode(context + ids, skip_special_tokens=True)
+        context_text = tokenizer.decode(context, skip_special_tokens=True)
+        assert final == whole[len(context_text):], trial
+        assert "".join(pieces) == final, trial
+        assert counting.decoded <= 12 * (len(ids) + len(context)), (trial, counting.decoded)
 
 
 def test_engine_answers_every_queued_request_when_stopped(demo_model_dir: Path, tmp_path: Path) -> None:
