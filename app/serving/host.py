@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
 from adapters_core.config import CONFIG_NAME, config_from_dict
 from adapters_core.errors import (
@@ -59,6 +59,14 @@ class ServedVersion:
     config: dict[str, Any]
     files: dict[str, Any]
     base_model: str | None
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """A version's files as read from the store (no torch work done on them yet)."""
+
+    config: dict[str, Any]
+    weights: bytes
 
 
 class ServingHost:
@@ -115,13 +123,25 @@ class ServingHost:
 
     # ------------------------------------------------------------------ adapters
     def lease(self, version: ServedVersion, store: LocalArtifactStore) -> AdapterLease:
-        """Lease ``version`` for one request (host-memory hit, or read from ``store`` and checked on the
-        engine thread, between two steps). Call it from any thread but the engine's."""
-        return self.bank.fetch(version.id, version.ref,
-                               lambda: self.engine.call(lambda: self.prepare(version, store)).result())
+        """Lease ``version`` for one request: a host-memory hit, or its files read from ``store`` on the
+        calling thread (I/O only: running rows never wait for a disk) and then laid out for the slots,
+        on the engine thread between two steps on CPUs (see :meth:`GenerationEngine.run`), on the
+        calling thread on GPUs. Call it from any thread but the engine's."""
+
+        def load() -> PreparedAdapter:
+            files = self.read_files(version, store)
+            if self.slotted.device.type == "cpu":
+                return self.engine.call(lambda: self.prepare_files(version, files)).result()
+            return self.prepare_files(version, files)
+
+        return self.bank.fetch(version.id, version.ref, load)
 
     def prepare(self, version: ServedVersion, store: LocalArtifactStore) -> PreparedAdapter:
         """Read ``version``'s files from the store and lay them out for the slots; typed errors otherwise."""
+        return self.prepare_files(version, self.read_files(version, store))
+
+    def read_files(self, version: ServedVersion, store: LocalArtifactStore) -> AdapterFiles:
+        """``version``'s config and weight bytes from the store, after the checks its registry row allows."""
         if version.base_model and version.base_model != self.name:
             raise IncompatibleBaseModel(
                 f"adapter {version.ref} was made for base model {version.base_model!r}; this server serves {self.name!r}",
@@ -135,14 +155,18 @@ class ServingHost:
                 "and upload that", param="adapter",
             )
         try:
-            config = config_from_dict(_read_config(store, version))
-            tensors = load_file(str(store.path(_sha(version, WEIGHTS_NAME))))
-            check_finite(tensors)
-            return self.slotted.prepare(config, tensors)
-        except ServingError:
-            raise
+            config = _read_config(store, version)
+            with store.open(_sha(version, WEIGHTS_NAME)) as f:
+                return AdapterFiles(config, f.read())
         except (ArtifactNotFound, FileNotFoundError) as exc:
             raise ServingError(f"the stored files of {version.ref} are missing from the artifact store: {exc}") from exc
+
+    def prepare_files(self, version: ServedVersion, files: AdapterFiles) -> PreparedAdapter:
+        """Check ``files`` against the base model and lay them out for the slots (torch work)."""
+        try:
+            tensors = load_safetensors(files.weights)
+            check_finite(tensors)
+            return self.slotted.prepare(config_from_dict(files.config), tensors)
         except RankTooLargeError as exc:
             raise RankTooLarge(
                 f"adapter {version.ref}: {exc}; raise ADAPTERFORGE_MAX_LORA_RANK to serve it", param="adapter"

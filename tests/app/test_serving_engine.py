@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 import torch
 
 from app.serving.engine import GenerationEngine
 from app.serving.errors import RequestTooLarge
-from app.serving.host import ServingHost
+from app.serving.host import ServedVersion, ServingHost
 from app.serving.sampling import RowSampling, SamplingParams, sample
 from app.serving.text import TextTracker
 from app.settings import Settings
+from app.storage import LocalArtifactStore
+from tests.app.serving_helpers import peft_adapter
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +219,45 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(host: ServingH
             engine._forward = original  # type: ignore[method-assign]
         assert engine.running_rows == 0
     assert len(engine.submit([5, 6, 7], SamplingParams(max_new_tokens=4, min_new_tokens=4)).wait(30).token_ids) == 4
+
+
+class SlowStore(LocalArtifactStore):
+    """An artifact store whose reads wait for ``released`` (a slow disk or network volume)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.released = threading.Event()
+        self.read_threads: list[str] = []
+
+    def open(self, sha256: str) -> BinaryIO:
+        self.read_threads.append(threading.current_thread().name)
+        assert self.released.wait(60)
+        return super().open(sha256)
+
+
+def test_a_cold_adapter_read_never_stalls_running_rows(host: ServingHost, demo_model_dir: Path,
+                                                       tmp_path: Path) -> None:
+    """While a request waits for its adapter's files, rows already running keep decoding to the end;
+    then the adapter loads and serves."""
+    folder = peft_adapter(demo_model_dir, tmp_path / "adapter", seed=3)
+    store = SlowStore(tmp_path / "store")
+    files = {name: {"sha256": store.put_bytes((folder / name).read_bytes()).sha256}
+             for name in ("adapter_config.json", "adapter_model.safetensors")}
+    config = json.loads((folder / "adapter_config.json").read_text())
+    version = ServedVersion("v-slow", "slow@1", config, files, None)
+    params = SamplingParams(max_new_tokens=24, min_new_tokens=24, temperature=0)
+    prompt = host.encode_prompt("hello there")
+    running = host.engine.submit(prompt, params)
+    leased: list[Any] = []
+    reader = threading.Thread(target=lambda: leased.append(host.lease(version, store)), name="request-thread")
+    reader.start()
+    try:
+        base = running.wait(60).token_ids
+        assert len(base) == 24  # finished while the read is still blocked
+        assert reader.is_alive() and store.read_threads == ["request-thread"]
+    finally:
+        store.released.set()
+        reader.join(60)
+    assert store.read_threads == ["request-thread", "request-thread"]  # config, then weights: never the engine
+    with_adapter = host.engine.submit(prompt, params, lease=leased[0]).wait(60)
+    assert with_adapter.adapter == "slow@1" and with_adapter.token_ids != base
