@@ -136,10 +136,6 @@ class ServingHost:
 
         return self.bank.fetch(version.id, version.ref, load)
 
-    def prepare(self, version: ServedVersion, store: LocalArtifactStore) -> PreparedAdapter:
-        """Read ``version``'s files from the store and lay them out for the slots; typed errors otherwise."""
-        return self.prepare_files(version, self.read_files(version, store))
-
     def read_files(self, version: ServedVersion, store: LocalArtifactStore) -> AdapterFiles:
         """``version``'s config and weight bytes from the store, after the checks its registry row allows."""
         if version.base_model and version.base_model != self.name:
@@ -162,7 +158,8 @@ class ServingHost:
             raise ServingError(f"the stored files of {version.ref} are missing from the artifact store: {exc}") from exc
 
     def prepare_files(self, version: ServedVersion, files: AdapterFiles) -> PreparedAdapter:
-        """Check ``files`` against the base model and lay them out for the slots (torch work)."""
+        """Check ``files`` against the base model and lay them out for the slots (torch work); typed errors
+        (``RankTooLarge``, ``IncompatibleBaseModel``, ``AdapterNotServable``) otherwise."""
         try:
             tensors = load_safetensors(files.weights)
             check_finite(tensors)
