@@ -131,11 +131,6 @@ class SlotLoraLayer(_Wrapper):
     def rank_capacity(self) -> int:
         return 0 if self.a is None else int(self.a.shape[2])
 
-    def nbytes(self) -> int:
-        """Bytes held by this layer's slot and row buffers."""
-        tensors = (self.a, self.b, self.rows_a, self.rows_b, self.lora_bias, self.gain, self.bias_delta)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
     # ------------------------------------------------------------------ slot writes
     def _vector(self, fill: float) -> torch.Tensor:
         return torch.full((self.num_slots, self.info.out_features), fill, dtype=self.dtype, device=self.device)

@@ -260,11 +260,6 @@ class SlottedModel:
         if not 1 <= slot <= self.num_slots:
             raise ConfigError(f"slot must be in 1..{self.num_slots}, got {slot}", field="slot")
 
-    def bank_bytes(self) -> int:
-        """Bytes held by the slot buffers of every layer."""
-        lora = sum(layer.nbytes() for layer in self._lora_layers.values())
-        return lora + sum(b.delta.numel() * b.delta.element_size() for b in self._biases.values())
-
     # ------------------------------------------------------------------ forward
     @contextlib.contextmanager
     def route(self, slots: Sequence[int]) -> Iterator[None]:
