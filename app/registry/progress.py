@@ -44,14 +44,15 @@ def update_progress(session: Session, job_id: str, owner: str, *, step: int | No
 
 
 def release_lease(session: Session, job_id: str, owner: str, *, refund_attempt: bool = False) -> bool:
-    """Let the lease lapse now (the job stays running) so another worker may resume it at once.
+    """Let the lease lapse now and drop its owner (the job stays running) so another worker may resume it at once.
 
     For a worker that stops without finishing the job (shutdown, interrupt): the reconciler
     enqueues the job again, and the next claim resumes it from its last checkpoint. With
     ``refund_attempt`` (an orderly worker shutdown, not a failure) the attempt is given back, so
     restarting workers never exhausts a job's attempts. False when ``owner`` did not hold the job.
     """
-    values: dict[str, Any] = {"lease_expires_at": utcnow()}
+    # the owner goes too: a heartbeat of the old lease still in flight must not renew it
+    values: dict[str, Any] = {"lease_expires_at": utcnow(), "lease_owner": None}
     if refund_attempt:
         values["attempts"] = case((Job.attempts > 0, Job.attempts - 1), else_=0)
     result = session.execute(

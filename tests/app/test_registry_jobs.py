@@ -20,6 +20,7 @@ from app.registry.jobs import (
     stale_jobs,
 )
 from app.registry.models import utcnow
+from app.registry.progress import release_lease
 
 
 def _job(sessions: sessionmaker[Session], **kw: object) -> str:
@@ -53,6 +54,21 @@ def test_one_lease_at_a_time_and_expired_leases_are_retaken(sessions: sessionmak
         assert kinds == ["queued", "started", "resumed", "succeeded"]
         first_two = list_events(s, job_id, limit=2)
         assert [e.kind for e in list_events(s, job_id, after=first_two[-1].id)] == ["resumed", "succeeded"]
+
+
+def test_a_handed_back_lease_is_not_renewed_by_a_late_heartbeat(sessions: sessionmaker[Session]) -> None:
+    """A worker's lease keeper can beat once more after the worker handed the job back (shutdown): the
+    job must stay claimable at once, not locked for another lease."""
+    job_id = _job(sessions)
+    with sessions.begin() as s:
+        assert claim(s, job_id, "w1", 60) is not None
+    with sessions.begin() as s:
+        assert release_lease(s, job_id, "w1", refund_attempt=True)
+    with sessions.begin() as s:
+        assert not heartbeat(s, job_id, "w1", 60)  # the keeper's last beat
+    with sessions.begin() as s:
+        job = claim(s, job_id, "w2", 60, now=utcnow() + timedelta(milliseconds=1))
+        assert job is not None and job.lease_owner == "w2" and job.attempts == 1
 
 
 def test_attempt_limit_fails_the_job_with_a_clear_error(sessions: sessionmaker[Session]) -> None:
