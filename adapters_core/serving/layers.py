@@ -48,13 +48,15 @@ class SlotRouting:
     uniform: int | None
     index: RowIndex
     rows_synced: bool = False  # the row buffers hold row i's slot weights at position i (see SlotLoraLayer)
+    decode_rows: int = 0  # rows_synced with more than one slot: the batch size, else 0 (the decode hot path)
 
     @classmethod
     def of(cls, slots: list[int], device: torch.device, *, rows_synced: bool = False) -> SlotRouting:
         tensor = torch.tensor(slots, dtype=torch.long, device=device)
         distinct = frozenset(slots)
         uniform = next(iter(distinct)) if len(distinct) == 1 else None
-        return cls(tensor, distinct, uniform, RowIndex(tensor), rows_synced)
+        decode_rows = len(slots) if rows_synced and uniform is None else 0
+        return cls(tensor, distinct, uniform, RowIndex(tensor), rows_synced, decode_rows)
 
     @property
     def batch_size(self) -> int:
@@ -115,6 +117,7 @@ class SlotLoraLayer(_Wrapper):
         self.b: torch.Tensor | None = None
         self.rows_a: torch.Tensor | None = None
         self.rows_b: torch.Tensor | None = None
+        self._row_views: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (batch, rows_a[:batch], rows_b[:batch])
         self.lora_bias: torch.Tensor | None = None
         self.gain: torch.Tensor | None = None
         self.bias_delta: torch.Tensor | None = None
@@ -150,6 +153,7 @@ class SlotLoraLayer(_Wrapper):
             shape_a, shape_b = (self.row_capacity, *a.shape[1:]), (self.row_capacity, *b.shape[1:])
             self.rows_a = torch.zeros(shape_a, dtype=self.dtype, device=self.device)
             self.rows_b = torch.zeros(shape_b, dtype=self.dtype, device=self.device)
+            self._row_views = None
 
     def write(self, slot: int, weights: SlotWeights) -> None:
         """Copy ``weights`` into ``slot`` (whatever the slot held on this layer before is replaced)."""
@@ -219,17 +223,26 @@ class SlotLoraLayer(_Wrapper):
         routing = self._routing.current
         if routing is None or routing.distinct.isdisjoint(self.used_slots):
             return self.base_layer(x, *args, **kwargs)
-        rows_a, rows_b = self.rows_a, self.rows_b
-        if (routing.rows_synced and rows_a is not None and rows_b is not None and x.dim() == 3 and x.shape[1] == 1
-                and x.shape[0] == routing.batch_size and x.dtype == self.dtype and routing.uniform is None
-                and routing.distinct.isdisjoint(self._extra_slots) and not torch.is_grad_enabled()):
+        batch = routing.decode_rows
+        if (batch and self.rows_a is not None and x.dim() == 3 and x.shape[0] == batch and x.shape[1] == 1
+                and x.dtype == self.dtype and routing.distinct.isdisjoint(self._extra_slots)
+                and not torch.is_grad_enabled()):
             # the decode hot path: plain LoRA rows, weights already at the rows' positions
-            batch = x.shape[0]
+            rows_a, rows_b = self._rows_for(batch)
             base = self.base_layer
             out: torch.Tensor = (F.linear(x, base.weight, base.bias) if type(base) is nn.Linear and not args
                                  and not kwargs else base(x, *args, **kwargs))
-            return out.baddbmm_(torch.bmm(x, rows_a[:batch]), rows_b[:batch])
+            return out.baddbmm_(torch.bmm(x, rows_a), rows_b)
         return self._add_adapters(x, self.base_layer(x, *args, **kwargs), routing)
+
+    def _rows_for(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the first ``batch`` row buffers, kept while the batch size holds (a decode step's
+        forward asks once per layer, every step)."""
+        views = self._row_views
+        if views is None or views[0] != batch:
+            assert self.rows_a is not None and self.rows_b is not None
+            views = self._row_views = (batch, self.rows_a[:batch], self.rows_b[:batch])
+        return views[1], views[2]
 
     def _add_adapters(self, x: torch.Tensor, result: torch.Tensor, routing: SlotRouting) -> torch.Tensor:
         batch = routing.batch_size
@@ -278,9 +291,9 @@ class SlotLoraLayer(_Wrapper):
         x3 = x.reshape(batch, -1, x.shape[-1])
         if x3.dtype != self.dtype:
             x3 = x3.to(self.dtype)
-        rows_synced = self._routing.current is not None and self._routing.current.rows_synced
-        if rows_synced and uniform is None and x3.shape[1] == 1 and self.rows_a is not None and self.rows_b is not None:
-            return lora_delta_rows(x3, self.rows_a[:batch], self.rows_b[:batch], out)
+        routing = self._routing.current
+        if routing is not None and routing.decode_rows == batch and x3.shape[1] == 1 and self.rows_a is not None:
+            return lora_delta_rows(x3, *self._rows_for(batch), out)
         return lora_delta(x3, self.a, self.b, slots, uniform, index, out)
 
 
