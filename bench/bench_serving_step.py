@@ -1,0 +1,192 @@
+"""Where one decode step's time goes when 32 rows use 32 different adapters: the diagnostic behind
+target 2 of ``bench_serving.py`` (adapter throughput >= 0.85 of the base model's).
+
+No server and no ``peft`` in the timed part: the bench model of ``bench_serving.py`` in a
+:class:`~adapters_core.serving.SlottedModel` laid out as the server lays it out on a CPU (64 slots,
+row buffers for 64 rows), 32 adapters loaded, a batch of 32 rows prefilled with 48-token prompts,
+then decode steps of three kinds, interleaved so that a machine slowing down moves all three:
+
+* ``base``: every row on the base model (no adapter work at all);
+* ``adapters``: row ``i`` on adapter ``i`` (what the server does);
+* ``base + reading``: the base step, plus, in every adapted layer, a ``sum`` of the very row
+  buffers the adapter step multiplies (a forward hook): the cost of only bringing those weights
+  through the caches, in place, with torch's plainest read.
+
+Each step appends one token to every row (the cache grows by one column per step, as in the
+server). Between the steps, outside the model: the adapter step's 56 products alone (``bmm`` on the
+same row buffers), and one read of the same number of bytes as a single flat tensor (the machine's
+streaming floor: what a perfect kernel would pay with no other work around it).
+
+The report gives the median of each, the ratio base / adapters (the ceiling of target 2's ratio on
+this machine, before HTTP adds the same cost to both sides) and the adapter time target 2 allows
+per step at that level.
+
+    python bench/bench_serving_step.py [--steps N] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import inspect
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _runner import add_common_arguments, run_bench
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+
+from bench_serving import CLIENTS, SLOTS, SPECS, make_adapters  # noqa: E402
+
+from adapters_core.tiny_models import build_tiny_llama  # noqa: E402
+
+PROMPT_TOKENS = 48
+TARGET = 0.85  # bench_serving's target 2
+KINDS = ("base", "adapters", "base + reading")
+ALONE = ("products alone", "streaming floor")
+
+
+def _reading_hooks(model: torch.nn.Module, batch: int) -> list[Any]:
+    """Forward hooks that read each adapted layer's first ``batch`` row buffers (A and B)."""
+    from adapters_core.serving.layers import SlotLoraLayer
+
+    def read(layer: SlotLoraLayer, *_: Any) -> None:
+        assert layer.rows_a is not None and layer.rows_b is not None
+        layer.rows_a[:batch].sum()
+        layer.rows_b[:batch].sum()
+
+    return [m.register_forward_hook(read) for m in model.modules()
+            if isinstance(m, SlotLoraLayer) and m.rows_a is not None]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from adapters_core.peft_format import read_adapter
+    from adapters_core.serving import SlottedModel
+    from app.serving.kv import new_cache
+
+    spec = SPECS["cpu"]
+    with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
+        work = Path(tmp)
+        build_tiny_llama(work / "model", spec, seed=0)
+        folders = make_adapters(work / "model", work / "adapters", CLIENTS, torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32).eval()
+        slotted = SlottedModel(model, SLOTS, row_capacity=SLOTS)
+        for i, folder in enumerate(folders):
+            slotted.load(i + 1, slotted.prepare(*read_adapter(folder)))
+    slots = list(range(1, CLIENTS + 1))
+    slotted.sync_rows(slots)
+    adapter_bytes = sum((m.rows_a[:CLIENTS].nbytes + m.rows_b[:CLIENTS].nbytes)
+                        for m in model.modules() if getattr(m, "rows_a", None) is not None)
+    vocab = int(model.config.vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab - 1, (CLIENTS, PROMPT_TOKENS), generator=gen)
+    cache = new_cache()
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    times: dict[str, list[float]] = {k: [] for k in KINDS + ALONE}
+    layers = [m for m in model.modules() if getattr(m, "rows_a", None) is not None]
+    inputs = [(torch.randn((CLIENTS, 1, m.rows_a.shape[1]), generator=gen),
+               torch.zeros((CLIENTS, 1, m.rows_b.shape[2]))) for m in layers]
+    flat = torch.cat([t[:CLIENTS].flatten() for m in layers for t in (m.rows_a, m.rows_b)])
+
+    def products() -> float:
+        t0 = time.perf_counter()
+        for m, (x, out) in zip(layers, inputs, strict=True):
+            out.baddbmm_(torch.bmm(x, m.rows_a[:CLIENTS]), m.rows_b[:CLIENTS])
+        return time.perf_counter() - t0
+
+    def streaming() -> float:
+        t0 = time.perf_counter()
+        flat.sum()
+        return time.perf_counter() - t0
+
+    length = PROMPT_TOKENS
+
+    def step(kind: str) -> float:
+        nonlocal length
+        routed = [0] * CLIENTS if kind != "adapters" else slots
+        hooks = _reading_hooks(model, CLIENTS) if kind == "base + reading" else []
+        token = torch.randint(5, vocab - 1, (CLIENTS, 1), generator=gen)
+        mask = torch.ones((CLIENTS, length + 1), dtype=torch.long)
+        positions = torch.full((CLIENTS, 1), length, dtype=torch.long)
+        t0 = time.perf_counter()
+        with slotted.route(routed):
+            model(input_ids=token, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_arg: cache})
+        elapsed = time.perf_counter() - t0
+        for hook in hooks:
+            hook.remove()
+        length += 1
+        return elapsed
+
+    with torch.inference_mode():
+        with slotted.route(slots):
+            model(input_ids=ids, use_cache=True, **{cache_arg: cache})
+        for _ in range(3):  # warm-up
+            for kind in KINDS:
+                step(kind)
+        for i in range(args.steps):
+            order = KINDS[i % 3:] + KINDS[:i % 3]
+            for kind in order:
+                times[kind].append(step(kind))
+            times["products alone"].append(products())
+            times["streaming floor"].append(streaming())
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {
+        "machine": {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads()},
+        "setup": {"spec": spec.__dict__, "rows": CLIENTS, "prompt_tokens": PROMPT_TOKENS, "steps": args.steps,
+                  "adapter_bytes_per_step": adapter_bytes},
+        "step_ms": ms,
+        "step_ms_all": {k: [round(x * 1e3, 3) for x in v] for k, v in times.items()},
+        "ratio_base_over_adapters": ms["base"] / ms["adapters"],
+        "adapter_budget_ms": ms["base"] / TARGET - ms["base"],
+        "pass": {},  # a diagnostic: no target of its own
+    }
+
+
+def report(r: dict[str, Any]) -> str:
+    ms, s, m = r["step_ms"], r["setup"], r["machine"]
+    base = ms["base"]
+    lines = [
+        f"decode step with {s['rows']} rows ({m['date']}, torch {m['torch']}, {m['torch_threads']} threads): "
+        f"{s['steps']} of each, medians; cache {s['prompt_tokens']}-{s['prompt_tokens'] + 3 * s['steps']} "
+        f"columns; the row buffers of one step hold {s['adapter_bytes_per_step'] / 1e6:.1f} MB",
+        "",
+        "| what                                               | ms     | over the base step |",
+        "|----------------------------------------------------|--------|--------------------|",
+    ]
+    for kind, label in (("base", "step, every row on the base model"),
+                        ("adapters", "step, 32 rows on 32 adapters (the server's path)"),
+                        ("base + reading", "step, base + reading those weights in place"),
+                        ("products alone", "the 56 adapter products alone, outside the model"),
+                        ("streaming floor", "reading the same bytes as one flat tensor")):
+        over = f"{ms[kind] - base:+.2f} ms" if kind in KINDS else ""
+        lines.append(f"| {label:<50} | {ms[kind]:6.2f} | {over:<18} |")
+    lines += [
+        "",
+        f"base / adapters = {r['ratio_base_over_adapters']:.3f}: the ceiling of bench_serving's target 2 here, "
+        f"before HTTP adds the same cost to both sides. At this level the target allows "
+        f"{r['adapter_budget_ms']:.2f} ms of adapter work per step; the step spends "
+        f"{ms['adapters'] - base:.2f} ms, and reading the weights alone, with nothing around it, takes "
+        f"{ms['streaming floor']:.2f} ms.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=60, help="timed steps of each kind (default 60)")
+    add_common_arguments(parser)
+    return run_bench(parser.parse_args(argv), run, report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
