@@ -17,6 +17,10 @@ server). Between the steps, outside the model: the adapter step's 56 products al
 same row buffers), and one read of the same number of bytes as a single flat tensor (the machine's
 streaming floor: what a perfect kernel would pay with no other work around it).
 
+Then an r=64 adapter is loaded into a slot no row uses (every layer's buffers grow to 64 rank
+columns) and the base and adapter steps run again: the 32 r=16 rows must cost what they cost before
+(a batch multiplies only the rank columns its own slots need).
+
 The report gives the median of each, the ratio base / adapters (the ceiling of target 2's ratio on
 this machine, before HTTP adds the same cost to both sides) and the adapter time target 2 allows
 per step at that level.
@@ -51,6 +55,8 @@ PROMPT_TOKENS = 48
 TARGET = 0.85  # bench_serving's target 2
 KINDS = ("base", "adapters", "base + reading")
 ALONE = ("products alone", "streaming floor")
+MIXED = "adapters, r=64 in the bank"
+WIDE_RANK = 64
 
 
 def _reading_hooks(model: torch.nn.Module, batch: int) -> list[Any]:
@@ -66,6 +72,17 @@ def _reading_hooks(model: torch.nn.Module, batch: int) -> list[Any]:
             if isinstance(m, SlotLoraLayer) and m.rows_a is not None]
 
 
+def _wide_adapter(model_dir: Path, out: Path) -> Path:
+    """An r=64 ``all-linear`` adapter (saved by ``peft``): 4x the rank of the bench's adapters."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    config = LoraConfig(r=WIDE_RANK, lora_alpha=WIDE_RANK, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config).save_pretrained(out)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
@@ -78,6 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(tmp)
         build_tiny_llama(work / "model", spec, seed=0)
         folders = make_adapters(work / "model", work / "adapters", CLIENTS, torch.float32)
+        wide = read_adapter(_wide_adapter(work / "model", work / "wide"))  # (config, tensors), in memory
         model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32).eval()
         slotted = SlottedModel(model, SLOTS, row_capacity=SLOTS)
         for i, folder in enumerate(folders):
@@ -91,16 +109,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ids = torch.randint(5, vocab - 1, (CLIENTS, PROMPT_TOKENS), generator=gen)
     cache = new_cache()
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    times: dict[str, list[float]] = {k: [] for k in KINDS + ALONE}
+    times: dict[str, list[float]] = {k: [] for k in (*KINDS, *ALONE, MIXED, "base, r=64 in the bank")}
     layers = [m for m in model.modules() if getattr(m, "rows_a", None) is not None]
-    inputs = [(torch.randn((CLIENTS, 1, m.rows_a.shape[1]), generator=gen),
+    inputs = [(torch.randn((CLIENTS, 1, m.rows_a.shape[2]), generator=gen),
                torch.zeros((CLIENTS, 1, m.rows_b.shape[2]))) for m in layers]
     flat = torch.cat([t[:CLIENTS].flatten() for m in layers for t in (m.rows_a, m.rows_b)])
 
-    def products() -> float:
+    def products() -> float:  # (row buffers keep A transposed: (rows, r, in))
         t0 = time.perf_counter()
         for m, (x, out) in zip(layers, inputs, strict=True):
-            out.baddbmm_(torch.bmm(x, m.rows_a[:CLIENTS]), m.rows_b[:CLIENTS])
+            out.baddbmm_(torch.bmm(x, m.rows_a[:CLIENTS].transpose(1, 2)), m.rows_b[:CLIENTS])
         return time.perf_counter() - t0
 
     def streaming() -> float:
@@ -138,12 +156,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 times[kind].append(step(kind))
             times["products alone"].append(products())
             times["streaming floor"].append(streaming())
+        # an adapter of 4x the rank in a slot no row uses: every layer's buffers grow to r=64
+        slotted.load(SLOTS, slotted.prepare(*wide))
+        slotted.sync_rows(slots)
+        for i in range(args.steps):
+            for kind in ("base", "adapters")[i % 2:] + ("base", "adapters")[:i % 2]:
+                times[MIXED if kind == "adapters" else "base, r=64 in the bank"].append(step(kind))
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     return {
         "machine": {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads()},
         "setup": {"spec": spec.__dict__, "rows": CLIENTS, "prompt_tokens": PROMPT_TOKENS, "steps": args.steps,
-                  "adapter_bytes_per_step": adapter_bytes},
+                  "cache_columns": [PROMPT_TOKENS, length], "adapter_bytes_per_step": adapter_bytes},
         "step_ms": ms,
         "step_ms_all": {k: [round(x * 1e3, 3) for x in v] for k, v in times.items()},
         "ratio_base_over_adapters": ms["base"] / ms["adapters"],
@@ -157,7 +181,7 @@ def report(r: dict[str, Any]) -> str:
     base = ms["base"]
     lines = [
         f"decode step with {s['rows']} rows ({m['date']}, torch {m['torch']}, {m['torch_threads']} threads): "
-        f"{s['steps']} of each, medians; cache {s['prompt_tokens']}-{s['prompt_tokens'] + 3 * s['steps']} "
+        f"{s['steps']} of each, medians; cache {s['cache_columns'][0]}-{s['cache_columns'][1]} "
         f"columns; the row buffers of one step hold {s['adapter_bytes_per_step'] / 1e6:.1f} MB",
         "",
         "| what                                               | ms     | over the base step |",
@@ -166,9 +190,11 @@ def report(r: dict[str, Any]) -> str:
     for kind, label in (("base", "step, every row on the base model"),
                         ("adapters", "step, 32 rows on 32 adapters (the server's path)"),
                         ("base + reading", "step, base + reading those weights in place"),
+                        (MIXED, "same, after an r=64 adapter lands in slot 64"),
                         ("products alone", "the 56 adapter products alone, outside the model"),
                         ("streaming floor", "reading the same bytes as one flat tensor")):
-        over = f"{ms[kind] - base:+.2f} ms" if kind in KINDS else ""
+        reference = ms["base, r=64 in the bank"] if kind == MIXED else base
+        over = f"{ms[kind] - reference:+.2f} ms" if kind in (*KINDS, MIXED) else ""
         lines.append(f"| {label:<50} | {ms[kind]:6.2f} | {over:<18} |")
     lines += [
         "",

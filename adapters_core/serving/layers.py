@@ -14,9 +14,12 @@ and computes, for row ``i`` with slot ``sᵢ``::
     δ[i] = (x[i] @ A[sᵢ]) @ B[sᵢ] + lora_bias[sᵢ],   g = m / ‖W + s·B·A‖ (computed when loaded)
 
 Ranks are zero-padded to the largest rank loaded on the layer (the buffers grow when a larger one
-arrives), which keeps every product exact. With ``row_capacity`` set, the layer also keeps *row
-buffers* ``A_rows (rows, in, r)`` and ``B_rows (rows, r, out)``: copies of the slot weights of each row
-of the running batch, written when a row joins. A decode step then multiplies in place
+arrives), which keeps every product exact; a forward multiplies only the first ``SlotRouting.rank``
+columns (the largest rank among the slots it routes), so one high-rank adapter in the bank does not
+make every other row pay its rank. With ``row_capacity`` set, the layer also keeps *row buffers*
+``A_rowsᵀ (rows, r, in)`` and ``B_rows (rows, r, out)``: copies of the slot weights of each row of the
+running batch, written when a row joins (A transposed, so a row's first columns are contiguous on
+both sides). A decode step then multiplies in place
 (``bmm`` on views, no gather), which on CPUs, where decode is bound by reading adapter weights, costs
 about half of gathering from the slot bank every step. :class:`SlotModuleSwap` serves ``modules_to_save``: rows
 whose adapter has its own copy of the module go through that copy, grouped by slot.
@@ -49,14 +52,16 @@ class SlotRouting:
     index: RowIndex
     rows_synced: bool = False  # the row buffers hold row i's slot weights at position i (see SlotLoraLayer)
     decode_rows: int = 0  # rows_synced with more than one slot: the batch size, else 0 (the decode hot path)
+    rank: int | None = None  # the largest LoRA rank of the routed slots (None: unknown, use every column)
 
     @classmethod
-    def of(cls, slots: list[int], device: torch.device, *, rows_synced: bool = False) -> SlotRouting:
+    def of(cls, slots: list[int], device: torch.device, *, rows_synced: bool = False,
+           rank: int | None = None) -> SlotRouting:
         tensor = torch.tensor(slots, dtype=torch.long, device=device)
         distinct = frozenset(slots)
         uniform = next(iter(distinct)) if len(distinct) == 1 else None
         decode_rows = len(slots) if rows_synced and uniform is None else 0
-        return cls(tensor, distinct, uniform, RowIndex(tensor), rows_synced, decode_rows)
+        return cls(tensor, distinct, uniform, RowIndex(tensor), rows_synced, decode_rows, rank)
 
     @property
     def batch_size(self) -> int:
@@ -117,7 +122,7 @@ class SlotLoraLayer(_Wrapper):
         self.b: torch.Tensor | None = None
         self.rows_a: torch.Tensor | None = None
         self.rows_b: torch.Tensor | None = None
-        self._row_views: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (batch, rows_a[:batch], rows_b[:batch])
+        self._row_views: tuple[int, int, torch.Tensor, torch.Tensor] | None = None  # batch, width and their views
         self.lora_bias: torch.Tensor | None = None
         self.gain: torch.Tensor | None = None
         self.bias_delta: torch.Tensor | None = None
@@ -150,7 +155,8 @@ class SlotLoraLayer(_Wrapper):
             b[:, :old, :] = self.b
         self.a, self.b = a, b
         if self.row_capacity:  # the owner re-syncs every row after a layer changes shape
-            shape_a, shape_b = (self.row_capacity, *a.shape[1:]), (self.row_capacity, *b.shape[1:])
+            shape_a = (self.row_capacity, rank, self.info.in_features)  # A transposed: see _rows_for
+            shape_b = (self.row_capacity, *b.shape[1:])
             self.rows_a = torch.zeros(shape_a, dtype=self.dtype, device=self.device)
             self.rows_b = torch.zeros(shape_b, dtype=self.dtype, device=self.device)
             self._row_views = None
@@ -212,10 +218,10 @@ class SlotLoraLayer(_Wrapper):
             return
         if first is not None:
             end = first + len(rows)
-            torch.index_select(self.a, 0, slots, out=self.rows_a[first:end])
+            torch.index_select(self.a.transpose(1, 2), 0, slots, out=self.rows_a[first:end])
             torch.index_select(self.b, 0, slots, out=self.rows_b[first:end])
             return
-        self.rows_a.index_copy_(0, rows, self.a.index_select(0, slots))
+        self.rows_a.index_copy_(0, rows, self.a.transpose(1, 2).index_select(0, slots))
         self.rows_b.index_copy_(0, rows, self.b.index_select(0, slots))
 
     # ------------------------------------------------------------------ forward
@@ -228,21 +234,32 @@ class SlotLoraLayer(_Wrapper):
                 and x.dtype == self.dtype and routing.distinct.isdisjoint(self._extra_slots)
                 and not torch.is_grad_enabled()):
             # the decode hot path: plain LoRA rows, weights already at the rows' positions
-            rows_a, rows_b = self._rows_for(batch)
+            rows_a, rows_b = self._rows_for(batch, self._width(routing))
             base = self.base_layer
             out: torch.Tensor = (F.linear(x, base.weight, base.bias) if type(base) is nn.Linear and not args
                                  and not kwargs else base(x, *args, **kwargs))
             return out.baddbmm_(torch.bmm(x, rows_a), rows_b)
         return self._add_adapters(x, self.base_layer(x, *args, **kwargs), routing)
 
-    def _rows_for(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of the first ``batch`` row buffers, kept while the batch size holds (a decode step's
-        forward asks once per layer, every step)."""
+    def _width(self, routing: SlotRouting) -> int:
+        """Rank columns the routed rows need: the largest rank among their slots, not the capacity
+        (an adapter of a higher rank loaded into another slot costs these rows nothing; the columns
+        beyond a slot's own rank hold zeros)."""
+        capacity = self.rank_capacity
+        rank = routing.rank
+        return capacity if rank is None or rank >= capacity else max(rank, 1)
+
+    def _rows_for(self, batch: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(batch, in, width)`` and ``(batch, width, out)`` views of the first ``batch`` row buffers' first
+        ``width`` rank components, kept while both hold (a decode step's forward asks once per layer,
+        every step). The row buffers keep A transposed, ``(rows, r, in)``, so that a row's first
+        ``width`` components are contiguous on both sides whatever the capacity."""
         views = self._row_views
-        if views is None or views[0] != batch:
+        if views is None or views[0] != batch or views[1] != width:
             assert self.rows_a is not None and self.rows_b is not None
-            views = self._row_views = (batch, self.rows_a[:batch], self.rows_b[:batch])
-        return views[1], views[2]
+            views = self._row_views = (batch, width, self.rows_a[:batch, :width].transpose(1, 2),
+                                       self.rows_b[:batch, :width])
+        return views[2], views[3]
 
     def _add_adapters(self, x: torch.Tensor, result: torch.Tensor, routing: SlotRouting) -> torch.Tensor:
         batch = routing.batch_size
@@ -292,9 +309,14 @@ class SlotLoraLayer(_Wrapper):
         if x3.dtype != self.dtype:
             x3 = x3.to(self.dtype)
         routing = self._routing.current
+        width = self.rank_capacity if routing is None else self._width(routing)
         if routing is not None and routing.decode_rows == batch and x3.shape[1] == 1 and self.rows_a is not None:
-            return lora_delta_rows(x3, *self._rows_for(batch), out)
-        return lora_delta(x3, self.a, self.b, slots, uniform, index, out)
+            return lora_delta_rows(x3, *self._rows_for(batch, width), out)
+        a, b = self.a, self.b
+        if width < self.rank_capacity and (uniform is not None or x3.shape[1] > 1):
+            # dense and gathering products take strided views; the single-token path reads the bank flat
+            a, b = a[:, :, :width], b[:, :width]
+        return lora_delta(x3, a, b, slots, uniform, index, out)
 
 
 def _per_row(table: torch.Tensor, slots: torch.Tensor, uniform: int | None) -> torch.Tensor:

@@ -60,6 +60,7 @@ class SlottedModel:
         self._swaps: dict[str, SlotModuleSwap] = {}
         self._biases: dict[str, SlotBias] = {}
         self._slot_modules: dict[int, set[str]] = {}
+        self._slot_ranks: dict[int, int] = {}  # slot -> largest LoRA rank of its adapter
         self._originals: dict[str, nn.Module] = {}
         self._targets: dict[str, list[str]] = {}
 
@@ -206,12 +207,14 @@ class SlottedModel:
         for name, delta in prepared.biases.items():
             self._biases[name].write(slot, delta)
         self._slot_modules[slot] = wanted
+        self._slot_ranks[slot] = prepared.rank
 
     def clear(self, slot: int) -> None:
         """Empty ``slot``: its rows get the base model. Call between forwards."""
         self._check_slot(slot)
         for name in self._slot_modules.pop(slot, set()):
             self._clear_module(name, slot)
+        self._slot_ranks.pop(slot, None)
         self._forget_rows(slot)
 
     def _forget_rows(self, slot: int) -> None:
@@ -269,7 +272,9 @@ class SlottedModel:
         if any(s < 0 or s > self.num_slots for s in ids):
             raise ConfigError(f"slot ids must be in 0..{self.num_slots}", field="slots")
         synced = bool(self.row_capacity) and self._synced[: len(ids)] == ids
-        self.routing.current = None if not any(ids) else SlotRouting.of(ids, self.device, rows_synced=synced)
+        rank = max((self._slot_ranks.get(s, 0) for s in set(ids)), default=0)
+        self.routing.current = (None if not any(ids) else
+                                SlotRouting.of(ids, self.device, rows_synced=synced, rank=rank))
         try:
             yield
         finally:

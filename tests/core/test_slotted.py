@@ -242,3 +242,66 @@ def test_bfloat16_model_serves_adapters_as_accurately_as_peft(row_buffers: bool,
         assert maxdiff(got[position], truth[position]) <= 1.5 * peft_error, (position, peft_error)
         for i in range(1, len(names)):  # each row's own adapter: rows differ from one another
             assert maxdiff(got[position][i], got[position][0]) > MIN_EFFECT
+
+
+@pytest.mark.parametrize("row_buffers", [False, True], ids=["bank", "row-buffers"])
+def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
+        row_buffers: bool, saved: dict[str, Saved], model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Slot buffers are padded to the largest rank ever loaded, but a batch multiplies only as many rank
+    columns as its own slots' largest rank: after an r=32 adapter lands in another slot (and after it
+    leaves), the r<=8 rows give the same answers with products of width 8, not 32. Rows of the r=32
+    adapter, mixed with the others, still give what they give alone."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import DynamicCache
+
+    class LoraWidths(TorchDispatchMode):
+        """Rank width of every LoRA product: shrink ``bmm(x, A)`` and expand ``baddbmm(out, h, B)``."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.widths: set[int] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.ops.aten.bmm.default and args[1].shape[-2] > 1:  # (rotary's bmm contracts 1)
+                self.widths.add(int(args[1].shape[-1]))
+            elif func in (torch.ops.aten.baddbmm.default, torch.ops.aten.baddbmm_.default):
+                self.widths.add(int(args[2].shape[-2]))
+            return func(*args, **(kwargs or {}))
+
+    big = _save(Case("llama-r32-all-linear", "llama", {"r": 32, "target_modules": "all-linear"}),
+                model_dirs["llama"], tmp_path / "r32")
+    sm = SlottedModel(load_model(model_dirs["llama"]), 3, row_capacity=8 if row_buffers else 0)
+    load_into(sm, 1, saved["llama-all-linear"].path)  # r=4
+    load_into(sm, 2, saved["llama-r8-qv"].path)  # r=8
+    ids = big.ids[:1].repeat(4, 1)
+
+    def two_steps(rows: list[int]) -> tuple[torch.Tensor, set[int]]:
+        """Prefill and one decode step of a batch routed to ``rows``: the decode logits, the widths."""
+        widths = LoraWidths()
+        with torch.inference_mode(), widths:
+            cache = DynamicCache()
+            with sm.route(rows):
+                nxt = sm.model(input_ids=ids[: len(rows)], cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            sm.sync_rows(rows)
+            with sm.route(rows):
+                logits = sm.model(input_ids=nxt, cache=cache, use_cache=True).logits.float()
+        return logits, widths.widths
+
+    rows = [1, 2, 0, 1]
+    before, widths_before = two_steps(rows)
+    load_into(sm, 3, big.path)
+    after, widths_after = two_steps(rows)
+    assert maxdiff(after, before) <= ATOL
+    # before: each layer's capacity (4 where only the r=4 adapter reaches, 8 on q/v); after: the batch's
+    # largest rank (8), never the new capacity (32). Without row buffers the single-token decode reads
+    # the bank's rows whole (embedding_bag), which bmm does not see: these are the prefill's products
+    assert widths_before == {4, 8} and widths_after == {8}
+    mixed, widths_mixed = two_steps([1, 3, 2])
+    assert widths_mixed == {32}
+    for i, slot in enumerate([1, 3, 2]):
+        alone, _ = two_steps([slot])
+        assert maxdiff(mixed[i:i + 1], alone) <= ATOL, (i, slot)
+    assert maxdiff(mixed[1:2], before[0:1]) > MIN_EFFECT  # slot 3 really is another adapter
+    sm.clear(3)
+    cleared, widths_cleared = two_steps(rows)
+    assert maxdiff(cleared, before) <= ATOL and widths_cleared == {8}
