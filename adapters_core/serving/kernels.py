@@ -28,15 +28,17 @@ class RowIndex:
 
     def __init__(self, slots: torch.Tensor) -> None:
         self.slots = slots
-        self._cache: dict[int, torch.Tensor] = {}
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
 
-    def rows(self, width: int) -> torch.Tensor:
-        """``(batch, width)`` indices ``sᵢ·width + j`` into a bank viewed as ``(slots·width, ·)``."""
-        idx = self._cache.get(width)
+    def rows(self, width: int, stride: int | None = None) -> torch.Tensor:
+        """``(batch, width)`` indices ``sᵢ·stride + j`` (``j < width``) into a bank viewed as
+        ``(slots·stride, ·)``; ``stride`` defaults to ``width``."""
+        stride = width if stride is None else stride
+        idx = self._cache.get((width, stride))
         if idx is None:
-            base = self.slots * width
+            base = self.slots * stride
             idx = base.unsqueeze(1) + torch.arange(width, device=self.slots.device).unsqueeze(0)
-            self._cache[width] = idx
+            self._cache[(width, stride)] = idx
         return idx
 
 
@@ -64,8 +66,9 @@ def lora_expand(h: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, uniform: 
         out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, rank), bu)
         return out
     if tokens == 1:
-        flat = b.view(-1, b.shape[-1])
-        delta = F.embedding_bag(index.rows(rank), flat, per_sample_weights=h.reshape(batch, rank), mode="sum")
+        flat = b.view(-1, b.shape[-1])  # h may cover only the first rows of each slot's B
+        delta = F.embedding_bag(index.rows(rank, b.shape[1]), flat, per_sample_weights=h.reshape(batch, rank),
+                                mode="sum")
         delta = delta.unsqueeze(1)
         if out is None:
             return delta
@@ -77,8 +80,17 @@ def lora_expand(h: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, uniform: 
 
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, uniform: int | None,
-               index: RowIndex, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``out[i] += (x[i] @ A[sᵢ]) @ B[sᵢ]`` (see the module docstring); ``x`` is ``(batch, tokens, in)``."""
+               index: RowIndex, out: torch.Tensor | None = None, width: int | None = None) -> torch.Tensor:
+    """``out[i] += (x[i] @ A[sᵢ]) @ B[sᵢ]`` (see the module docstring); ``x`` is ``(batch, tokens, in)``.
+
+    ``width``: only the first ``width`` rank components (the slots' own ranks all fit; the rest of the
+    padded bank is zeros). Dense and gathering products take strided views; the single-token path,
+    which reads A as flat rows, computes ``h`` whole and then reads only ``width`` rows of each B."""
+    if width is not None and width < a.shape[-1]:
+        if uniform is not None or x.shape[1] > 1:
+            a, b = a[:, :, :width], b[:, :width]
+        else:
+            return lora_expand(lora_hidden(x, a, slots, uniform, index)[..., :width], b, slots, uniform, index, out)
     return lora_expand(lora_hidden(x, a, slots, uniform, index), b, slots, uniform, index, out)
 
 

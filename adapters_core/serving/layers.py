@@ -312,11 +312,7 @@ class SlotLoraLayer(_Wrapper):
         width = self.rank_capacity if routing is None else self._width(routing)
         if routing is not None and routing.decode_rows == batch and x3.shape[1] == 1 and self.rows_a is not None:
             return lora_delta_rows(x3, *self._rows_for(batch, width), out)
-        a, b = self.a, self.b
-        if width < self.rank_capacity and (uniform is not None or x3.shape[1] > 1):
-            # dense and gathering products take strided views; the single-token path reads the bank flat
-            a, b = a[:, :, :width], b[:, :width]
-        return lora_delta(x3, a, b, slots, uniform, index, out)
+        return lora_delta(x3, self.a, self.b, slots, uniform, index, out, width=width)
 
 
 def _per_row(table: torch.Tensor, slots: torch.Tensor, uniform: int | None) -> torch.Tensor:
