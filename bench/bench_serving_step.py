@@ -111,14 +111,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     times: dict[str, list[float]] = {k: [] for k in (*KINDS, *ALONE, MIXED, "base, r=64 in the bank")}
     layers = [m for m in model.modules() if getattr(m, "rows_a", None) is not None]
-    inputs = [(torch.randn((CLIENTS, 1, m.rows_a.shape[2]), generator=gen),
+    inputs = [(torch.randn((CLIENTS, 1, m.rows_a.shape[1]), generator=gen),
                torch.zeros((CLIENTS, 1, m.rows_b.shape[2]))) for m in layers]
     flat = torch.cat([t[:CLIENTS].flatten() for m in layers for t in (m.rows_a, m.rows_b)])
 
-    def products() -> float:  # (row buffers keep A transposed: (rows, r, in))
+    def products() -> float:
         t0 = time.perf_counter()
         for m, (x, out) in zip(layers, inputs, strict=True):
-            out.baddbmm_(torch.bmm(x, m.rows_a[:CLIENTS].transpose(1, 2)), m.rows_b[:CLIENTS])
+            out.baddbmm_(torch.bmm(x, m.rows_a[:CLIENTS]), m.rows_b[:CLIENTS])
         return time.perf_counter() - t0
 
     def streaming() -> float:

@@ -268,14 +268,14 @@ def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
                 self.widths.add(int(args[2].shape[-2]))
             elif func._overloadpacket is torch.ops.aten.embedding_bag:
                 per_row = args[1].numel() // args[2].numel()  # the expand sums `width` rows of B per row
-                if per_row < HIDDEN:  # (the shrink sums in_features >= HIDDEN rows of A)
+                if per_row < hidden:  # (the shrink sums in_features >= hidden rows of A)
                     self.widths.add(per_row)
             return func(*args, **(kwargs or {}))
 
     big = _save(Case("llama-r16-all-linear", "llama", {"r": 16, "target_modules": "all-linear"}),
                 model_dirs["llama"], tmp_path / "r16")
-    HIDDEN = load_model(model_dirs["llama"]).config.hidden_size  # noqa: N806
-    assert HIDDEN > 16
+    hidden = load_model(model_dirs["llama"]).config.hidden_size
+    assert hidden > 16
     sm = SlottedModel(load_model(model_dirs["llama"]), 3, row_capacity=8 if row_buffers else 0)
     load_into(sm, 1, saved["llama-all-linear"].path)  # r=4
     load_into(sm, 2, saved["llama-r8-qv"].path)  # r=8
