@@ -250,9 +250,8 @@ class SlotLoraLayer(_Wrapper):
     def _rows_for(self, batch: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(batch, in, width)`` and ``(batch, width, out)`` views of the first ``batch`` row buffers' first
         ``width`` rank components, kept while both hold (a decode step's forward asks once per layer,
-        every step). Narrower than the capacity, A's view is strided: ~1.3 ms more per 32-row step
-        on the CPU bench model than a compact copy would cost, while keeping A transposed to make it
-        compact costs ~0.6 ms on every step of the common case (every rank equal)."""
+        every step). Narrower than the capacity, A's view is strided; keeping A transposed would make
+        it contiguous but slows the common case, every rank equal (docs/benchmarks.md, "Mixed ranks")."""
         views = self._row_views
         if views is None or views[0] != batch or views[1] != width:
             assert self.rows_a is not None and self.rows_b is not None
