@@ -29,6 +29,7 @@ whose adapter has its own copy of the module go through that copy, grouped by sl
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,11 +56,13 @@ class SlotRouting:
 
     @classmethod
     def of(cls, slots: list[int], device: torch.device, *, rows_synced: bool = False,
-           rank: int | None = None) -> SlotRouting:
+           ranks: Mapping[int, int] | None = None) -> SlotRouting:
+        """``ranks``: each loaded slot's largest LoRA rank (None: unknown, products use every column)."""
         tensor = torch.tensor(slots, dtype=torch.long, device=device)
         distinct = frozenset(slots)
         uniform = next(iter(distinct)) if len(distinct) == 1 else None
         decode_rows = len(slots) if rows_synced and uniform is None else 0
+        rank = None if ranks is None else max(ranks.get(s, 0) for s in distinct)
         return cls(tensor, distinct, uniform, RowIndex(tensor), rows_synced, decode_rows, rank)
 
     @property

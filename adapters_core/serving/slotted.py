@@ -272,9 +272,8 @@ class SlottedModel:
         if any(s < 0 or s > self.num_slots for s in ids):
             raise ConfigError(f"slot ids must be in 0..{self.num_slots}", field="slots")
         synced = bool(self.row_capacity) and self._synced[: len(ids)] == ids
-        rank = max((self._slot_ranks.get(s, 0) for s in set(ids)), default=0)
         self.routing.current = (None if not any(ids) else
-                                SlotRouting.of(ids, self.device, rows_synced=synced, rank=rank))
+                                SlotRouting.of(ids, self.device, rows_synced=synced, ranks=self._slot_ranks))
         try:
             yield
         finally:
