@@ -4,17 +4,19 @@ target 2 of ``bench_serving.py`` (adapter throughput >= 0.85 of the base model's
 No server and no ``peft`` in the timed part: the bench model of ``bench_serving.py`` in a
 :class:`~adapters_core.serving.SlottedModel` laid out as the server lays it out on a CPU (64 slots,
 row buffers for 64 rows), 32 adapters loaded, a batch of 32 rows prefilled with 48-token prompts,
-then decode steps of three kinds, interleaved so that a machine slowing down moves all three:
+then decode steps of four kinds, interleaved so that a machine slowing down moves all of them:
 
 * ``base``: every row on the base model (no adapter work at all);
-* ``adapters``: row ``i`` on adapter ``i`` (what the server does);
+* ``adapters``: row ``i`` on adapter ``i`` (what the server does: the compiled CPU kernel of
+  :mod:`adapters_core.serving.cpu_bgmv`, where it can be built);
+* ``adapters, bmm``: the same with torch's ``bmm`` on the row buffers (the fallback path);
 * ``base + reading``: the base step, plus, in every adapted layer, a ``sum`` of the very row
   buffers the adapter step multiplies (a forward hook): the cost of only bringing those weights
   through the caches, in place, with torch's plainest read.
 
 Each step appends one token to every row (the cache grows by one column per step, as in the
-server). Between the steps, outside the model: the adapter step's 56 products alone (``bmm`` on the
-same row buffers), and one read of the same number of bytes as a single flat tensor (the machine's
+server). Between the steps, outside the model: the adapter step's 56 products alone (the kernel, and
+``bmm``, on the same row buffers), and one read of the same number of bytes as a single flat tensor (the machine's
 streaming floor: what a perfect kernel would pay with no other work around it).
 
 Then an r=64 adapter is loaded into a slot no row uses (every layer's buffers grow to 64 rank
@@ -53,8 +55,8 @@ from adapters_core.tiny_models import build_tiny_llama  # noqa: E402
 
 PROMPT_TOKENS = 48
 TARGET = 0.85  # bench_serving's target 2
-KINDS = ("base", "adapters", "base + reading")
-ALONE = ("products alone", "streaming floor")
+KINDS = ("base", "adapters", "adapters, bmm", "base + reading")
+ALONE = ("products alone", "products alone, bmm", "streaming floor")
 MIXED = "adapters, r=64 in the bank"
 WIDE_RANK = 64
 
@@ -70,6 +72,15 @@ def _reading_hooks(model: torch.nn.Module, batch: int) -> list[Any]:
 
     return [m.register_forward_hook(read) for m in model.modules()
             if isinstance(m, SlotLoraLayer) and m.rows_a is not None]
+
+
+def _use_kernel(model: torch.nn.Module, kernel: Any) -> None:
+    """Point every slot layer at ``kernel`` (``None``: ``bmm``), dropping the views bound to the other."""
+    from adapters_core.serving.layers import SlotLoraLayer
+
+    for m in model.modules():
+        if isinstance(m, SlotLoraLayer):
+            m._bgmv, m._row_views = kernel, None
 
 
 def _wide_adapter(model_dir: Path, out: Path) -> Path:
@@ -115,7 +126,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                torch.zeros((CLIENTS, 1, m.rows_b.shape[2]))) for m in layers]
     flat = torch.cat([t[:CLIENTS].flatten() for m in layers for t in (m.rows_a, m.rows_b)])
 
+    kernel = slotted.cpu_kernel
+    calls = [kernel.prepare(m.rows_a, m.rows_b, m.rows_a.shape[2], CLIENTS) for m in layers] if kernel else []
+
     def products() -> float:
+        if not calls:
+            return float("nan")
+        t0 = time.perf_counter()
+        for call, (x, out) in zip(calls, inputs, strict=True):
+            call(x, out)
+        return time.perf_counter() - t0
+
+    def products_bmm() -> float:
         t0 = time.perf_counter()
         for m, (x, out) in zip(layers, inputs, strict=True):
             out.baddbmm_(torch.bmm(x, m.rows_a[:CLIENTS]), m.rows_b[:CLIENTS])
@@ -130,7 +152,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def step(kind: str) -> float:
         nonlocal length
-        routed = [0] * CLIENTS if kind != "adapters" else slots
+        routed = slots if kind.startswith("adapters") else [0] * CLIENTS
+        _use_kernel(model, None if kind == "adapters, bmm" else kernel)
         hooks = _reading_hooks(model, CLIENTS) if kind == "base + reading" else []
         token = torch.randint(5, vocab - 1, (CLIENTS, 1), generator=gen)
         mask = torch.ones((CLIENTS, length + 1), dtype=torch.long)
@@ -139,6 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with slotted.route(routed):
             model(input_ids=token, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_arg: cache})
         elapsed = time.perf_counter() - t0
+        _use_kernel(model, kernel)
         for hook in hooks:
             hook.remove()
         length += 1
@@ -151,10 +175,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for kind in KINDS:
                 step(kind)
         for i in range(args.steps):
-            order = KINDS[i % 3:] + KINDS[:i % 3]
+            order = KINDS[i % len(KINDS):] + KINDS[:i % len(KINDS)]
             for kind in order:
                 times[kind].append(step(kind))
             times["products alone"].append(products())
+            times["products alone, bmm"].append(products_bmm())
             times["streaming floor"].append(streaming())
         # an adapter of 4x the rank in a slot no row uses: every layer's buffers grow to r=64
         slotted.load(SLOTS, slotted.prepare(*wide))
@@ -165,12 +190,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     return {
         "machine": {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads()},
+                    "torch_threads": torch.get_num_threads(),
+                    "cpu_kernel": str(kernel.path) if kernel else None},
         "setup": {"spec": spec.__dict__, "rows": CLIENTS, "prompt_tokens": PROMPT_TOKENS, "steps": args.steps,
                   "cache_columns": [PROMPT_TOKENS, length], "adapter_bytes_per_step": adapter_bytes},
         "step_ms": ms,
         "step_ms_all": {k: [round(x * 1e3, 3) for x in v] for k, v in times.items()},
         "ratio_base_over_adapters": ms["base"] / ms["adapters"],
+        "ratio_base_over_adapters_bmm": ms["base"] / ms["adapters, bmm"],
         "adapter_budget_ms": ms["base"] / TARGET - ms["base"],
         "pass": {},  # a diagnostic: no target of its own
     }
@@ -189,16 +216,21 @@ def report(r: dict[str, Any]) -> str:
     ]
     for kind, label in (("base", "step, every row on the base model"),
                         ("adapters", "step, 32 rows on 32 adapters (the server's path)"),
+                        ("adapters, bmm", "same, with torch's bmm instead of the kernel"),
                         ("base + reading", "step, base + reading those weights in place"),
                         (MIXED, "same, after an r=64 adapter lands in slot 64"),
-                        ("products alone", "the 56 adapter products alone, outside the model"),
+                        ("products alone", "the 56 adapter products alone, the kernel"),
+                        ("products alone, bmm", "the same with torch's bmm"),
                         ("streaming floor", "reading the same bytes as one flat tensor")):
         reference = ms["base, r=64 in the bank"] if kind == MIXED else base
         over = f"{ms[kind] - reference:+.2f} ms" if kind in (*KINDS, MIXED) else ""
         lines.append(f"| {label:<50} | {ms[kind]:6.2f} | {over:<18} |")
+    kernel = m.get("cpu_kernel")
     lines += [
         "",
-        f"base / adapters = {r['ratio_base_over_adapters']:.3f}: the ceiling of bench_serving's target 2 here, "
+        f"CPU kernel: {kernel or 'not available (see the warning above): both adapter steps ran bmm'}",
+        "",
+        f"base / adapters = {r['ratio_base_over_adapters']:.3f} (with bmm {r['ratio_base_over_adapters_bmm']:.3f}): the ceiling of bench_serving's target 2 here, "
         f"before HTTP adds the same cost to both sides. At this level the target allows "
         f"{r['adapter_budget_ms']:.2f} ms of adapter work per step; the step spends "
         f"{ms['adapters'] - base:.2f} ms, and reading the weights alone, with nothing around it, takes "

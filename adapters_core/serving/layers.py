@@ -18,11 +18,12 @@ arrives), which keeps every product exact; a forward multiplies only the first `
 columns (the largest rank among the slots it routes), so one high-rank adapter in the bank does not
 make every other row pay its rank. With ``row_capacity`` set, the layer also keeps *row buffers*
 ``A_rows (rows, in, r)`` and ``B_rows (rows, r, out)``: copies of the slot weights of each row of the
-running batch, written when a row joins. A decode step then multiplies in place
-(``bmm`` on views, no gather), which on CPUs, where decode is bound by reading adapter weights, costs
-about half of gathering from the slot bank every step. :class:`SlotModuleSwap` serves ``modules_to_save``: rows
-whose adapter has its own copy of the module go through that copy, grouped by slot.
-:class:`SlotBias` adds trained biases on modules an adapter does not put LoRA on. Wrappers nest as
+running batch, written when a row joins. A decode step then multiplies in place (no gather), which
+on CPUs, where decode is bound by reading adapter weights, costs about half of gathering from the
+slot bank every step; in float32 on x86-64 it runs the compiled kernel of
+:mod:`adapters_core.serving.cpu_bgmv` (reads each row's weights once), elsewhere ``bmm`` on views.
+:class:`SlotModuleSwap` serves ``modules_to_save``: rows whose adapter has its own copy of the module
+go through that copy, grouped by slot. :class:`SlotBias` adds trained biases on modules an adapter does not put LoRA on. Wrappers nest as
 ``SlotModuleSwap(SlotBias(SlotLoraLayer(base)))``, each present only where some adapter needs it.
 """
 
@@ -39,6 +40,7 @@ from torch import nn
 
 from adapters_core.errors import AdapterStateError
 from adapters_core.methods.lora.base_layers import BaseLayerInfo
+from adapters_core.serving.cpu_bgmv import Bgmv, BgmvCall
 from adapters_core.serving.kernels import RowIndex, lora_delta, lora_delta_rows, lora_expand
 
 
@@ -68,6 +70,17 @@ class SlotRouting:
     @property
     def batch_size(self) -> int:
         return int(self.slots.shape[0])
+
+
+@dataclass(frozen=True)
+class _RowViews:
+    """What a decode step of ``batch`` rows at rank ``width`` multiplies (see ``SlotLoraLayer._rows_for``)."""
+
+    batch: int
+    width: int
+    a: torch.Tensor  # (batch, in, width) view of the row buffers
+    b: torch.Tensor  # (batch, width, out)
+    kernel: BgmvCall | None  # the compiled CPU kernel bound to them, where it applies
 
 
 class RoutingState:
@@ -112,7 +125,7 @@ class SlotLoraLayer(_Wrapper):
     """``base_layer`` plus per-slot LoRA buffers (see the module docstring)."""
 
     def __init__(self, base_layer: nn.Module, info: BaseLayerInfo, routing: RoutingState, num_slots: int,
-                 dtype: torch.dtype, device: torch.device, row_capacity: int = 0) -> None:
+                 dtype: torch.dtype, device: torch.device, row_capacity: int = 0, kernel: Bgmv | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.info = info
@@ -124,7 +137,8 @@ class SlotLoraLayer(_Wrapper):
         self.b: torch.Tensor | None = None
         self.rows_a: torch.Tensor | None = None
         self.rows_b: torch.Tensor | None = None
-        self._row_views: tuple[int, int, torch.Tensor, torch.Tensor] | None = None  # batch, width and their views
+        self._row_views: _RowViews | None = None
+        self._bgmv = kernel  # the compiled CPU decode kernel, for the row buffers (None: bmm)
         self.lora_bias: torch.Tensor | None = None
         self.gain: torch.Tensor | None = None
         self.bias_delta: torch.Tensor | None = None
@@ -235,11 +249,13 @@ class SlotLoraLayer(_Wrapper):
                 and x.dtype == self.dtype and routing.distinct.isdisjoint(self._extra_slots)
                 and not torch.is_grad_enabled()):
             # the decode hot path: plain LoRA rows, weights already at the rows' positions
-            rows_a, rows_b = self._rows_for(batch, self._width(routing))
+            views = self._rows_for(batch, self._width(routing))
             base = self.base_layer
             out: torch.Tensor = (F.linear(x, base.weight, base.bias) if type(base) is nn.Linear and not args
                                  and not kwargs else base(x, *args, **kwargs))
-            return out.baddbmm_(torch.bmm(x, rows_a), rows_b)
+            if views.kernel is not None and views.kernel.accepts(x, out):
+                return views.kernel(x, out)
+            return out.baddbmm_(torch.bmm(x, views.a), views.b)
         return self._add_adapters(x, self.base_layer(x, *args, **kwargs), routing)
 
     def _width(self, routing: SlotRouting) -> int:
@@ -250,16 +266,19 @@ class SlotLoraLayer(_Wrapper):
         rank = routing.rank
         return capacity if rank is None or rank >= capacity else max(rank, 1)
 
-    def _rows_for(self, batch: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows_for(self, batch: int, width: int) -> _RowViews:
         """``(batch, in, width)`` and ``(batch, width, out)`` views of the first ``batch`` row buffers' first
-        ``width`` rank components, kept while both hold (a decode step's forward asks once per layer,
-        every step). Narrower than the capacity, A's view is strided; keeping A transposed would make
-        it contiguous but slows the common case, every rank equal (docs/benchmarks.md, "Mixed ranks")."""
+        ``width`` rank components, and the compiled kernel's call bound to them (where it applies), kept
+        while both hold (a decode step's forward asks once per layer, every step). Narrower than the
+        capacity, A's view is strided; keeping A transposed would make it contiguous but slows the
+        common case, every rank equal (docs/benchmarks.md, "Mixed ranks")."""
         views = self._row_views
-        if views is None or views[0] != batch or views[1] != width:
+        if views is None or views.batch != batch or views.width != width:
             assert self.rows_a is not None and self.rows_b is not None
-            views = self._row_views = (batch, width, self.rows_a[:batch, :, :width], self.rows_b[:batch, :width])
-        return views[2], views[3]
+            kernel = None if self._bgmv is None else self._bgmv.prepare(self.rows_a, self.rows_b, width, batch)
+            views = self._row_views = _RowViews(batch, width, self.rows_a[:batch, :, :width],
+                                                self.rows_b[:batch, :width], kernel)
+        return views
 
     def _add_adapters(self, x: torch.Tensor, result: torch.Tensor, routing: SlotRouting) -> torch.Tensor:
         batch = routing.batch_size
@@ -311,7 +330,12 @@ class SlotLoraLayer(_Wrapper):
         routing = self._routing.current
         width = self.rank_capacity if routing is None else self._width(routing)
         if routing is not None and routing.decode_rows == batch and x3.shape[1] == 1 and self.rows_a is not None:
-            return lora_delta_rows(x3, *self._rows_for(batch, width), out)
+            views = self._rows_for(batch, width)
+            if views.kernel is not None:
+                target = out if out is not None else x3.new_zeros((batch, 1, self.info.out_features))
+                if views.kernel.accepts(x3, target):
+                    return views.kernel(x3, target)
+            return lora_delta_rows(x3, views.a, views.b, out)
         return lora_delta(x3, self.a, self.b, slots, uniform, index, out, width=width)
 
 

@@ -30,6 +30,7 @@ from adapters_core.config import AdapterConfig
 from adapters_core.errors import ConfigError, TargetModulesNotFoundError, UnsupportedModuleError
 from adapters_core.methods.lora import base_layers
 from adapters_core.methods.lora.config import LoraConfig
+from adapters_core.serving.cpu_bgmv import Bgmv, load_bgmv
 from adapters_core.serving.layers import RoutingState, SlotBias, SlotLoraLayer, SlotModuleSwap, SlotRouting
 from adapters_core.serving.prepare import PreparedAdapter, prepare_adapter
 from adapters_core.targeting import candidate_modules, find_targets
@@ -43,7 +44,7 @@ class SlottedModel:
     """A base model whose adapters live in ``num_slots`` fixed slots (ids 1..num_slots; 0 = base)."""
 
     def __init__(self, model: nn.Module, num_slots: int, *, max_rank: int = 64, dtype: torch.dtype | None = None,
-                 row_capacity: int = 0) -> None:
+                 row_capacity: int = 0, cpu_kernels: bool = True) -> None:
         if num_slots < 1:
             raise ConfigError("num_slots must be at least 1", field="num_slots")
         self.model = model
@@ -54,6 +55,9 @@ class SlottedModel:
         params = [p for p in model.parameters() if p.is_floating_point()]
         self.dtype = dtype or (params[0].dtype if params else torch.float32)
         self.device = params[0].device if params else torch.device("cpu")
+        # decode from row buffers in float32 on a CPU: the compiled kernel where it can be built (else bmm)
+        self.cpu_kernel: Bgmv | None = (load_bgmv() if cpu_kernels and row_capacity and self.device.type == "cpu"
+                                        and self.dtype == torch.float32 else None)
         self.routing = RoutingState()
         self._lock = threading.Lock()  # module structure changes (wrapping) vs. walks of it
         self._lora_layers: dict[str, SlotLoraLayer] = {}
@@ -144,7 +148,7 @@ class SlottedModel:
             device = _device_of(self.base_module(name), self.device)
             made = self._insert(
                 name, lambda inner: SlotLoraLayer(inner, info, self.routing, self.num_slots + 1, self.dtype, device,
-                                                  self.row_capacity),
+                                                  self.row_capacity, self.cpu_kernel),
                 innermost=True,
             )
             assert isinstance(made, SlotLoraLayer)

@@ -30,7 +30,7 @@ from adapters_core.errors import (
     UnsupportedModuleError,
 )
 from adapters_core.peft_format import WEIGHTS_NAME, check_finite
-from adapters_core.serving import PreparedAdapter, SlottedModel
+from adapters_core.serving import PreparedAdapter, SlottedModel, cpu_bgmv
 from app.base_model import BaseModelSource, resolve_base_model, resolve_device
 from app.serving.bank import AdapterBank, AdapterLease, BankEvents
 from app.serving.engine import EngineLimits, EngineMetrics, GenerationEngine
@@ -80,8 +80,12 @@ class ServingHost:
         # per-row adapter buffers: on CPUs, decode is bound by reading adapter weights and a gather per step
         # costs about twice what reading them in place does; GPUs gather fast and have less memory to spare
         on_cpu = next(model.parameters()).device.type == "cpu"
+        cpu_bgmv.set_cache_dir(settings.kernel_cache_dir)
         self.slotted = SlottedModel(model, settings.adapter_slots, max_rank=settings.max_lora_rank,
-                                    row_capacity=settings.max_batch_size if on_cpu else 0)
+                                    row_capacity=settings.max_batch_size if on_cpu else 0,
+                                    cpu_kernels=settings.cpu_kernels == "auto")
+        if self.slotted.cpu_kernel is not None:
+            logger.info("mixed-adapter decode steps run the compiled CPU kernel %s", self.slotted.cpu_kernel.path)
         events: BankEvents | None = metrics if isinstance(metrics, BankEvents) else None
         self.bank = AdapterBank(self.slotted, host_capacity_bytes=settings.adapter_host_cache_bytes, events=events)
         config = getattr(model, "config", None)

@@ -95,18 +95,16 @@ def test_no_adapter_is_the_base_model(served: TestClient, demo_model_dir: Path, 
     assert max(abs(a - b) for a, b in zip(got["logprobs"], want_logprobs, strict=True)) <= LOGPROB_ATOL
 
 
-def test_batch_mixing_8_adapters_and_the_base_equals_each_alone(served: TestClient) -> None:
-    """Nine concurrent clients (8 adapters + base) decode in one batch; each row answers what it answers alone."""
-    refs: list[str | None] = [f"a{i}" for i in range(N_ADAPTERS)] + [None]
-    body = {"prompt": PROMPTS[0], "max_new_tokens": 48, "min_new_tokens": 48, "temperature": 0, "logprobs": True}
-    engine = served.app.state.services.serving.engine
+def concurrently(client: TestClient, refs: list[str | None], body: dict[str, Any]) -> list[Any]:
+    """One request per ref, sent together so that they decode in one batch (checked), answers in order."""
+    engine = client.app.state.services.serving.engine  # type: ignore[attr-defined]
     engine.peak_rows = 0
     results: dict[int, Any] = {}
     start = threading.Barrier(len(refs))
 
     def call(i: int) -> None:
         start.wait()
-        results[i] = generate(served, refs[i], **body)
+        results[i] = generate(client, refs[i], **body)
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(refs))]
     for t in threads:
@@ -114,6 +112,14 @@ def test_batch_mixing_8_adapters_and_the_base_equals_each_alone(served: TestClie
     for t in threads:
         t.join()
     assert engine.peak_rows >= len(refs), "the requests did not share a batch"
+    return [results[i] for i in range(len(refs))]
+
+
+def test_batch_mixing_8_adapters_and_the_base_equals_each_alone(served: TestClient) -> None:
+    """Nine concurrent clients (8 adapters + base) decode in one batch; each row answers what it answers alone."""
+    refs: list[str | None] = [f"a{i}" for i in range(N_ADAPTERS)] + [None]
+    body = {"prompt": PROMPTS[0], "max_new_tokens": 48, "min_new_tokens": 48, "temperature": 0, "logprobs": True}
+    results = concurrently(served, refs, body)
     alone = [generate(served, ref, **body).json() for ref in refs]
     for i in range(len(refs)):
         mixed = results[i].json()
@@ -296,6 +302,37 @@ def test_rank_above_the_server_limit_is_refused(tmp_path: Path, demo_model_dir: 
         assert response.json()["error"]["code"] == "rank_too_large"
         assert "ADAPTERFORGE_MAX_LORA_RANK" in response.json()["error"]["message"]
         assert generate(client, None, prompt="x", max_new_tokens=2).status_code == 200
+
+
+def test_cpu_kernels_off_serves_the_same_tokens_through_torch(tmp_path: Path, demo_model_dir: Path, base_host: Any,
+                                                            adapters: list[Path], served: TestClient,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mixed batches decode through the compiled CPU kernel where it can be built; with
+    ``ADAPTERFORGE_CPU_KERNELS=off`` they never call it and answer what each request answers alone."""
+    from adapters_core.serving import cpu_bgmv
+
+    calls = {"n": 0}
+    original = cpu_bgmv.BgmvCall.__call__
+
+    def counting(self: cpu_bgmv.BgmvCall, x: Any, out: Any) -> Any:
+        calls["n"] += 1
+        return original(self, x, out)
+
+    monkeypatch.setattr(cpu_bgmv.BgmvCall, "__call__", counting)
+    refs: list[str | None] = ["a0", "a1", None, "a2"]
+    body = {"prompt": PROMPTS[1], "max_new_tokens": 12, "min_new_tokens": 12, "temperature": 0, "logprobs": True}
+    concurrently(served, refs, body)
+    assert (calls["n"] > 0) == (cpu_bgmv._cpu_supported() is None)
+    alone = [generate(served, ref, **body).json() for ref in refs]
+    calls["n"] = 0
+    with served_app(serving_settings(tmp_path, demo_model_dir, cpu_kernels="off"), base_host) as client:
+        for i in range(3):
+            upload(client, f"a{i}", adapters[i])
+        mixed = [r.json() for r in concurrently(client, refs, body)]
+    assert calls["n"] == 0
+    for i, ref in enumerate(refs):
+        assert mixed[i]["tokens"] == alone[i]["tokens"], ref
+        assert max(abs(a - b) for a, b in zip(mixed[i]["logprobs"], alone[i]["logprobs"], strict=True)) <= LOGPROB_ATOL
 
 
 # --------------------------------------------------------------------------- slots, eviction, overload

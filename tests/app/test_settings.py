@@ -40,6 +40,7 @@ def test_postgres_scheme_is_normalised() -> None:
         ("broker_url", "kafka://h", "broker URL scheme"),
         ("port", 0, "port"),
         ("max_upload_bytes", -1, "max_upload_bytes"),
+        ("cpu_kernels", "fast", "cpu_kernels"),
     ],
 )
 def test_bad_values_name_the_field(field: str, value: object, needle: str) -> None:

@@ -23,6 +23,7 @@ from peft import get_peft_model
 from adapters_core import AdapterMismatchError, ConfigError, RankTooLargeError, TargetModulesNotFoundError
 from adapters_core.peft_format import read_adapter
 from adapters_core.serving import SlottedModel
+from adapters_core.serving.cpu_bgmv import BgmvCall, load_bgmv
 from tests.conftest import load_model
 from tests.core.test_lora_conformance import (
     CASES,
@@ -237,16 +238,23 @@ def test_bfloat16_model_serves_adapters_as_accurately_as_peft(row_buffers: bool,
     got = two_steps(sm.model, ours)
     assert maxdiff(truth[0][0], saved[names[0]].logits[0, -1]) <= ATOL  # the float32 reference is PEFT's
     for position in range(2):
-        peft_error = maxdiff(peft_bf16[position], truth[position])  # about 4e-3 here
-        assert 0 < peft_error < 0.1
-        assert maxdiff(got[position], truth[position]) <= 1.5 * peft_error, (position, peft_error)
+        # bfloat16 rounding error, ours against PEFT's: the mean over every logit (about 6e-4 for PEFT here)
+        # is a stable statistic; the largest single error (2e-3 to 4e-3) depends on which logit rounds
+        # worst, and on the CPU's bfloat16 matmul kernels, so it gets more room
+        peft_mean = (peft_bf16[position] - truth[position]).abs().mean().item()
+        peft_max = maxdiff(peft_bf16[position], truth[position])
+        assert 0 < peft_mean < peft_max < 0.1
+        ours_mean = (got[position] - truth[position]).abs().mean().item()
+        assert ours_mean <= 1.5 * peft_mean, (position, ours_mean, peft_mean)
+        assert maxdiff(got[position], truth[position]) <= 2.5 * peft_max, (position, peft_max)
         for i in range(1, len(names)):  # each row's own adapter: rows differ from one another
             assert maxdiff(got[position][i], got[position][0]) > MIN_EFFECT
 
 
 @pytest.mark.parametrize("row_buffers", [False, True], ids=["bank", "row-buffers"])
 def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
-        row_buffers: bool, saved: dict[str, Saved], model_dirs: dict[str, Path], tmp_path: Path) -> None:
+        row_buffers: bool, saved: dict[str, Saved], model_dirs: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Slot buffers are padded to the largest rank ever loaded, but a batch multiplies only as many rank
     columns as its own slots' largest rank: after an r=16 adapter lands in another slot (and after it
     leaves), the r<=8 rows give the same answers with products of width 8, not 16. Rows of the r=16
@@ -255,11 +263,23 @@ def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
     from transformers import DynamicCache
 
     class LoraWidths(TorchDispatchMode):
-        """Rank width of every LoRA product: shrink ``bmm(x, A)`` and expand ``baddbmm(out, h, B)``."""
+        """Rank width of every LoRA product: shrink ``bmm(x, A)`` and expand ``baddbmm(out, h, B)``, and
+        the compiled CPU kernel's calls (decode rows in row buffers, where the kernel is built)."""
+
+        active: LoraWidths | None = None
 
         def __init__(self) -> None:
             super().__init__()
             self.widths: set[int] = set()
+            self.kernel_calls = 0
+
+        def __enter__(self) -> LoraWidths:
+            LoraWidths.active = self
+            return super().__enter__()  # type: ignore[no-any-return]
+
+        def __exit__(self, *exc: object) -> None:
+            LoraWidths.active = None
+            super().__exit__(*exc)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
             if func is torch.ops.aten.bmm.default and args[1].shape[-2] > 1:  # (rotary's bmm contracts 1)
@@ -272,6 +292,16 @@ def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
                     self.widths.add(per_row)
             return func(*args, **(kwargs or {}))
 
+    kernel_call = BgmvCall.__call__
+
+    def recording_call(self: BgmvCall, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if LoraWidths.active is not None:
+            LoraWidths.active.widths.add(self.width)
+            LoraWidths.active.kernel_calls += 1
+        return kernel_call(self, x, out)
+
+    monkeypatch.setattr(BgmvCall, "__call__", recording_call)
+    kernel_calls = 0
     big = _save(Case("llama-r16-all-linear", "llama", {"r": 16, "target_modules": "all-linear"}),
                 model_dirs["llama"], tmp_path / "r16")
     hidden = load_model(model_dirs["llama"]).config.hidden_size
@@ -291,6 +321,8 @@ def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
             sm.sync_rows(rows)
             with sm.route(rows):
                 logits = sm.model(input_ids=nxt, cache=cache, use_cache=True).logits.float()
+        nonlocal kernel_calls
+        kernel_calls += widths.kernel_calls
         return logits, widths.widths
 
     rows = [1, 2, 0, 1]
@@ -311,3 +343,5 @@ def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
     sm.clear(3)
     cleared, widths_cleared = two_steps(rows)
     assert maxdiff(cleared, before) <= ATOL and widths_cleared == {8}
+    # the decode steps with row buffers ran the compiled kernel wherever it can be built here
+    assert (kernel_calls > 0) == (row_buffers and load_bgmv() is not None)

@@ -1,0 +1,130 @@
+// Batched LoRA decode product on x86-64 CPUs with AVX2 + FMA, one adapter per row:
+//
+//     out[i, :] += (x[i, :] @ A[w(i)][:, :width]) @ B[w(i)][:width, :]      w(i) = idx ? idx[i] : i
+//
+// A row's weights are read once, in order (A row by row, then B), so a decode step costs about
+// what streaming the batch's adapter weights through the caches costs. Built and loaded by
+// adapters_core/serving/cpu_bgmv.py (g++ -O3 -mavx2 -mfma -fopenmp); rows are split over the
+// OpenMP threads of the process (torch's own runtime: the library links libgomp by soname).
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace {
+
+constexpr int64_t kMaxWidth = 1024;  // rank columns a call may multiply (h lives on the stack)
+
+// h[0 : 8*NB] = x @ a[:, 0 : 8*NB] over `in` rows of a (row stride sa); with MASKED the last of
+// the NB vectors reads only the lanes set in `tail` (and writes zeros in the others).
+template <int NB, bool MASKED>
+inline void shrink_block(const float* x, const float* a, int64_t in, int64_t sa, float* h, __m256i tail) {
+  __m256 even[NB], odd[NB];
+  for (int k = 0; k < NB; ++k) {
+    even[k] = _mm256_setzero_ps();
+    odd[k] = _mm256_setzero_ps();
+  }
+  auto load = [tail](const float* p, int k) {
+    return (MASKED && k == NB - 1) ? _mm256_maskload_ps(p, tail) : _mm256_loadu_ps(p);
+  };
+  int64_t i = 0;
+  for (; i + 1 < in; i += 2) {  // two rows of A at a time: twice the independent FMA chains
+    const __m256 x0 = _mm256_broadcast_ss(x + i);
+    const __m256 x1 = _mm256_broadcast_ss(x + i + 1);
+    const float* r0 = a + i * sa;
+    const float* r1 = r0 + sa;
+    for (int k = 0; k < NB; ++k) {
+      even[k] = _mm256_fmadd_ps(x0, load(r0 + 8 * k, k), even[k]);
+      odd[k] = _mm256_fmadd_ps(x1, load(r1 + 8 * k, k), odd[k]);
+    }
+  }
+  if (i < in) {
+    const __m256 x0 = _mm256_broadcast_ss(x + i);
+    for (int k = 0; k < NB; ++k) even[k] = _mm256_fmadd_ps(x0, load(a + i * sa + 8 * k, k), even[k]);
+  }
+  for (int k = 0; k < NB; ++k) _mm256_storeu_ps(h + 8 * k, _mm256_add_ps(even[k], odd[k]));
+}
+
+// h[0 : width] = x @ a[:, 0 : width], in blocks of up to 32 columns (h has room for width
+// rounded up to 32).
+inline void shrink(const float* x, const float* a, int64_t in, int64_t sa, int64_t width, float* h) {
+  const __m256i none = _mm256_setzero_si256();
+  int64_t c = 0;
+  for (; c + 32 <= width; c += 32) shrink_block<4, false>(x, a + c, in, sa, h + c, none);
+  const int64_t rest = width - c;
+  if (rest == 0) return;
+  const int full = static_cast<int>(rest / 8);
+  const int lanes = static_cast<int>(rest % 8);
+  if (lanes == 0) {
+    switch (full) {
+      case 1: shrink_block<1, false>(x, a + c, in, sa, h + c, none); break;
+      case 2: shrink_block<2, false>(x, a + c, in, sa, h + c, none); break;
+      default: shrink_block<3, false>(x, a + c, in, sa, h + c, none); break;
+    }
+    return;
+  }
+  const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  switch (full) {
+    case 0: shrink_block<1, true>(x, a + c, in, sa, h + c, tail); break;
+    case 1: shrink_block<2, true>(x, a + c, in, sa, h + c, tail); break;
+    case 2: shrink_block<3, true>(x, a + c, in, sa, h + c, tail); break;
+    default: shrink_block<4, true>(x, a + c, in, sa, h + c, tail); break;
+  }
+}
+
+// out[0 : outf] += h[0 : width] @ b[0 : width, 0 : outf] (row stride sb), 32 outputs at a time.
+inline void expand(const float* h, const float* b, int64_t width, int64_t outf, int64_t sb, float* out) {
+  int64_t o = 0;
+  for (; o + 32 <= outf; o += 32) {
+    __m256 v0 = _mm256_loadu_ps(out + o);
+    __m256 v1 = _mm256_loadu_ps(out + o + 8);
+    __m256 v2 = _mm256_loadu_ps(out + o + 16);
+    __m256 v3 = _mm256_loadu_ps(out + o + 24);
+    for (int64_t j = 0; j < width; ++j) {
+      const __m256 hj = _mm256_broadcast_ss(h + j);
+      const float* r = b + j * sb + o;
+      v0 = _mm256_fmadd_ps(hj, _mm256_loadu_ps(r), v0);
+      v1 = _mm256_fmadd_ps(hj, _mm256_loadu_ps(r + 8), v1);
+      v2 = _mm256_fmadd_ps(hj, _mm256_loadu_ps(r + 16), v2);
+      v3 = _mm256_fmadd_ps(hj, _mm256_loadu_ps(r + 24), v3);
+    }
+    _mm256_storeu_ps(out + o, v0);
+    _mm256_storeu_ps(out + o + 8, v1);
+    _mm256_storeu_ps(out + o + 16, v2);
+    _mm256_storeu_ps(out + o + 24, v3);
+  }
+  for (; o + 8 <= outf; o += 8) {
+    __m256 v = _mm256_loadu_ps(out + o);
+    for (int64_t j = 0; j < width; ++j) v = _mm256_fmadd_ps(_mm256_broadcast_ss(h + j), _mm256_loadu_ps(b + j * sb + o), v);
+    _mm256_storeu_ps(out + o, v);
+  }
+  for (; o < outf; ++o) {
+    float s = out[o];
+    for (int64_t j = 0; j < width; ++j) s += h[j] * b[j * sb + o];
+    out[o] = s;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int64_t af_bgmv_max_width() { return kMaxWidth; }
+
+// Strides are in elements; A[w] starts at a + w * sa_row and its row i at + i * sa_in (columns
+// contiguous); B likewise; x row i at x + i * sx, out row i at out + i * so. Returns 0, or 1 when
+// width is out of range (nothing is written).
+int af_bgmv_f32(int64_t batch, int64_t in, int64_t width, int64_t outf, const float* a, int64_t sa_row,
+                int64_t sa_in, const float* b, int64_t sb_row, int64_t sb_r, const int64_t* idx, int threads,
+                const float* x, int64_t sx, float* out, int64_t so) {
+  if (width < 1 || width > kMaxWidth) return 1;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && batch > 1)
+  for (int64_t row = 0; row < batch; ++row) {
+    const int64_t w = idx ? idx[row] : row;
+    alignas(32) float h[kMaxWidth + 32];
+    shrink(x + row * sx, a + w * sa_row, in, sa_in, width, h);
+    expand(h, b + w * sb_row, width, outf, sb_r, out + row * so);
+  }
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,210 @@
+"""A compiled CPU kernel for the decode step's LoRA product, one adapter per row (BGMV).
+
+``out[i] += (x[i] @ A[w(i)][:, :width]) @ B[w(i)][:width]`` for single-token rows in float32, with
+``w(i) = i`` (row buffers) or ``idx[i]`` (slots of the bank). Stock torch runs this as two ``bmm``
+calls of 32 tiny matrices, which on a CPU costs about three times what reading the weights costs;
+this kernel (``bgmv_cpu.cpp``, AVX2 + FMA) reads each row's weights once, in order.
+
+The source ships with the package and is compiled on first use with the host's C++ compiler
+(``$CXX``, else ``g++`` or ``c++``; about a second) into a cache directory, keyed by the source and
+the flags, then loaded with ``ctypes``: no build step at install time. Where it cannot be used (no
+compiler, not x86-64 with AVX2 and FMA, ``ADAPTERFORGE_CPU_KERNELS=off``) :func:`load_bgmv` returns
+``None``, logs why once, and the callers keep the stock torch path, which computes the same values.
+
+Settings: ``ADAPTERFORGE_CPU_KERNELS`` (``auto`` | ``off``, default ``auto``; ``SlottedModel(...,
+cpu_kernels=False)`` also switches it off) and ``ADAPTERFORGE_KERNEL_CACHE_DIR`` or
+:func:`set_cache_dir` (default ``$XDG_CACHE_HOME/adapterforge/kernels``, else
+``~/.cache/adapterforge/kernels``): the service's settings of the same names.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("bgmv_cpu.cpp")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel cannot be built or loaded here (the message says why)."""
+
+
+class Bgmv:
+    """The loaded kernel: :meth:`prepare` binds the weights once, the result runs per step."""
+
+    def __init__(self, library: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        self._fn = library.af_bgmv_f32
+        self._fn.argtypes = [_I64, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, ctypes.c_int,
+                             _PTR, _I64, _PTR, _I64]
+        self._fn.restype = ctypes.c_int
+        library.af_bgmv_max_width.restype = _I64
+        self.max_width = int(library.af_bgmv_max_width())
+
+    def prepare(self, a: torch.Tensor, b: torch.Tensor, width: int, batch: int,
+                idx: torch.Tensor | None = None) -> BgmvCall | None:
+        """A call for ``batch`` rows over ``a (n, in, ≥width)`` and ``b (n, ≥width, out)`` (row ``i`` uses
+        ``a[i]``, or ``a[idx[i]]``); ``None`` where the kernel does not apply (dtype, device, layout,
+        width), and the caller uses torch. The tensors must outlive the call object and keep their
+        storage (the call holds their addresses)."""
+        if not (a.dtype == b.dtype == torch.float32 and a.device.type == b.device.type == "cpu"
+                and a.dim() == b.dim() == 3 and a.stride(2) == 1 and b.stride(2) == 1
+                and 1 <= width <= min(self.max_width, a.shape[2], b.shape[1]) and a.shape[0] == b.shape[0]):
+            return None
+        if idx is not None:
+            if idx.dtype != torch.int64 or idx.device.type != "cpu" or idx.dim() != 1 or not idx.is_contiguous():
+                return None
+            if idx.shape[0] != batch or (batch and (int(idx.min()) < 0 or int(idx.max()) >= a.shape[0])):
+                return None
+        elif batch > a.shape[0]:
+            return None
+        return BgmvCall(self._fn, a, b, width, batch, idx)
+
+
+class BgmvCall:
+    """``out[i] += (x[i] @ A_i[:, :width]) @ B_i[:width]`` for the bound weights; see :class:`Bgmv`."""
+
+    def __init__(self, fn: Any, a: torch.Tensor, b: torch.Tensor, width: int, batch: int,
+                 idx: torch.Tensor | None) -> None:
+        self._fn = fn
+        self._keep = (a, b, idx)  # the addresses below stay valid while this call lives
+        self.width, self.batch = width, batch
+        self.in_features, self.out_features = int(a.shape[1]), int(b.shape[2])
+        self._head = (batch, self.in_features, width, self.out_features, a.data_ptr(), a.stride(0), a.stride(1),
+                      b.data_ptr(), b.stride(0), b.stride(1), None if idx is None else idx.data_ptr())
+
+    def accepts(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Whether ``x (batch, 1, in)`` and ``out (batch, 1, out)`` are float32 CPU rows with contiguous
+        features (the only layout the kernel reads)."""
+        return (x.dtype == out.dtype == torch.float32 and x.device.type == out.device.type == "cpu"
+                and x.shape == (self.batch, 1, self.in_features) and out.shape == (self.batch, 1, self.out_features)
+                and x.stride(2) == 1 and out.stride(2) == 1)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Add the rows' LoRA products to ``out`` in place (check :meth:`accepts` first) and return it."""
+        status = self._fn(*self._head, torch.get_num_threads(), x.data_ptr(), x.stride(0), out.data_ptr(),
+                          out.stride(0))
+        if status:
+            raise RuntimeError(f"af_bgmv_f32 refused width {self.width} (status {status})")
+        return out
+
+
+_cache_override: Path | None = None  # set_cache_dir(); None: the environment or the default
+
+
+def set_cache_dir(directory: Path | None) -> None:
+    """Keep kernel builds in ``directory`` (``None``: ``$ADAPTERFORGE_KERNEL_CACHE_DIR`` or the default);
+    the next :func:`load_bgmv` looks there."""
+    global _cache_override
+    _cache_override = directory
+    load_bgmv.cache_clear()
+
+
+def _enabled() -> bool:
+    value = os.environ.get("ADAPTERFORGE_CPU_KERNELS", "auto").strip().lower()
+    if value not in ("auto", "off"):
+        raise KernelUnavailable(f"ADAPTERFORGE_CPU_KERNELS must be auto or off, not {value!r}")
+    return value == "auto"
+
+
+def _cpu_supported() -> str | None:
+    """Why this CPU cannot run the kernel, or ``None``."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"the kernel is x86-64 only (this is {platform.machine()})"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX2" and not capability.startswith("AVX512"):
+        return f"torch reports CPU capability {capability}; the kernel needs AVX2 and FMA"
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    if not re.search(r"^flags\s*:.*\bfma\b", cpuinfo, re.MULTILINE):
+        return "the CPU has no FMA instructions"
+    return None
+
+
+def _compiler() -> str:
+    for candidate in (os.environ.get("CXX"), "g++", "c++"):
+        if candidate and shutil.which(candidate):
+            return candidate
+    raise KernelUnavailable("no C++ compiler found ($CXX, g++ or c++)")
+
+
+def _cache_dir() -> Path:
+    if _cache_override is not None:
+        return _cache_override
+    explicit = os.environ.get("ADAPTERFORGE_KERNEL_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "adapterforge" / "kernels"
+
+
+def build(cache_dir: Path | None = None) -> Path:
+    """Compile the kernel (once per source, flags and compiler) and return the shared library's path."""
+    compiler = _compiler()
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    directory = cache_dir or _cache_dir()
+    target = directory / f"bgmv_cpu-{key}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix=target.name, suffix=".partial", dir=directory)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE)], capture_output=True, text=True,
+                                timeout=300, check=False)
+        if result.returncode != 0:
+            raise KernelUnavailable(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+        os.replace(partial, target)  # atomic: concurrent builders (server, workers) never see half a file
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    logger.info("built the CPU LoRA kernel: %s", target)
+    return target
+
+
+def load_bgmv_or_raise() -> Bgmv:
+    """Build (if needed) and load the kernel; :class:`KernelUnavailable` says why it cannot be."""
+    if not _enabled():
+        raise KernelUnavailable("disabled by ADAPTERFORGE_CPU_KERNELS=off")
+    reason = _cpu_supported()
+    if reason:
+        raise KernelUnavailable(reason)
+    path = build()
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise KernelUnavailable(f"cannot load {path}: {exc}") from exc
+    return Bgmv(library, path)
+
+
+@functools.cache
+def load_bgmv() -> Bgmv | None:
+    """The kernel, or ``None`` (logged once, with the reason) where it cannot be used: callers then
+    compute the same product with torch."""
+    try:
+        if not _enabled():
+            logger.info("CPU LoRA kernel switched off (ADAPTERFORGE_CPU_KERNELS=off); decode uses torch's bmm")
+            return None
+        return load_bgmv_or_raise()
+    except (KernelUnavailable, OSError, subprocess.SubprocessError) as exc:
+        logger.warning("CPU LoRA kernel not used (%s); decode uses torch's bmm instead", exc)
+        return None

@@ -1,0 +1,235 @@
+"""The compiled CPU decode kernel (``adapters_core.serving.cpu_bgmv``) against torch.
+
+Every shape the serving layers hand it (ranks that are and are not multiples of the vector width,
+strided views of padded row buffers, rows picked from a bank by index, outputs that already hold
+the base model's result) must give what ``bmm`` gives; where it cannot be built or is switched off,
+loading says why and serving computes the same logits with torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters_core.serving import cpu_bgmv
+from adapters_core.serving.cpu_bgmv import Bgmv, KernelUnavailable
+
+_REASON = cpu_bgmv._cpu_supported()
+needs_kernel = pytest.mark.skipif(_REASON is not None, reason=f"CPU kernel cannot run here: {_REASON}")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_kernel_settings() -> Iterator[None]:
+    """Each test decides from its own settings and environment, and leaves the process as it found it."""
+    saved = cpu_bgmv._cache_override
+    cpu_bgmv.set_cache_dir(None)
+    yield
+    cpu_bgmv.set_cache_dir(saved)
+
+
+@pytest.fixture(scope="module")
+def kernel() -> Bgmv:
+    if _REASON is not None:
+        pytest.skip(f"CPU kernel cannot run here: {_REASON}")
+    return cpu_bgmv.load_bgmv_or_raise()
+
+
+def reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, width: int, out: torch.Tensor,
+              idx: torch.Tensor | None = None) -> torch.Tensor:
+    """``out + (x @ A[:, :, :width]) @ B[:, :width]`` in float64, row ``i`` on ``A[idx[i]]`` (or ``A[i]``)."""
+    rows = torch.arange(x.shape[0]) if idx is None else idx
+    a64, b64 = a[rows, :, :width].double(), b[rows, :width].double()
+    return out.double() + torch.bmm(torch.bmm(x.double(), a64), b64)
+
+
+def weights(n: int, in_features: int, capacity: int, out_features: int,
+            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, in_features, capacity, generator=g),
+            torch.randn(n, capacity, out_features, generator=g) / capacity**0.5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch", [1, 3, 32])
+@pytest.mark.parametrize("in_features,out_features", [(7, 5), (256, 688), (256, 256), (33, 40)])
+@pytest.mark.parametrize("width", [1, 4, 8, 13, 16, 40, 64])
+def test_rows_match_torch(kernel: Bgmv, batch: int, in_features: int, out_features: int, width: int) -> None:
+    """Row buffers of capacity 64 (so narrower widths read strided views), added to a non-zero output."""
+    a, b = weights(batch, in_features, 64, out_features)
+    x = torch.randn(batch, 1, in_features)
+    out = torch.randn(batch, 1, out_features)
+    expected = reference(x, a, b, width, out)
+    call = kernel.prepare(a, b, width, batch)
+    assert call is not None and call.accepts(x, out)
+    result = call(x, out)
+    assert result is out  # in place
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_fewer_rows_than_buffers_and_strided_inputs(kernel: Bgmv) -> None:
+    """A batch of 5 over 8 row buffers, with ``x`` and ``out`` rows that are views into wider tensors
+    (the layout a decode step's hidden states can have); buffers past the batch are never read."""
+    a, b = weights(8, 96, 24, 80, seed=1)
+    a[5:], b[5:] = float("nan"), float("nan")
+    x_wide, out_wide = torch.randn(5, 1, 130), torch.randn(5, 1, 100)
+    x, out = x_wide[:, :, 10:106], out_wide[:, :, 3:83]
+    assert x.stride(0) == 130 and out.stride(0) == 100
+    expected = reference(x, a[:5], b[:5], 20, out)
+    before = out_wide.clone()
+    call = kernel.prepare(a, b, 20, 5)
+    assert call is not None and call.accepts(x, out)
+    call(x, out)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+    untouched = torch.ones_like(out_wide, dtype=torch.bool)
+    untouched[:, :, 3:83] = False
+    assert torch.equal(out_wide[untouched], before[untouched])  # nothing written outside the view
+
+
+@needs_kernel
+@pytest.mark.parametrize("width", [3, 16, 37])
+def test_rows_picked_from_a_bank_by_index(kernel: Bgmv, width: int) -> None:
+    """Rows read ``A[idx[i]]``: repeated slots, slots out of order, slot 0."""
+    a, b = weights(6, 64, 40, 72, seed=2)
+    idx = torch.tensor([5, 0, 5, 2, 3, 3, 1])
+    x, out = torch.randn(7, 1, 64), torch.randn(7, 1, 72)
+    expected = reference(x, a, b, width, out, idx)
+    call = kernel.prepare(a, b, width, 7, idx=idx)
+    assert call is not None and call.accepts(x, out)
+    call(x, out)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_what_the_kernel_does_not_take_is_left_to_torch(kernel: Bgmv) -> None:
+    a, b = weights(4, 16, 8, 12)
+    assert kernel.prepare(a.double(), b.double(), 8, 4) is None  # float32 only
+    assert kernel.prepare(a.half(), b.half(), 8, 4) is None
+    assert kernel.prepare(a, b, 0, 4) is None and kernel.prepare(a, b, 9, 4) is None  # width within capacity
+    assert kernel.prepare(a, b, 8, 5) is None  # more rows than buffers
+    assert kernel.prepare(a.transpose(1, 2).contiguous().transpose(1, 2), b, 8, 4) is None  # A's columns strided
+    assert kernel.prepare(a, b, 8, 3, idx=torch.tensor([0, 4, 1])) is None  # slot out of range
+    assert kernel.prepare(a, b, 8, 3, idx=torch.tensor([0, -1, 1])) is None
+    assert kernel.prepare(a, b, 8, 3, idx=torch.tensor([0, 1, 2], dtype=torch.int32)) is None
+    assert kernel.prepare(a, b, 8, 2, idx=torch.tensor([0, 1, 2])) is None  # one index per row
+    call = kernel.prepare(a, b, 8, 4)
+    assert call is not None
+    x, out = torch.randn(4, 1, 16), torch.randn(4, 1, 12)
+    assert call.accepts(x, out)
+    assert not call.accepts(x[:3], out[:3])  # batch is bound at prepare
+    assert not call.accepts(x.double(), out.double())
+    assert not call.accepts(torch.randn(4, 2, 16), torch.randn(4, 2, 12))  # one token per row
+    assert not call.accepts(torch.randn(4, 1, 32)[:, :, ::2], out)  # features not contiguous
+
+
+def test_switched_off_by_setting_or_environment(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("ADAPTERFORGE_CPU_KERNELS", "off")
+    with caplog.at_level(logging.INFO, logger=cpu_bgmv.__name__):
+        assert cpu_bgmv.load_bgmv() is None
+    assert "switched off" in caplog.text
+    with pytest.raises(KernelUnavailable, match="disabled"):
+        cpu_bgmv.load_bgmv_or_raise()
+    monkeypatch.setenv("ADAPTERFORGE_CPU_KERNELS", "fast")
+    with pytest.raises(KernelUnavailable, match="ADAPTERFORGE_CPU_KERNELS must be auto or off, not 'fast'"):
+        cpu_bgmv.load_bgmv_or_raise()
+
+
+def test_no_compiler_falls_back_and_says_why(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    if _REASON is not None:
+        pytest.skip(f"CPU kernel cannot run here: {_REASON}")
+    cpu_bgmv.set_cache_dir(tmp_path / "kernels")  # nothing built there yet
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with caplog.at_level(logging.WARNING, logger=cpu_bgmv.__name__):
+        assert cpu_bgmv.load_bgmv() is None
+    assert "no C++ compiler found" in caplog.text and "bmm" in caplog.text
+
+
+def test_a_failing_compiler_leaves_no_partial_library(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    if _REASON is not None:
+        pytest.skip(f"CPU kernel cannot run here: {_REASON}")
+    broken = tmp_path / "broken-cxx"
+    broken.write_text("#!/bin/sh\necho 'internal compiler error: out of luck' >&2\n: > \"$(eval echo \\${$(($#-1))})\"\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CXX", str(broken))
+    cache = tmp_path / "kernels"
+    cpu_bgmv.set_cache_dir(cache)
+    with pytest.raises(KernelUnavailable, match="out of luck"):
+        cpu_bgmv.load_bgmv_or_raise()
+    assert list(cache.iterdir()) == []
+    assert cpu_bgmv.load_bgmv() is None
+
+
+@needs_kernel
+def test_built_once_and_reused(tmp_path: Path) -> None:
+    cache = tmp_path / "kernels"
+    first = cpu_bgmv.build(cache)
+    assert first.parent == cache and first.name.startswith("bgmv_cpu-") and first.suffix == ".so"
+    mtime = first.stat().st_mtime_ns
+    assert cpu_bgmv.build(cache) == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in cache.iterdir()] == [first.name]
+
+
+@pytest.mark.parametrize("kernels", ["auto", "off"])
+def test_serving_gives_the_same_logits_with_or_without_the_kernel(kernels: str, model_dirs: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    """A prefill and a decode step through row buffers, adapters of ranks 4, 8 and 13 and a base row in
+    one batch: the logits of the bank path (no row buffers), with the kernel and with it switched off."""
+    from transformers import DynamicCache
+
+    from adapters_core import AdapterModel, LoraConfig
+    from adapters_core.peft_format import read_adapter
+    from adapters_core.serving import SlottedModel
+    from tests.conftest import load_model
+
+    paths = []
+    for i, (rank, targets) in enumerate([(4, "all-linear"), (8, ["q_proj", "v_proj"]), (13, "all-linear")]):
+        torch.manual_seed(i)
+        am = AdapterModel(load_model(model_dirs["llama"]))
+        am.add_adapter("default", LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+        with torch.no_grad():
+            for name, param in am.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.1)
+        paths.append(tmp_path / f"r{rank}")
+        am.save_pretrained(paths[-1])
+    ids = torch.randint(3, 60, (5, 6), generator=torch.Generator().manual_seed(7))
+
+    def decode(row_capacity: int, rows: list[int]) -> tuple[torch.Tensor, int]:
+        sm = SlottedModel(load_model(model_dirs["llama"]), 3, row_capacity=row_capacity, cpu_kernels=kernels == "auto")
+        for slot, path in enumerate(paths, start=1):
+            config, tensors = read_adapter(path)
+            sm.load(slot, sm.prepare(config, tensors))
+        calls = 0
+        original = cpu_bgmv.BgmvCall.__call__
+
+        def counting(self: cpu_bgmv.BgmvCall, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            return original(self, x, out)
+
+        with torch.inference_mode(), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(cpu_bgmv.BgmvCall, "__call__", counting)
+            cache = DynamicCache()
+            with sm.route(rows):
+                nxt = sm.model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            sm.sync_rows(rows)
+            with sm.route(rows):
+                logits = sm.model(input_ids=nxt, cache=cache, use_cache=True).logits
+        return logits, calls
+
+    rows = [1, 3, 0, 2, 3]
+    bank, bank_calls = decode(0, rows)
+    got, row_calls = decode(8, rows)
+    assert bank_calls == 0
+    assert row_calls > 0 if (kernels == "auto" and _REASON is None) else row_calls == 0
+    torch.testing.assert_close(got, bank, rtol=0, atol=2e-5)
+    base, _ = decode(0, [0] * len(rows))
+    for i, slot in enumerate(rows):  # adapter rows really differ from the base model, base rows do not
+        effect = (got[i] - base[i]).abs().max().item()
+        assert effect > 1e-3 if slot else effect <= 2e-5, (i, slot, effect)
