@@ -106,23 +106,40 @@ inline void expand(const float* h, const float* b, int64_t width, int64_t outf, 
 
 }  // namespace
 
+// One call's arguments (strides in elements). A[w] starts at a + w * sa_row and its row i at
+// + i * sa_in (columns contiguous); B likewise; x row i at x + i * sx, out row i at out + i * so.
+// The Python side keeps one per bound call and rewrites only x, out, their strides and threads.
+struct AfBgmvArgs {
+  int64_t batch, in, width, outf;
+  const float* a;
+  int64_t sa_row, sa_in;
+  const float* b;
+  int64_t sb_row, sb_r;
+  const int64_t* idx;  // null: row i uses A[i], B[i]
+  const float* x;
+  int64_t sx;
+  float* out;
+  int64_t so;
+  int64_t threads;
+};
+
 extern "C" {
 
 int64_t af_bgmv_max_width() { return kMaxWidth; }
 
-// Strides are in elements; A[w] starts at a + w * sa_row and its row i at + i * sa_in (columns
-// contiguous); B likewise; x row i at x + i * sx, out row i at out + i * so. Returns 0, or 1 when
-// width is out of range (nothing is written).
-int af_bgmv_f32(int64_t batch, int64_t in, int64_t width, int64_t outf, const float* a, int64_t sa_row,
-                int64_t sa_in, const float* b, int64_t sb_row, int64_t sb_r, const int64_t* idx, int threads,
-                const float* x, int64_t sx, float* out, int64_t so) {
+int64_t af_bgmv_args_size() { return sizeof(AfBgmvArgs); }
+
+// Returns 0, or 1 when width is out of range (nothing is written).
+int af_bgmv_f32(const AfBgmvArgs* p) {
+  const int64_t batch = p->batch, width = p->width;
   if (width < 1 || width > kMaxWidth) return 1;
+  const int threads = static_cast<int>(p->threads);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && batch > 1)
   for (int64_t row = 0; row < batch; ++row) {
-    const int64_t w = idx ? idx[row] : row;
+    const int64_t w = p->idx ? p->idx[row] : row;
     alignas(32) float h[kMaxWidth + 32];
-    shrink(x + row * sx, a + w * sa_row, in, sa_in, width, h);
-    expand(h, b + w * sb_row, width, outf, sb_r, out + row * so);
+    shrink(p->x + row * p->sx, p->a + w * p->sa_row, p->in, p->sa_in, width, h);
+    expand(h, p->b + w * p->sb_row, width, p->outf, p->sb_r, p->out + row * p->so);
   }
   return 0;
 }

@@ -45,24 +45,33 @@ class KernelUnavailable(RuntimeError):
     """The kernel cannot be built or loaded here (the message says why)."""
 
 
+class _Args(ctypes.Structure):
+    """``AfBgmvArgs`` of ``bgmv_cpu.cpp``, field for field."""
+
+    _fields_ = [("batch", _I64), ("in_features", _I64), ("width", _I64), ("out_features", _I64),
+                ("a", _PTR), ("sa_row", _I64), ("sa_in", _I64), ("b", _PTR), ("sb_row", _I64), ("sb_r", _I64),
+                ("idx", _PTR), ("x", _PTR), ("sx", _I64), ("out", _PTR), ("so", _I64), ("threads", _I64)]
+
+
 class Bgmv:
     """The loaded kernel: :meth:`prepare` binds the weights once, the result runs per step."""
 
     def __init__(self, library: ctypes.CDLL, path: Path) -> None:
         self.path = path
+        library.af_bgmv_args_size.restype = _I64
+        if library.af_bgmv_args_size() != ctypes.sizeof(_Args):
+            raise KernelUnavailable(f"{path} does not match this module (argument layout)")
         self._fn = library.af_bgmv_f32
-        self._fn.argtypes = [_I64, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, ctypes.c_int,
-                             _PTR, _I64, _PTR, _I64]
+        self._fn.argtypes = [_PTR]
         self._fn.restype = ctypes.c_int
         library.af_bgmv_max_width.restype = _I64
         self.max_width = int(library.af_bgmv_max_width())
 
-    def prepare(self, a: torch.Tensor, b: torch.Tensor, width: int, batch: int,
-                idx: torch.Tensor | None = None) -> BgmvCall | None:
-        """A call for ``batch`` rows over ``a (n, in, ≥width)`` and ``b (n, ≥width, out)`` (row ``i`` uses
-        ``a[i]``, or ``a[idx[i]]``); ``None`` where the kernel does not apply (dtype, device, layout,
-        width), and the caller uses torch. The tensors must outlive the call object and keep their
-        storage (the call holds their addresses)."""
+    def prepare(self, a: torch.Tensor, b: torch.Tensor, width: int, idx: torch.Tensor | None = None) -> BgmvCall | None:
+        """A call over ``a (n, in, ≥width)`` and ``b (n, ≥width, out)``: row ``i`` of a batch uses ``a[i]``
+        (up to ``n`` rows, the batch's own size at each call), or ``a[idx[i]]`` (exactly ``len(idx)``
+        rows). ``None`` where the kernel does not apply (dtype, device, layout, width): the caller uses
+        torch. The tensors must outlive the call object and keep their storage (it holds their addresses)."""
         if not (a.dtype == b.dtype == torch.float32 and a.device.type == b.device.type == "cpu"
                 and a.dim() == b.dim() == 3 and a.stride(2) == 1 and b.stride(2) == 1
                 and 1 <= width <= min(self.max_width, a.shape[2], b.shape[1]) and a.shape[0] == b.shape[0]):
@@ -70,38 +79,46 @@ class Bgmv:
         if idx is not None:
             if idx.dtype != torch.int64 or idx.device.type != "cpu" or idx.dim() != 1 or not idx.is_contiguous():
                 return None
-            if idx.shape[0] != batch or (batch and (int(idx.min()) < 0 or int(idx.max()) >= a.shape[0])):
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= a.shape[0]):
                 return None
-        elif batch > a.shape[0]:
-            return None
-        return BgmvCall(self._fn, a, b, width, batch, idx)
+        return BgmvCall(self._fn, a, b, width, idx)
 
 
 class BgmvCall:
     """``out[i] += (x[i] @ A_i[:, :width]) @ B_i[:width]`` for the bound weights; see :class:`Bgmv`."""
 
-    def __init__(self, fn: Any, a: torch.Tensor, b: torch.Tensor, width: int, batch: int,
-                 idx: torch.Tensor | None) -> None:
+    def __init__(self, fn: Any, a: torch.Tensor, b: torch.Tensor, width: int, idx: torch.Tensor | None) -> None:
         self._fn = fn
         self._keep = (a, b, idx)  # the addresses below stay valid while this call lives
-        self.width, self.batch = width, batch
+        self.width = width
+        self.max_rows = int(a.shape[0]) if idx is None else int(idx.shape[0])
+        self.fixed_rows = idx is not None  # a batch over idx has exactly len(idx) rows
         self.in_features, self.out_features = int(a.shape[1]), int(b.shape[2])
-        self._head = (batch, self.in_features, width, self.out_features, a.data_ptr(), a.stride(0), a.stride(1),
-                      b.data_ptr(), b.stride(0), b.stride(1), None if idx is None else idx.data_ptr())
+        self._args = _Args(0, self.in_features, width, self.out_features, a.data_ptr(), a.stride(0), a.stride(1),
+                           b.data_ptr(), b.stride(0), b.stride(1), None if idx is None else idx.data_ptr())
+        self._address = ctypes.addressof(self._args)
 
     def accepts(self, x: torch.Tensor, out: torch.Tensor) -> bool:
-        """Whether ``x (batch, 1, in)`` and ``out (batch, 1, out)`` are float32 CPU rows with contiguous
-        features (the only layout the kernel reads)."""
-        return (x.dtype == out.dtype == torch.float32 and x.device.type == out.device.type == "cpu"
-                and x.shape == (self.batch, 1, self.in_features) and out.shape == (self.batch, 1, self.out_features)
-                and x.stride(2) == 1 and out.stride(2) == 1)
+        """Whether ``x (rows, 1, in)`` and ``out (rows, 1, out)`` are float32 CPU rows with contiguous
+        features (the only layout the kernel reads) and ``rows`` fits the bound weights."""
+        if not (x.dtype == out.dtype == torch.float32 and x.device.type == out.device.type == "cpu"
+                and x.dim() == out.dim() == 3 and x.stride(2) == 1 and out.stride(2) == 1):
+            return False
+        rows = x.shape[0]
+        return (x.shape[1:] == (1, self.in_features) and out.shape == (rows, 1, self.out_features)
+                and (rows == self.max_rows if self.fixed_rows else rows <= self.max_rows))
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Add the rows' LoRA products to ``out`` in place (check :meth:`accepts` first) and return it."""
-        status = self._fn(*self._head, torch.get_num_threads(), x.data_ptr(), x.stride(0), out.data_ptr(),
-                          out.stride(0))
-        if status:
-            raise RuntimeError(f"af_bgmv_f32 refused width {self.width} (status {status})")
+        """Add the rows' LoRA products to ``out`` in place and return it. ``x`` and ``out`` must be what
+        :meth:`accepts` accepts; only the row count is checked here (the hot path checks the rest once)."""
+        rows = x.shape[0]
+        if rows > self.max_rows or (self.fixed_rows and rows != self.max_rows):
+            raise ValueError(f"{rows} rows for a kernel call bound to {self.max_rows}")
+        args = self._args
+        args.batch, args.x, args.sx, args.out, args.so = rows, x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0)
+        args.threads = torch.get_num_threads()
+        if self._fn(self._address):
+            raise RuntimeError(f"af_bgmv_f32 refused width {self.width}")
         return out
 
 

@@ -139,6 +139,7 @@ class SlotLoraLayer(_Wrapper):
         self.rows_b: torch.Tensor | None = None
         self._row_views: _RowViews | None = None
         self._bgmv = kernel  # the compiled CPU decode kernel, for the row buffers (None: bmm)
+        self._bgmv_calls: dict[int, BgmvCall | None] = {}  # by rank width, over the current row buffers
         self.lora_bias: torch.Tensor | None = None
         self.gain: torch.Tensor | None = None
         self.bias_delta: torch.Tensor | None = None
@@ -175,6 +176,7 @@ class SlotLoraLayer(_Wrapper):
             self.rows_a = torch.zeros(shape_a, dtype=self.dtype, device=self.device)
             self.rows_b = torch.zeros(shape_b, dtype=self.dtype, device=self.device)
             self._row_views = None
+            self._bgmv_calls.clear()
 
     def write(self, slot: int, weights: SlotWeights) -> None:
         """Copy ``weights`` into ``slot`` (whatever the slot held on this layer before is replaced)."""
@@ -251,10 +253,15 @@ class SlotLoraLayer(_Wrapper):
             # the decode hot path: plain LoRA rows, weights already at the rows' positions
             views = self._rows_for(batch, self._width(routing))
             base = self.base_layer
-            out: torch.Tensor = (F.linear(x, base.weight, base.bias) if type(base) is nn.Linear and not args
-                                 and not kwargs else base(x, *args, **kwargs))
-            if views.kernel is not None and views.kernel.accepts(x, out):
-                return views.kernel(x, out)
+            out: torch.Tensor
+            if plain := (type(base) is nn.Linear and not args and not kwargs):
+                out = F.linear(x, base.weight, base.bias)
+            else:
+                out = base(x, *args, **kwargs)
+            kernel = views.kernel
+            # (a plain Linear's output is a fresh (batch, 1, out) tensor of x's dtype: only x's layout to check)
+            if kernel is not None and (x.stride(2) == 1 if plain else kernel.accepts(x, out)):
+                return kernel(x, out)
             return out.baddbmm_(torch.bmm(x, views.a), views.b)
         return self._add_adapters(x, self.base_layer(x, *args, **kwargs), routing)
 
@@ -275,7 +282,10 @@ class SlotLoraLayer(_Wrapper):
         views = self._row_views
         if views is None or views.batch != batch or views.width != width:
             assert self.rows_a is not None and self.rows_b is not None
-            kernel = None if self._bgmv is None else self._bgmv.prepare(self.rows_a, self.rows_b, width, batch)
+            if width not in self._bgmv_calls:  # bound once per width: batches that grow and shrink reuse it
+                self._bgmv_calls[width] = (None if self._bgmv is None
+                                           else self._bgmv.prepare(self.rows_a, self.rows_b, width))
+            kernel = self._bgmv_calls[width]
             views = self._row_views = _RowViews(batch, width, self.rows_a[:batch, :, :width],
                                                 self.rows_b[:batch, :width], kernel)
         return views

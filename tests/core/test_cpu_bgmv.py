@@ -63,7 +63,7 @@ def test_rows_match_torch(kernel: Bgmv, batch: int, in_features: int, out_featur
     x = torch.randn(batch, 1, in_features)
     out = torch.randn(batch, 1, out_features)
     expected = reference(x, a, b, width, out)
-    call = kernel.prepare(a, b, width, batch)
+    call = kernel.prepare(a, b, width)
     assert call is not None and call.accepts(x, out)
     result = call(x, out)
     assert result is out  # in place
@@ -81,7 +81,7 @@ def test_fewer_rows_than_buffers_and_strided_inputs(kernel: Bgmv) -> None:
     assert x.stride(0) == 130 and out.stride(0) == 100
     expected = reference(x, a[:5], b[:5], 20, out)
     before = out_wide.clone()
-    call = kernel.prepare(a, b, 20, 5)
+    call = kernel.prepare(a, b, 20)
     assert call is not None and call.accepts(x, out)
     call(x, out)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
@@ -98,32 +98,55 @@ def test_rows_picked_from_a_bank_by_index(kernel: Bgmv, width: int) -> None:
     idx = torch.tensor([5, 0, 5, 2, 3, 3, 1])
     x, out = torch.randn(7, 1, 64), torch.randn(7, 1, 72)
     expected = reference(x, a, b, width, out, idx)
-    call = kernel.prepare(a, b, width, 7, idx=idx)
+    call = kernel.prepare(a, b, width, idx=idx)
     assert call is not None and call.accepts(x, out)
     call(x, out)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
 
 
 @needs_kernel
+def test_one_call_serves_batches_of_any_size_up_to_its_rows(kernel: Bgmv) -> None:
+    """A call bound to 8 row buffers serves a batch of 8, then of 3, then of 6 (rows join and leave
+    between decode steps), each time reading only the batch's own rows."""
+    a, b = weights(8, 40, 16, 24, seed=3)
+    call = kernel.prepare(a, b, 12)
+    assert call is not None
+    for rows in (8, 3, 6, 1):
+        x, out = torch.randn(rows, 1, 40), torch.randn(rows, 1, 24)
+        expected = reference(x, a[:rows], b[:rows], 12, out)
+        assert call.accepts(x, out)
+        call(x, out)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+    x, out = torch.randn(9, 1, 40), torch.randn(9, 1, 24)
+    assert not call.accepts(x, out)
+    with pytest.raises(ValueError, match="9 rows for a kernel call bound to 8"):
+        call(x, out)
+
+
+@needs_kernel
 def test_what_the_kernel_does_not_take_is_left_to_torch(kernel: Bgmv) -> None:
     a, b = weights(4, 16, 8, 12)
-    assert kernel.prepare(a.double(), b.double(), 8, 4) is None  # float32 only
-    assert kernel.prepare(a.half(), b.half(), 8, 4) is None
-    assert kernel.prepare(a, b, 0, 4) is None and kernel.prepare(a, b, 9, 4) is None  # width within capacity
-    assert kernel.prepare(a, b, 8, 5) is None  # more rows than buffers
-    assert kernel.prepare(a.transpose(1, 2).contiguous().transpose(1, 2), b, 8, 4) is None  # A's columns strided
-    assert kernel.prepare(a, b, 8, 3, idx=torch.tensor([0, 4, 1])) is None  # slot out of range
-    assert kernel.prepare(a, b, 8, 3, idx=torch.tensor([0, -1, 1])) is None
-    assert kernel.prepare(a, b, 8, 3, idx=torch.tensor([0, 1, 2], dtype=torch.int32)) is None
-    assert kernel.prepare(a, b, 8, 2, idx=torch.tensor([0, 1, 2])) is None  # one index per row
-    call = kernel.prepare(a, b, 8, 4)
+    assert kernel.prepare(a.double(), b.double(), 8) is None  # float32 only
+    assert kernel.prepare(a.half(), b.half(), 8) is None
+    assert kernel.prepare(a, b, 0) is None and kernel.prepare(a, b, 9) is None  # width within capacity
+    assert kernel.prepare(a[:3], b, 8) is None  # as many A as B
+    assert kernel.prepare(a.transpose(1, 2).contiguous().transpose(1, 2), b, 8) is None  # A's columns strided
+    assert kernel.prepare(a, b, 8, idx=torch.tensor([0, 4, 1])) is None  # slot out of range
+    assert kernel.prepare(a, b, 8, idx=torch.tensor([0, -1, 1])) is None
+    assert kernel.prepare(a, b, 8, idx=torch.tensor([0, 1, 2], dtype=torch.int32)) is None
+    by_index = kernel.prepare(a, b, 8, idx=torch.tensor([3, 1, 2]))
+    assert by_index is not None
+    assert by_index.accepts(torch.randn(3, 1, 16), torch.randn(3, 1, 12))
+    assert not by_index.accepts(torch.randn(2, 1, 16), torch.randn(2, 1, 12))  # one row per index
+    call = kernel.prepare(a, b, 8)
     assert call is not None
     x, out = torch.randn(4, 1, 16), torch.randn(4, 1, 12)
     assert call.accepts(x, out)
-    assert not call.accepts(x[:3], out[:3])  # batch is bound at prepare
+    assert not call.accepts(x[:3], out)  # as many output rows as input rows
     assert not call.accepts(x.double(), out.double())
     assert not call.accepts(torch.randn(4, 2, 16), torch.randn(4, 2, 12))  # one token per row
     assert not call.accepts(torch.randn(4, 1, 32)[:, :, ::2], out)  # features not contiguous
+    assert not call.accepts(torch.randn(4, 1, 15), out)
 
 
 def test_switched_off_by_setting_or_environment(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
