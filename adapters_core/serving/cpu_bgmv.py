@@ -207,7 +207,9 @@ def load_bgmv_or_raise() -> Bgmv:
         raise KernelUnavailable(reason)
     path = build()
     try:
-        library = ctypes.CDLL(str(path))
+        # PyDLL: calls keep the GIL. A call takes tens of microseconds; releasing the GIL for it would let
+        # the HTTP threads take it, and the engine thread would wait for it back after every layer
+        library = ctypes.PyDLL(str(path))
     except OSError as exc:
         raise KernelUnavailable(f"cannot load {path}: {exc}") from exc
     return Bgmv(library, path)
