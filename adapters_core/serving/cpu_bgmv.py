@@ -7,7 +7,8 @@ this kernel (``bgmv_cpu.cpp``, AVX2 + FMA) reads each row's weights once, in ord
 
 The source ships with the package and is compiled on first use with the host's C++ compiler
 (``$CXX``, else ``g++`` or ``c++``; about a second) into a cache directory, keyed by the source and
-the flags, then loaded with ``ctypes``: no build step at install time. Where it cannot be used (no
+the flags, then loaded with ``ctypes``: no build step at install time (the API image compiles it
+while it is built, and keeps no compiler). Where it cannot be used (no
 compiler, not x86-64 with AVX2 and FMA, ``ADAPTERFORGE_CPU_KERNELS=off``) :func:`load_bgmv` returns
 ``None``, logs why once, and the callers keep the stock torch path, which computes the same values.
 
@@ -174,14 +175,15 @@ def _cache_dir() -> Path:
 
 
 def build(cache_dir: Path | None = None) -> Path:
-    """Compile the kernel (once per source, flags and compiler) and return the shared library's path."""
-    compiler = _compiler()
+    """Compile the kernel (once per source and flags) and return the shared library's path. A library
+    already in the cache needs no compiler: images build it once (``docker/Dockerfile.api``)."""
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
     directory = cache_dir or _cache_dir()
     target = directory / f"bgmv_cpu-{key}.so"
     if target.exists():
         return target
+    compiler = _compiler()
     directory.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(prefix=target.name, suffix=".partial", dir=directory)
     os.close(fd)

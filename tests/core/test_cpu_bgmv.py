@@ -189,13 +189,19 @@ def test_a_failing_compiler_leaves_no_partial_library(monkeypatch: pytest.Monkey
 
 
 @needs_kernel
-def test_built_once_and_reused(tmp_path: Path) -> None:
+def test_built_once_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "kernels"
     first = cpu_bgmv.build(cache)
     assert first.parent == cache and first.name.startswith("bgmv_cpu-") and first.suffix == ".so"
     mtime = first.stat().st_mtime_ns
     assert cpu_bgmv.build(cache) == first and first.stat().st_mtime_ns == mtime
     assert [p.name for p in cache.iterdir()] == [first.name]
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no compiler: a built library is still found
+    assert cpu_bgmv.build(cache) == first
+    cpu_bgmv.set_cache_dir(cache)
+    loaded = cpu_bgmv.load_bgmv()
+    assert loaded is not None and loaded.path == first
 
 
 @pytest.mark.parametrize("kernels", ["auto", "off"])
