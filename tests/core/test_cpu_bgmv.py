@@ -4,6 +4,14 @@ Every shape the serving layers hand it (ranks that are and are not multiples of 
 strided views of padded row buffers, rows picked from a bank by index, outputs that already hold
 the base model's result) must give what ``bmm`` gives; where it cannot be built or is switched off,
 loading says why and serving computes the same logits with torch.
+
+Under AddressSanitizer (every A, B and output access of these shapes stays in bounds; GCC does not
+instrument the broadcast and masked loads), with KEY the cache key ``cpu_bgmv.build`` uses::
+
+    g++ -O1 -g -fsanitize=address -mavx2 -mfma -fopenmp -std=c++17 -shared -fPIC \
+        -o /tmp/asan/bgmv_cpu-KEY.so adapters_core/serving/bgmv_cpu.cpp
+    ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD=$(g++ -print-file-name=libasan.so) \
+        ADAPTERFORGE_KERNEL_CACHE_DIR=/tmp/asan python -m pytest tests/core/test_cpu_bgmv.py
 """
 
 from __future__ import annotations
