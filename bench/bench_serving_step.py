@@ -75,15 +75,17 @@ def _reading_hooks(model: torch.nn.Module, batch: int) -> list[Any]:
 
 
 def _use_kernel(model: torch.nn.Module, kernel: Any) -> None:
-    """Point every slot layer at ``kernel`` (``None``: ``bmm``), with the row views it last had with that
-    kernel (as in the server, where they last while the batch does: switching costs no re-binding)."""
+    """Point every slot layer at ``kernel`` (``None``: ``bmm``), with the row views and bound calls it last
+    had with that kernel (as in the server, where they last while the batch does: switching costs no
+    re-binding). Both are swapped: a layer binds its views from its calls."""
     from adapters_core.serving.layers import SlotLoraLayer
 
     for m in model.modules():
         if isinstance(m, SlotLoraLayer) and m._bgmv is not kernel:
-            kept = m.__dict__.setdefault("_bench_views", {})
-            kept[id(m._bgmv)] = m._row_views
-            m._bgmv, m._row_views = kernel, kept.get(id(kernel))
+            kept = m.__dict__.setdefault("_bench_state", {})
+            kept[id(m._bgmv)] = (m._row_views, m._bgmv_calls)
+            m._row_views, m._bgmv_calls = kept.get(id(kernel), (None, {}))
+            m._bgmv = kernel
 
 
 def _wide_adapter(model_dir: Path, out: Path) -> Path:
