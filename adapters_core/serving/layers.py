@@ -23,8 +23,9 @@ on CPUs, where decode is bound by reading adapter weights, costs about half of g
 slot bank every step; in float32 on x86-64 it runs the compiled kernel of
 :mod:`adapters_core.serving.cpu_bgmv` (reads each row's weights once), elsewhere ``bmm`` on views.
 :class:`SlotModuleSwap` serves ``modules_to_save``: rows whose adapter has its own copy of the module
-go through that copy, grouped by slot. :class:`SlotBias` adds trained biases on modules an adapter does not put LoRA on. Wrappers nest as
-``SlotModuleSwap(SlotBias(SlotLoraLayer(base)))``, each present only where some adapter needs it.
+go through that copy, grouped by slot. :class:`SlotBias` adds trained biases on modules an adapter
+does not put LoRA on. Wrappers nest as ``SlotModuleSwap(SlotBias(SlotLoraLayer(base)))``, each
+present only where some adapter needs it.
 """
 
 from __future__ import annotations
