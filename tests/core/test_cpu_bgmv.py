@@ -66,8 +66,10 @@ def weights(n: int, in_features: int, capacity: int, out_features: int,
 @pytest.mark.parametrize("in_features,out_features", [(7, 5), (256, 688), (256, 256), (33, 40)])
 @pytest.mark.parametrize("width", [1, 4, 8, 13, 16, 40, 64])
 def test_rows_match_torch(kernel: Bgmv, batch: int, in_features: int, out_features: int, width: int) -> None:
-    """Row buffers of capacity 64 (so narrower widths read strided views), added to a non-zero output."""
+    """Row buffers of capacity 64 (so narrower widths read strided views), added to a non-zero output.
+    The columns past ``width`` hold NaN: a product that read one would show it."""
     a, b = weights(batch, in_features, 64, out_features)
+    a[:, :, width:], b[:, width:] = float("nan"), float("nan")
     x = torch.randn(batch, 1, in_features)
     out = torch.randn(batch, 1, out_features)
     expected = reference(x, a, b, width, out)
