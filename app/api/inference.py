@@ -15,6 +15,7 @@ from fastapi import Request
 from app.api.deps import Services
 from app.api.errors import ApiError, error_body
 from app.registry import adapters as registry
+from app.registry.models import AdapterVersion
 from app.serving.bank import AdapterLease
 from app.serving.engine import GenerationResult, RequestHandle, StreamDelta
 from app.serving.errors import AdapterNotFound, ServingError, ServingUnavailable
@@ -31,17 +32,31 @@ def serving_host(services: Services) -> ServingHost:
 
 
 def resolve_version(services: Services, ref: str, param: str) -> ServedVersion:
-    """The live registry version ``ref`` names, now (blocking: run it in a thread from async code)."""
+    """The live registry version ``ref`` names, now (blocking: run it in a thread from async code).
+    The database answers which version that is, in one small query every time (a new version, a
+    moved alias or a deletion counts at once, whichever process made it); the version's fields, which
+    never change, come from the serving host's memory after its first request."""
+    name = ref.partition("@")[0]
+    known = services.serving.versions if services.serving is not None else None
     with services.db.sessions() as session:
         try:
-            version = registry.resolve_ref(session, ref)
+            version_id, number = registry.resolve_ref_id(session, ref)
+            label = f"{name}@{number}"
+            served = known.get(version_id) if known is not None else None
+            if served is not None and served.ref == label:
+                return served
+            version = session.get(AdapterVersion, version_id)
+            if version is None or version.deleted_at is not None:  # deleted since the query above
+                version = registry.resolve_ref(session, ref)
+                label = f"{name}@{version.version}"
         except registry.NotFound as exc:
             raise AdapterNotFound(str(exc), param=param) from exc
         except registry.InvalidName as exc:
             raise ApiError(422, str(exc), param=param) from exc
-        name = ref.partition("@")[0]
-        return ServedVersion(version.id, f"{name}@{version.version}", dict(version.config),
-                             dict(version.files), version.base_model)
+        served = ServedVersion(version.id, label, dict(version.config), dict(version.files), version.base_model)
+    if known is not None:
+        known.put(served)
+    return served
 
 
 async def resolve_adapter(services: Services, ref: str | None, param: str) -> ServedVersion | None:

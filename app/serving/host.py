@@ -12,6 +12,7 @@ import json
 import logging
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,31 @@ class ServedVersion:
     base_model: str | None
 
 
+class ServedVersions:
+    """The versions this process has served, by id (a registry version's fields never change once it
+    exists, so only the ref's resolution to an id needs the database). Least recently used dropped
+    beyond ``capacity``; thread-safe."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._by_id: OrderedDict[str, ServedVersion] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, version_id: str) -> ServedVersion | None:
+        with self._lock:
+            found = self._by_id.get(version_id)
+            if found is not None:
+                self._by_id.move_to_end(version_id)
+            return found
+
+    def put(self, version: ServedVersion) -> None:
+        with self._lock:
+            self._by_id[version.id] = version
+            self._by_id.move_to_end(version.id)
+            while len(self._by_id) > self.capacity:
+                self._by_id.popitem(last=False)
+
+
 @dataclass(frozen=True)
 class AdapterFiles:
     """A version's files as read from the store (no torch work done on them yet)."""
@@ -97,6 +123,7 @@ class ServingHost:
         engine_metrics: EngineMetrics | None = metrics if isinstance(metrics, EngineMetrics) else None
         self.engine = GenerationEngine(model, tokenizer, self.slotted, self.bank, self.limits,
                                        eos_ids=eos_token_ids(model, tokenizer), metrics=engine_metrics)
+        self.versions = ServedVersions()
 
     @classmethod
     def load(cls, settings: Settings, metrics: Any = None) -> ServingHost:

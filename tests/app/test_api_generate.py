@@ -20,9 +20,11 @@ from fastapi.testclient import TestClient
 pytest.importorskip("peft", reason="peft is the test oracle")
 
 from peft import PeftModel
+from sqlalchemy import event
 from transformers import AutoTokenizer
 
-from app.registry.adapters import VersionSpec, create_version
+from app.db import Database
+from app.registry.adapters import VersionSpec, create_version, get_version
 from tests.app.serving_helpers import (
     PROMPTS,
     hf_generate,
@@ -249,6 +251,40 @@ def test_deleted_version_is_evicted_and_no_longer_served(served: TestClient, ada
     assert bank.where(version["id"]) == "store"
     response = generate(served, "gone", prompt="x", max_new_tokens=2)
     assert response.status_code == 404 and response.json()["error"]["param"] == "adapter"
+
+
+def test_a_version_registered_by_another_process_is_served_by_the_next_request(served: TestClient,
+                                                                               adapters: list[Path]) -> None:
+    """A request for a version this process has served reads only which version its ref names (one
+    query); a version another process registers (a worker finishing a job: its own engine, straight
+    to the database) is what the very next request gets."""
+    upload(served, "elsewhere", adapters[3])
+    first = greedy(served, "elsewhere", PROMPTS[2])
+    assert first["tokens"] == greedy(served, "a3", PROMPTS[2])["tokens"]
+    services = served.app.state.services
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(services.db.engine, "before_cursor_execute", record)
+    try:
+        again = greedy(served, "elsewhere", PROMPTS[2])
+    finally:
+        event.remove(services.db.engine, "before_cursor_execute", record)
+    assert again["adapter"] == "elsewhere@1" and again["tokens"] == first["tokens"]
+    assert len(statements) == 1, statements
+    worker = Database(services.db.url)
+    try:
+        with worker.session() as s:
+            a4 = get_version(s, "a4", 1)  # its files, registered again under this name
+            create_version(s, "elsewhere", VersionSpec(method=a4.method, config=dict(a4.config),
+                                                       files=dict(a4.files), size=a4.size, base_model=a4.base_model))
+    finally:
+        worker.dispose()
+    swapped = greedy(served, "elsewhere", PROMPTS[2])
+    assert swapped["adapter"] == "elsewhere@2"
+    assert swapped["tokens"] == greedy(served, "a4", PROMPTS[2])["tokens"] != first["tokens"]
 
 
 # ----------------------------------------------------------------------------------------- errors

@@ -12,9 +12,11 @@ from app.registry.adapters import (
     NotFound,
     VersionSpec,
     create_version,
+    delete_adapter,
     delete_alias,
     delete_version,
     resolve_ref,
+    resolve_ref_id,
     set_alias,
 )
 
@@ -62,6 +64,47 @@ def test_bad_refs_name_the_problem(sessions: sessionmaker[Session], ref: str, er
     with sessions.begin() as s, pytest.raises(error) as err:
         resolve_ref(s, ref)
     assert err.value.param == param
+
+
+def test_the_one_query_resolution_agrees_with_resolve_ref(sessions: sessionmaker[Session]) -> None:
+    """What serving resolves per request (``resolve_ref_id``) names the same version as ``resolve_ref``,
+    and fails with the same error, through versions, aliases, moves and deletions."""
+    with sessions.begin() as s:
+        for _ in range(3):
+            create_version(s, "a", SPEC)
+        create_version(s, "b", SPEC)
+        set_alias(s, "a", "prod", 1)
+        set_alias(s, "b", "prod", 1)
+        set_alias(s, "a", "canary", 3)
+    refs = ["a", "a@1", "a@2", "a@3", "a@4", "a@0", "a@prod", "a@canary", "a@missing", "b", "b@prod", "nope",
+            "nope@1", "nope@prod", "../etc", "a@"]
+
+    def outcome(fn: object, s: Session, ref: str) -> tuple[str, object, str | None]:
+        try:
+            found = fn(s, ref)  # type: ignore[operator]
+        except (NotFound, InvalidName) as exc:
+            return type(exc).__name__, str(exc), exc.param
+        return "ok", found if isinstance(found, tuple) else (found.id, found.version), None
+
+    def agree() -> None:
+        with sessions.begin() as s:
+            for ref in refs:
+                assert outcome(resolve_ref_id, s, ref) == outcome(resolve_ref, s, ref), ref
+
+    agree()
+    with sessions.begin() as s:
+        assert resolve_ref_id(s, "a@canary")[1] == 3
+        set_alias(s, "a", "prod", 2)  # moved
+        delete_version(s, "a", 3)  # the latest, and canary's target
+    with sessions.begin() as s:
+        assert resolve_ref_id(s, "a")[1] == 2 and resolve_ref_id(s, "a@prod")[1] == 2
+    agree()
+    with sessions.begin() as s:
+        delete_adapter(s, "b")
+    agree()
+    with sessions.begin() as s:
+        create_version(s, "b", SPEC)  # a new adapter under the old name: numbers go on
+    agree()
 
 
 def test_alias_rules(sessions: sessionmaker[Session]) -> None:
