@@ -184,13 +184,13 @@ class SlotLoraLayer(_Wrapper):
         if weights.a is not None and weights.b is not None:
             rank = weights.rank
             self._ensure_rank(rank)
-            self.clear(slot, keep_lora=rank == self.rank_capacity)
+            self.clear(slot, keep_lora=rank == self.rank_capacity, refresh=False)
             assert self.a is not None and self.b is not None
             self.a[slot, :, :rank].copy_(weights.a, non_blocking=True)
             self.b[slot, :rank, :].copy_(weights.b, non_blocking=True)
             self.lora_slots.add(slot)
         else:
-            self.clear(slot)
+            self.clear(slot, refresh=False)
         if weights.lora_bias is not None:
             if self.lora_bias is None:
                 self.lora_bias = self._vector(0.0)
@@ -208,9 +208,10 @@ class SlotLoraLayer(_Wrapper):
             self.bias_slots.add(slot)
         self._refresh_used()
 
-    def clear(self, slot: int, *, keep_lora: bool = False) -> None:
+    def clear(self, slot: int, *, keep_lora: bool = False, refresh: bool = True) -> None:
         """Zero ``slot`` on this layer (its rows then get the base layer's output); ``keep_lora`` skips
-        zeroing A/B that the caller overwrites in full."""
+        zeroing A/B that the caller overwrites in full; ``refresh=False`` leaves the used-slot sets to a
+        caller that writes the slot next."""
         if slot in self.lora_slots and self.a is not None and self.b is not None and not keep_lora:
             self.a[slot].zero_()
             self.b[slot].zero_()
@@ -222,11 +223,14 @@ class SlotLoraLayer(_Wrapper):
             self.bias_delta[slot].zero_()
         for used in (self.lora_slots, self.lora_bias_slots, self.gain_slots, self.bias_slots):
             used.discard(slot)
-        self._refresh_used()
+        if refresh:
+            self._refresh_used()
 
     def _refresh_used(self) -> None:
-        self.used_slots = frozenset(self.lora_slots | self.lora_bias_slots | self.gain_slots | self.bias_slots)
-        self._extra_slots = frozenset(self.lora_bias_slots | self.gain_slots | self.bias_slots)
+        extra = self.lora_bias_slots | self.gain_slots | self.bias_slots
+        # plain values: set past nn.Module.__setattr__, whose checks would be most of a slot load's cost
+        object.__setattr__(self, "used_slots", frozenset(self.lora_slots | extra))
+        object.__setattr__(self, "_extra_slots", frozenset(extra))
 
     def sync_rows(self, rows: torch.Tensor, slots: torch.Tensor, first: int | None = None) -> None:
         """Row buffers ``rows[k]`` := slot ``slots[k]``'s A and B, one gather per matrix (a slot with no LoRA

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors.torch import load as load_safetensors
 
 from adapters_core.config import CONFIG_NAME, config_from_dict
 from adapters_core.errors import (
@@ -30,7 +29,7 @@ from adapters_core.errors import (
     UnknownPeftTypeError,
     UnsupportedModuleError,
 )
-from adapters_core.peft_format import WEIGHTS_NAME, check_finite
+from adapters_core.peft_format import WEIGHTS_NAME, load_weights
 from adapters_core.serving import PreparedAdapter, SlottedModel, cpu_bgmv
 from app.base_model import BaseModelSource, resolve_base_model, resolve_device
 from app.serving.bank import AdapterBank, AdapterLease, BankEvents
@@ -192,8 +191,7 @@ class ServingHost:
         """Check ``files`` against the base model and lay them out for the slots (torch work); typed errors
         (``RankTooLarge``, ``IncompatibleBaseModel``, ``AdapterNotServable``) otherwise."""
         try:
-            tensors = load_safetensors(files.weights)
-            check_finite(tensors)
+            tensors = load_weights(files.weights, f"the weights of {version.ref}")
             return self.slotted.prepare(config_from_dict(files.config), tensors)
         except RankTooLargeError as exc:
             raise RankTooLarge(
