@@ -117,7 +117,8 @@ def _lora_weights(model: SlottedModel, config: LoraConfig, name: str, remaining:
         a = _take(remaining, f"{name}.lora_A.weight", (rank, info.in_features))
         b = _take(remaining, f"{name}.lora_B.weight", (info.out_features, rank))
     a32, b32 = a.to(torch.float32), b.to(torch.float32)
-    weights = SlotWeights(a=_host(a32.t(), dtype), b=_host(b32.t().clone(memory_format=torch.contiguous_format).mul_(scaling), dtype))
+    b_scaled = b32.t().clone(memory_format=torch.contiguous_format).mul_(scaling)  # one copy, never b's storage
+    weights = SlotWeights(a=_host(a32.t(), dtype), b=_host(b_scaled, dtype))
     if config.lora_bias:
         bias = _take(remaining, f"{name}.lora_B.bias", (info.out_features,)).to(torch.float32)
         weights.lora_bias = _host(bias * scaling, dtype)

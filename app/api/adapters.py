@@ -42,9 +42,9 @@ from app.adapter_uploads import (
     store_adapter_files,
 )
 from app.api.deps import Services, ServicesDep, SessionDep
-from app.api.errors import ERROR_RESPONSES, MAX_DB_INT, ApiError
+from app.api.errors import ERROR_RESPONSES, ApiError
 from app.registry import adapters as registry
-from app.registry.models import AdapterVersion
+from app.registry.models import MAX_DB_INT, AdapterVersion
 from app.storage import ArtifactNotFound, iter_file
 
 logger = logging.getLogger(__name__)

@@ -42,9 +42,6 @@ _STATUS_CODES = {
 }
 
 
-MAX_DB_INT = 2**31 - 1  # SQL INTEGER: larger version numbers, cursors or ids can exist nowhere
-
-
 class ApiError(Exception):
     """An error answered to the client as ``{"error": {...}}``."""
 

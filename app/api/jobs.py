@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from app.api.datasets import UtcDatetime
 from app.api.deps import Services, ServicesDep, SessionDep
-from app.api.errors import ERROR_RESPONSES, MAX_DB_INT, ApiError
+from app.api.errors import ERROR_RESPONSES, ApiError
 from app.api.job_specs import JOB_TYPES, JobIn, plan_job
 from app.registry.jobs import (
     TERMINAL,
@@ -36,7 +36,7 @@ from app.registry.jobs import (
     mark_enqueued,
     request_cancel,
 )
-from app.registry.models import AdapterVersion, Job, JobEvent
+from app.registry.models import MAX_DB_INT, AdapterVersion, Job, JobEvent
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from sqlalchemy import Row, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.registry.models import Adapter, AdapterVersion, Alias, utcnow
+from app.registry.models import MAX_DB_INT, Adapter, AdapterVersion, Alias, utcnow
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
@@ -112,6 +112,8 @@ def get_adapter(session: Session, name: str) -> Adapter:
 
 def get_version(session: Session, name: str, version: int) -> AdapterVersion:
     adapter = get_adapter(session, name)
+    if not 0 <= version <= MAX_DB_INT:  # no such row, and PostgreSQL would refuse the number itself
+        raise NotFound(f"adapter {name!r} has no version {version}", param="version")
     found = session.execute(
         select(AdapterVersion).where(
             AdapterVersion.adapter_id == adapter.id,
@@ -202,15 +204,20 @@ def resolve_ref_id(session: Session, ref: str) -> tuple[str, int]:
     if not sep:
         query = query.order_by(AdapterVersion.version.desc()).limit(1)
     elif selector.isdigit():
+        if int(selector) > MAX_DB_INT:
+            return _resolved(resolve_ref(session, ref))  # the error get_version gives
         query = query.where(AdapterVersion.version == int(selector))
     else:
         query = query.join(Alias, (Alias.version_id == AdapterVersion.id) & (Alias.adapter_id == Adapter.id)).where(
             Alias.alias == selector)
     row = session.execute(query).one_or_none()
     if row is None:  # the precise error (or, had a write landed in between, the version)
-        version = resolve_ref(session, ref)
-        return version.id, version.version
+        return _resolved(resolve_ref(session, ref))
     return str(row.id), int(row.version)
+
+
+def _resolved(version: AdapterVersion) -> tuple[str, int]:
+    return version.id, version.version
 
 
 # ----------------------------------------------------------------- listing, method checks, whole-adapter delete

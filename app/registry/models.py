@@ -25,6 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+MAX_DB_INT = 2**31 - 1  # SQL INTEGER: larger version numbers, cursors or ids can exist nowhere
+
 
 def new_id(prefix: str) -> str:
     """A short random id such as ``job_3f9a0c1b2d4e5f60718293a4``."""

@@ -56,7 +56,7 @@ def test_deleted_versions_keep_their_numbers_and_drop_aliases(sessions: sessionm
 @pytest.mark.parametrize(
     ("ref", "error", "param"),
     [("../etc", InvalidName, "name"), ("nope", NotFound, "name"), ("a@9", NotFound, "version"),
-     ("a@missing", NotFound, "adapter")],
+     ("a@missing", NotFound, "adapter"), ("a@99999999999", NotFound, "version")],
 )
 def test_bad_refs_name_the_problem(sessions: sessionmaker[Session], ref: str, error: type, param: str) -> None:
     with sessions.begin() as s:
@@ -76,7 +76,7 @@ def test_the_one_query_resolution_agrees_with_resolve_ref(sessions: sessionmaker
         set_alias(s, "a", "prod", 1)
         set_alias(s, "b", "prod", 1)
         set_alias(s, "a", "canary", 3)
-    refs = ["a", "a@1", "a@2", "a@3", "a@4", "a@0", "a@prod", "a@canary", "a@missing", "b", "b@prod", "nope",
+    refs = ["a", "a@1", "a@2", "a@3", "a@4", "a@0", "a@99999999999", "a@prod", "a@canary", "a@missing", "b", "b@prod", "nope",
             "nope@1", "nope@prod", "../etc", "a@"]
 
     def outcome(fn: object, s: Session, ref: str) -> tuple[str, object, str | None]:
