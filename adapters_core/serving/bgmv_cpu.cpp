@@ -1,6 +1,10 @@
-// Batched LoRA decode product on x86-64 CPUs with AVX2 + FMA, one adapter per row:
+// Batched LoRA product on x86-64 CPUs with AVX2 + FMA, one adapter per row, for every token t:
 //
-//     out[i, :] += (x[i, :] @ A[w(i)][:, :width]) @ B[w(i)][:width, :]      w(i) = idx ? idx[i] : i
+//     out[i, t, :] += (x[i, t, :] @ A[w(i)][:, :width]) @ B[w(i)][:width, :]      w(i) = idx ? idx[i] : i
+//
+// Decode steps have one token per row (split over the threads by row); prefills have several (split
+// by row and block of 4 tokens: each weight loaded feeds the block's 4 tokens, and a row's weights
+// stay in the core's caches while its blocks go through).
 //
 // A row's weights are read once, in order (A row by row, then B), so a decode step costs about
 // what streaming the batch's adapter weights through the caches costs. Built and loaded by
@@ -104,10 +108,100 @@ inline void expand(const float* h, const float* b, int64_t width, int64_t outf, 
   }
 }
 
+// Prefill rows: TB tokens of one row at a time, so each weight loaded feeds TB FMAs.
+
+// h[t * sh + c] (c < 8*NV) = x_t @ a[:, c] for TB tokens (x_t = x + t * sxt); MASKED: the last vector
+// reads only the lanes set in `tail` (and writes zeros in the others).
+template <int TB, int NV, bool MASKED>
+inline void shrink_tokens_block(const float* x, int64_t sxt, const float* a, int64_t in, int64_t sa, float* h,
+                                int64_t sh, __m256i tail) {
+  __m256 acc[TB][NV];
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < NV; ++v) acc[t][v] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < in; ++i) {
+    const float* r = a + i * sa;
+    __m256 av[NV];
+    for (int v = 0; v < NV; ++v)
+      av[v] = (MASKED && v == NV - 1) ? _mm256_maskload_ps(r + 8 * v, tail) : _mm256_loadu_ps(r + 8 * v);
+    for (int t = 0; t < TB; ++t) {
+      const __m256 xt = _mm256_broadcast_ss(x + t * sxt + i);
+      for (int v = 0; v < NV; ++v) acc[t][v] = _mm256_fmadd_ps(xt, av[v], acc[t][v]);
+    }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(h + t * sh + 8 * v, acc[t][v]);
+}
+
+// h[t * sh : t * sh + width] = x_t @ a[:, :width] for TB tokens, 16 columns at a time.
+template <int TB>
+inline void shrink_tokens(const float* x, int64_t sxt, const float* a, int64_t in, int64_t sa, int64_t width,
+                          float* h, int64_t sh) {
+  const __m256i none = _mm256_setzero_si256();
+  int64_t c = 0;
+  for (; c + 16 <= width; c += 16) shrink_tokens_block<TB, 2, false>(x, sxt, a + c, in, sa, h + c, sh, none);
+  const int64_t rest = width - c;
+  if (rest == 0) return;
+  if (rest == 8) {
+    shrink_tokens_block<TB, 1, false>(x, sxt, a + c, in, sa, h + c, sh, none);
+    return;
+  }
+  const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(rest % 8)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  if (rest < 8) {
+    shrink_tokens_block<TB, 1, true>(x, sxt, a + c, in, sa, h + c, sh, tail);
+  } else {
+    shrink_tokens_block<TB, 2, true>(x, sxt, a + c, in, sa, h + c, sh, tail);
+  }
+}
+
+// out_t[0 : outf] += h[t * sh : t * sh + width] @ b[0 : width, 0 : outf] for TB tokens
+// (out_t = out + t * sot), 16 outputs at a time.
+template <int TB>
+inline void expand_tokens(const float* h, int64_t sh, const float* b, int64_t width, int64_t outf, int64_t sb,
+                          float* out, int64_t sot) {
+  int64_t o = 0;
+  for (; o + 16 <= outf; o += 16) {
+    __m256 acc[TB][2];
+    for (int t = 0; t < TB; ++t) {
+      acc[t][0] = _mm256_loadu_ps(out + t * sot + o);
+      acc[t][1] = _mm256_loadu_ps(out + t * sot + o + 8);
+    }
+    for (int64_t j = 0; j < width; ++j) {
+      const float* r = b + j * sb + o;
+      const __m256 b0 = _mm256_loadu_ps(r), b1 = _mm256_loadu_ps(r + 8);
+      for (int t = 0; t < TB; ++t) {
+        const __m256 hj = _mm256_broadcast_ss(h + t * sh + j);
+        acc[t][0] = _mm256_fmadd_ps(hj, b0, acc[t][0]);
+        acc[t][1] = _mm256_fmadd_ps(hj, b1, acc[t][1]);
+      }
+    }
+    for (int t = 0; t < TB; ++t) {
+      _mm256_storeu_ps(out + t * sot + o, acc[t][0]);
+      _mm256_storeu_ps(out + t * sot + o + 8, acc[t][1]);
+    }
+  }
+  for (int t = 0; t < TB; ++t) {
+    if (o < outf) expand(h + t * sh, b + o, width, outf - o, sb, out + t * sot + o);
+  }
+}
+
+constexpr int kTokenBlock = 4;
+constexpr int64_t kHiddenStride = kMaxWidth + 32;
+
+// Tokens t0 .. t0 + n - 1 (n <= kTokenBlock) of one row.
+template <int TB>
+inline void row_tokens(const float* x, int64_t sxt, const float* a, int64_t in, int64_t sa, const float* b,
+                       int64_t width, int64_t outf, int64_t sb, float* out, int64_t sot) {
+  alignas(32) float h[TB * kHiddenStride];
+  shrink_tokens<TB>(x, sxt, a, in, sa, width, h, kHiddenStride);
+  expand_tokens<TB>(h, kHiddenStride, b, width, outf, sb, out, sot);
+}
+
 }  // namespace
 
 // One call's arguments (strides in elements). A[w] starts at a + w * sa_row and its row i at
-// + i * sa_in (columns contiguous); B likewise; x row i at x + i * sx, out row i at out + i * so.
+// + i * sa_in (columns contiguous); B likewise; x row i, token t at x + i * sx + t * sx_tok, out
+// likewise with so and so_tok.
 // The Python side keeps one per bound call and rewrites only x, out, their strides and threads.
 struct AfBgmvArgs {
   int64_t batch, in, width, outf;
@@ -121,6 +215,7 @@ struct AfBgmvArgs {
   float* out;
   int64_t so;
   int64_t threads;
+  int64_t tokens, sx_tok, so_tok;
 };
 
 extern "C" {
@@ -129,17 +224,37 @@ int64_t af_bgmv_max_width() { return kMaxWidth; }
 
 int64_t af_bgmv_args_size() { return sizeof(AfBgmvArgs); }
 
-// Returns 0, or 1 when width is out of range (nothing is written).
+// Returns 0, or 1 when width or tokens is out of range (nothing is written).
 int af_bgmv_f32(const AfBgmvArgs* p) {
-  const int64_t batch = p->batch, width = p->width;
-  if (width < 1 || width > kMaxWidth) return 1;
+  const int64_t batch = p->batch, width = p->width, tokens = p->tokens;
+  if (width < 1 || width > kMaxWidth || tokens < 1) return 1;
   const int threads = static_cast<int>(p->threads);
+  if (tokens == 1) {  // a decode step: one streaming pass over each row's weights
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && batch > 1)
-  for (int64_t row = 0; row < batch; ++row) {
+    for (int64_t row = 0; row < batch; ++row) {
+      const int64_t w = p->idx ? p->idx[row] : row;
+      alignas(32) float h[kMaxWidth + 32];
+      shrink(p->x + row * p->sx, p->a + w * p->sa_row, p->in, p->sa_in, width, h);
+      expand(h, p->b + w * p->sb_row, width, p->outf, p->sb_r, p->out + row * p->so);
+    }
+    return 0;
+  }
+  const int64_t blocks = (tokens + kTokenBlock - 1) / kTokenBlock;
+  const int64_t items = batch * blocks;  // (row, block of tokens), a row's blocks next to each other
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && items > 1)
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t row = item / blocks, t0 = (item % blocks) * kTokenBlock;
     const int64_t w = p->idx ? p->idx[row] : row;
-    alignas(32) float h[kMaxWidth + 32];
-    shrink(p->x + row * p->sx, p->a + w * p->sa_row, p->in, p->sa_in, width, h);
-    expand(h, p->b + w * p->sb_row, width, p->outf, p->sb_r, p->out + row * p->so);
+    const float* x = p->x + row * p->sx + t0 * p->sx_tok;
+    const float* a = p->a + w * p->sa_row;
+    const float* b = p->b + w * p->sb_row;
+    float* out = p->out + row * p->so + t0 * p->so_tok;
+    switch (tokens - t0 < kTokenBlock ? tokens - t0 : kTokenBlock) {
+      case 1: row_tokens<1>(x, p->sx_tok, a, p->in, p->sa_in, b, width, p->outf, p->sb_r, out, p->so_tok); break;
+      case 2: row_tokens<2>(x, p->sx_tok, a, p->in, p->sa_in, b, width, p->outf, p->sb_r, out, p->so_tok); break;
+      case 3: row_tokens<3>(x, p->sx_tok, a, p->in, p->sa_in, b, width, p->outf, p->sb_r, out, p->so_tok); break;
+      default: row_tokens<4>(x, p->sx_tok, a, p->in, p->sa_in, b, width, p->outf, p->sb_r, out, p->so_tok); break;
+    }
   }
   return 0;
 }

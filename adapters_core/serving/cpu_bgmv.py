@@ -51,7 +51,8 @@ class _Args(ctypes.Structure):
 
     _fields_ = [("batch", _I64), ("in_features", _I64), ("width", _I64), ("out_features", _I64),
                 ("a", _PTR), ("sa_row", _I64), ("sa_in", _I64), ("b", _PTR), ("sb_row", _I64), ("sb_r", _I64),
-                ("idx", _PTR), ("x", _PTR), ("sx", _I64), ("out", _PTR), ("so", _I64), ("threads", _I64)]
+                ("idx", _PTR), ("x", _PTR), ("sx", _I64), ("out", _PTR), ("so", _I64), ("threads", _I64),
+                ("tokens", _I64), ("sx_tok", _I64), ("so_tok", _I64)]
 
 
 class Bgmv:
@@ -85,6 +86,15 @@ class Bgmv:
         return BgmvCall(self._fn, a, b, width, idx)
 
 
+    def prepare_bank(self, a: torch.Tensor, b: torch.Tensor, width: int) -> BankCall | None:
+        """A call over the whole slot bank ``a (slots, in, ≥width)``, ``b (slots, ≥width, out)`` for rows of
+        several tokens, each row on the slot its call names (prefills). ``None`` where the kernel does not
+        apply; the tensors must outlive the call object and keep their storage."""
+        if self.prepare(a, b, width) is None:  # the same dtype, device, layout and width rules
+            return None
+        return BankCall(self._fn, a, b, width)
+
+
 class BgmvCall:
     """``out[i] += (x[i] @ A_i[:, :width]) @ B_i[:width]`` for the bound weights; see :class:`Bgmv`."""
 
@@ -96,7 +106,7 @@ class BgmvCall:
         self.fixed_rows = idx is not None  # a batch over idx has exactly len(idx) rows
         self.in_features, self.out_features = int(a.shape[1]), int(b.shape[2])
         self._args = _Args(0, self.in_features, width, self.out_features, a.data_ptr(), a.stride(0), a.stride(1),
-                           b.data_ptr(), b.stride(0), b.stride(1), None if idx is None else idx.data_ptr())
+                           b.data_ptr(), b.stride(0), b.stride(1), None if idx is None else idx.data_ptr(), tokens=1)
         self._address = ctypes.addressof(self._args)
 
     def accepts(self, x: torch.Tensor, out: torch.Tensor) -> bool:
@@ -117,6 +127,50 @@ class BgmvCall:
             raise ValueError(f"{rows} rows for a kernel call bound to {self.max_rows}")
         args = self._args
         args.batch, args.x, args.sx, args.out, args.so = rows, x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0)
+        args.threads = torch.get_num_threads()
+        if self._fn(self._address):
+            raise RuntimeError(f"af_bgmv_f32 refused width {self.width}")
+        return out
+
+
+class BankCall:
+    """``out[i, t] += (x[i, t] @ A[slots[i]][:, :width]) @ B[slots[i]][:width]`` for rows of any number of
+    tokens (a prefill), read straight from the bound slot bank: no gathered copies of the rows'
+    weights. See :meth:`Bgmv.prepare_bank`."""
+
+    def __init__(self, fn: Any, a: torch.Tensor, b: torch.Tensor, width: int) -> None:
+        self._fn = fn
+        self._keep = (a, b)  # the addresses below stay valid while this call lives
+        self.width = width
+        self.num_slots = int(a.shape[0])
+        self.in_features, self.out_features = int(a.shape[1]), int(b.shape[2])
+        self._args = _Args(0, self.in_features, width, self.out_features, a.data_ptr(), a.stride(0), a.stride(1),
+                           b.data_ptr(), b.stride(0), b.stride(1))
+        self._address = ctypes.addressof(self._args)
+
+    def accepts(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Whether ``x (rows, tokens, in)`` and ``out (rows, tokens, out)`` are float32 CPU tensors with
+        contiguous features (any row and token strides)."""
+        return (x.dtype == out.dtype == torch.float32 and x.device.type == out.device.type == "cpu"
+                and x.dim() == out.dim() == 3 and x.stride(2) == 1 and out.stride(2) == 1
+                and x.shape[2] == self.in_features and out.shape == (x.shape[0], x.shape[1], self.out_features))
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor, highest: int) -> torch.Tensor:
+        """Add the products to ``out`` in place and return it. ``slots``: one int64 slot id per row, none
+        negative (``SlottedModel.route`` checks both), ``highest`` the largest of them: checked against
+        the bank here, with no tensor reduction per call (the kernel reads whatever slot it is given)."""
+        rows, tokens = x.shape[0], x.shape[1]
+        if (slots.dtype != torch.int64 or slots.device.type != "cpu" or slots.dim() != 1 or not slots.is_contiguous()
+                or slots.shape[0] != rows):
+            raise ValueError(f"slots must be a contiguous int64 CPU vector of {rows} slot ids")
+        if highest >= self.num_slots:
+            raise ValueError(f"slot {highest} is past the bank's {self.num_slots} slots")
+        if rows == 0 or tokens == 0:
+            return out
+        args = self._args
+        args.batch, args.tokens, args.idx = rows, tokens, slots.data_ptr()
+        args.x, args.sx, args.sx_tok = x.data_ptr(), x.stride(0), x.stride(1)
+        args.out, args.so, args.so_tok = out.data_ptr(), out.stride(0), out.stride(1)
         args.threads = torch.get_num_threads()
         if self._fn(self._address):
             raise RuntimeError(f"af_bgmv_f32 refused width {self.width}")

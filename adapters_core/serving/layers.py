@@ -41,7 +41,7 @@ from torch import nn
 
 from adapters_core.errors import AdapterStateError
 from adapters_core.methods.lora.base_layers import BaseLayerInfo
-from adapters_core.serving.cpu_bgmv import Bgmv, BgmvCall
+from adapters_core.serving.cpu_bgmv import BankCall, Bgmv, BgmvCall
 from adapters_core.serving.kernels import RowIndex, lora_delta, lora_delta_rows, lora_expand
 
 
@@ -56,6 +56,7 @@ class SlotRouting:
     rows_synced: bool = False  # the row buffers hold row i's slot weights at position i (see SlotLoraLayer)
     decode_rows: int = 0  # rows_synced with more than one slot: the batch size, else 0 (the decode hot path)
     rank: int | None = None  # the largest LoRA rank of the routed slots (None: unknown, use every column)
+    highest: int = 0  # the largest routed slot id
 
     @classmethod
     def of(cls, slots: list[int], device: torch.device, *, rows_synced: bool = False,
@@ -66,7 +67,7 @@ class SlotRouting:
         uniform = next(iter(distinct)) if len(distinct) == 1 else None
         decode_rows = len(slots) if rows_synced and uniform is None else 0
         rank = None if ranks is None else max(ranks.get(s, 0) for s in distinct)
-        return cls(tensor, distinct, uniform, RowIndex(tensor), rows_synced, decode_rows, rank)
+        return cls(tensor, distinct, uniform, RowIndex(tensor), rows_synced, decode_rows, rank, max(distinct, default=0))
 
     @property
     def batch_size(self) -> int:
@@ -141,6 +142,7 @@ class SlotLoraLayer(_Wrapper):
         self._row_views: _RowViews | None = None
         self._bgmv = kernel  # the compiled CPU decode kernel, for the row buffers (None: bmm)
         self._bgmv_calls: dict[int, BgmvCall | None] = {}  # by rank width, over the current row buffers
+        self._bank_calls: dict[int, BankCall | None] = {}  # by rank width, over the current slot bank (prefills)
         self.lora_bias: torch.Tensor | None = None
         self.gain: torch.Tensor | None = None
         self.bias_delta: torch.Tensor | None = None
@@ -172,6 +174,7 @@ class SlotLoraLayer(_Wrapper):
             a[:, :, :old] = self.a
             b[:, :old, :] = self.b
         self.a, self.b = a, b
+        self._bank_calls.clear()
         if self.row_capacity:  # the owner re-syncs every row after a layer changes shape
             shape_a, shape_b = (self.row_capacity, *a.shape[1:]), (self.row_capacity, *b.shape[1:])
             self.rows_a = torch.zeros(shape_a, dtype=self.dtype, device=self.device)
@@ -351,6 +354,15 @@ class SlotLoraLayer(_Wrapper):
                 if views.kernel.accepts(x3, target):
                     return views.kernel(x3, target)
             return lora_delta_rows(x3, views.a, views.b, out)
+        if routing is not None and x3.shape[1] > 1 and self._bgmv is not None:
+            # a prefill: the kernel reads each row's weights from the bank (no gathered copies) and keeps
+            # them in cache while the row's tokens go through
+            if width not in self._bank_calls:
+                self._bank_calls[width] = self._bgmv.prepare_bank(self.a, self.b, width)
+            call = self._bank_calls[width]
+            target = out if out is not None else x3.new_zeros((batch, x3.shape[1], self.info.out_features))
+            if call is not None and call.accepts(x3, target):
+                return call(x3, target, slots, routing.highest)
         return lora_delta(x3, self.a, self.b, slots, uniform, index, out, width=width)
 
 

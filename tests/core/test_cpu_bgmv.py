@@ -114,6 +114,55 @@ def test_rows_picked_from_a_bank_by_index(kernel: Bgmv, width: int) -> None:
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
 
 
+def bank_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, width: int, out: torch.Tensor,
+                   slots: torch.Tensor) -> torch.Tensor:
+    """``out[i, t] + (x[i, t] @ A[slots[i]][:, :width]) @ B[slots[i]][:width]`` in float64."""
+    a64, b64 = a[slots, :, :width].double(), b[slots, :width].double()
+    return out.double() + torch.bmm(torch.bmm(x.double(), a64), b64)
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [1, 2, 7, 32])
+@pytest.mark.parametrize("width", [1, 13, 16, 40])
+def test_rows_of_many_tokens_read_the_bank_by_slot(kernel: Bgmv, tokens: int, width: int) -> None:
+    """Prefill rows: each row's tokens on its own slot (repeated, out of order, slot 0), straight from a
+    bank of capacity 48 whose columns past ``width`` hold NaN, into strided inputs and outputs."""
+    a, b = weights(6, 96, 48, 91, seed=4)  # 91 outputs: 5 blocks of 16, one of 8, 3 more
+    a[:, :, width:], b[:, width:] = float("nan"), float("nan")
+    slots = torch.tensor([5, 0, 5, 2])
+    x = torch.randn(4, tokens, 120)[:, :, 10:106]
+    out_wide = torch.randn(4, tokens, 100)
+    out = out_wide[:, :, 5:96]
+    expected = bank_reference(x, a, b, width, out, slots)
+    before = out_wide.clone()
+    call = kernel.prepare_bank(a, b, width)
+    assert call is not None and call.accepts(x, out)
+    assert call(x, out, slots, highest=5) is out
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+    untouched = torch.ones_like(out_wide, dtype=torch.bool)
+    untouched[:, :, 5:96] = False
+    assert torch.equal(out_wide[untouched], before[untouched])
+
+
+@needs_kernel
+def test_a_bank_call_refuses_slots_it_cannot_read(kernel: Bgmv) -> None:
+    a, b = weights(4, 16, 8, 12)
+    call = kernel.prepare_bank(a, b, 8)
+    assert call is not None
+    x, out = torch.randn(2, 3, 16), torch.zeros(2, 3, 12)
+    with pytest.raises(ValueError, match="slot 4 is past the bank's 4 slots"):
+        call(x, out, torch.tensor([0, 4]), highest=4)
+    with pytest.raises(ValueError, match="contiguous int64 CPU vector of 2 slot ids"):
+        call(x, out, torch.tensor([0, 1], dtype=torch.int32), highest=1)
+    with pytest.raises(ValueError, match="2 slot ids"):
+        call(x, out, torch.tensor([0, 1, 2]), highest=2)
+    assert torch.equal(out, torch.zeros(2, 3, 12))  # nothing written
+    assert not call.accepts(x.double(), out.double())
+    assert not call.accepts(torch.randn(2, 3, 32)[:, :, ::2], out)  # features not contiguous
+    assert not call.accepts(x, torch.zeros(2, 4, 12))  # as many output tokens as input tokens
+    assert kernel.prepare_bank(a.double(), b.double(), 8) is None
+
+
 @needs_kernel
 def test_one_call_serves_batches_of_any_size_up_to_its_rows(kernel: Bgmv) -> None:
     """A call bound to 8 row buffers serves a batch of 8, then of 3, then of 6 (rows join and leave
@@ -217,8 +266,9 @@ def test_built_once_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 @pytest.mark.parametrize("kernels", ["auto", "off"])
 def test_serving_gives_the_same_logits_with_or_without_the_kernel(kernels: str, model_dirs: dict[str, Path],
                                                                   tmp_path: Path) -> None:
-    """A prefill and a decode step through row buffers, adapters of ranks 4, 8 and 13 and a base row in
-    one batch: the logits of the bank path (no row buffers), with the kernel and with it switched off."""
+    """A prefill (straight from the slot bank) and a decode step (through row buffers), adapters of
+    ranks 4, 8 and 13 and a base row in one batch: the logits of the torch path (no row buffers, no
+    kernel), with the kernel and with it switched off."""
     from transformers import DynamicCache
 
     from adapters_core import AdapterModel, LoraConfig
@@ -239,36 +289,45 @@ def test_serving_gives_the_same_logits_with_or_without_the_kernel(kernels: str, 
         am.save_pretrained(paths[-1])
     ids = torch.randint(3, 60, (5, 6), generator=torch.Generator().manual_seed(7))
 
-    def decode(row_capacity: int, rows: list[int]) -> tuple[torch.Tensor, int]:
+    def decode(row_capacity: int, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         sm = SlottedModel(load_model(model_dirs["llama"]), 3, row_capacity=row_capacity, cpu_kernels=kernels == "auto")
         for slot, path in enumerate(paths, start=1):
             config, tensors = read_adapter(path)
             sm.load(slot, sm.prepare(config, tensors))
-        calls = 0
-        original = cpu_bgmv.BgmvCall.__call__
+        calls = {"rows": 0, "bank": 0}
+        original_rows, original_bank = cpu_bgmv.BgmvCall.__call__, cpu_bgmv.BankCall.__call__
 
-        def counting(self: cpu_bgmv.BgmvCall, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-            nonlocal calls
-            calls += 1
-            return original(self, x, out)
+        def counting_rows(self: cpu_bgmv.BgmvCall, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            calls["rows"] += 1
+            return original_rows(self, x, out)
+
+        def counting_bank(self: cpu_bgmv.BankCall, x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor,
+                          highest: int) -> torch.Tensor:
+            calls["bank"] += 1
+            return original_bank(self, x, out, slots, highest)
 
         with torch.inference_mode(), pytest.MonkeyPatch.context() as patch:
-            patch.setattr(cpu_bgmv.BgmvCall, "__call__", counting)
+            patch.setattr(cpu_bgmv.BgmvCall, "__call__", counting_rows)
+            patch.setattr(cpu_bgmv.BankCall, "__call__", counting_bank)
             cache = DynamicCache()
             with sm.route(rows):
-                nxt = sm.model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                prefill = sm.model(input_ids=ids, cache=cache, use_cache=True).logits
+            nxt = prefill[:, -1:].argmax(-1)
             sm.sync_rows(rows)
             with sm.route(rows):
                 logits = sm.model(input_ids=nxt, cache=cache, use_cache=True).logits
-        return logits, calls
+        return prefill, logits, calls["rows"], calls["bank"]
 
     rows = [1, 3, 0, 2, 3]
-    bank, bank_calls = decode(0, rows)
-    got, row_calls = decode(8, rows)
-    assert bank_calls == 0
-    assert row_calls > 0 if (kernels == "auto" and _REASON is None) else row_calls == 0
-    torch.testing.assert_close(got, bank, rtol=0, atol=2e-5)
-    base, _ = decode(0, [0] * len(rows))
+    torch_prefill, torch_step, torch_rows, torch_bank = decode(0, rows)
+    prefill, step, row_calls, bank_calls = decode(8, rows)
+    assert torch_rows == torch_bank == 0
+    kernel_runs = kernels == "auto" and _REASON is None
+    assert (row_calls > 0 and bank_calls > 0) if kernel_runs else row_calls == bank_calls == 0
+    torch.testing.assert_close(prefill, torch_prefill, rtol=0, atol=2e-5)
+    torch.testing.assert_close(step, torch_step, rtol=0, atol=2e-5)
+    base_prefill, base_step, _, _ = decode(0, [0] * len(rows))
     for i, slot in enumerate(rows):  # adapter rows really differ from the base model, base rows do not
-        effect = (got[i] - base[i]).abs().max().item()
-        assert effect > 1e-3 if slot else effect <= 2e-5, (i, slot, effect)
+        for got, base in ((prefill, base_prefill), (step, base_step)):
+            effect = (got[i] - base[i]).abs().max().item()
+            assert effect > 1e-3 if slot else effect <= 2e-5, (i, slot, effect)
