@@ -1,9 +1,12 @@
-"""A compiled CPU kernel for the decode step's LoRA product, one adapter per row (BGMV).
+"""A compiled CPU kernel for the LoRA product of a batch whose rows use different adapters (BGMV/SGMV).
 
-``out[i] += (x[i] @ A[w(i)][:, :width]) @ B[w(i)][:width]`` for single-token rows in float32, with
-``w(i) = i`` (row buffers) or ``idx[i]`` (slots of the bank). Stock torch runs this as two ``bmm``
-calls of 32 tiny matrices, which on a CPU costs about three times what reading the weights costs;
-this kernel (``bgmv_cpu.cpp``, AVX2 + FMA) reads each row's weights once, in order.
+``out[i, t] += (x[i, t] @ A[w(i)][:, :width]) @ B[w(i)][:width]`` in float32, with ``w(i) = i`` (row
+buffers: :meth:`Bgmv.prepare`, decode steps of one token per row) or the slot a call names for row
+``i`` (the slot bank itself: :meth:`Bgmv.prepare_bank`, prefills of several tokens per row). Stock
+torch runs a decode step as two ``bmm`` calls of 32 tiny matrices, which on a CPU costs about three
+times what reading the weights costs, and a prefill as gathered copies of every row's weights plus
+``bmm``; this kernel (``bgmv_cpu.cpp``, AVX2 + FMA) reads each row's weights once, in order, and in
+a prefill feeds each weight it loads to 4 tokens.
 
 The source ships with the package and is compiled on first use with the host's C++ compiler
 (``$CXX``, else ``g++`` or ``c++``; about a second) into a cache directory, keyed by the source and
