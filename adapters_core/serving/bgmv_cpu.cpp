@@ -180,15 +180,15 @@ inline void expand_tokens(const float* h, int64_t sh, const float* b, int64_t wi
       _mm256_storeu_ps(out + t * sot + o + 8, acc[t][1]);
     }
   }
-  for (int t = 0; t < TB; ++t) {
-    if (o < outf) expand(h + t * sh, b + o, width, outf - o, sb, out + t * sot + o);
+  if (o < outf) {  // the last outputs, token by token
+    for (int t = 0; t < TB; ++t) expand(h + t * sh, b + o, width, outf - o, sb, out + t * sot + o);
   }
 }
 
 constexpr int kTokenBlock = 4;
 constexpr int64_t kHiddenStride = kMaxWidth + 32;
 
-// Tokens t0 .. t0 + n - 1 (n <= kTokenBlock) of one row.
+// TB consecutive tokens of one row (x and out point at the first).
 template <int TB>
 inline void row_tokens(const float* x, int64_t sxt, const float* a, int64_t in, int64_t sa, const float* b,
                        int64_t width, int64_t outf, int64_t sb, float* out, int64_t sot) {

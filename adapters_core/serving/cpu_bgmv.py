@@ -77,9 +77,7 @@ class Bgmv:
         (up to ``n`` rows, the batch's own size at each call), or ``a[idx[i]]`` (exactly ``len(idx)``
         rows). ``None`` where the kernel does not apply (dtype, device, layout, width): the caller uses
         torch. The tensors must outlive the call object and keep their storage (it holds their addresses)."""
-        if not (a.dtype == b.dtype == torch.float32 and a.device.type == b.device.type == "cpu"
-                and a.dim() == b.dim() == 3 and a.stride(2) == 1 and b.stride(2) == 1
-                and 1 <= width <= min(self.max_width, a.shape[2], b.shape[1]) and a.shape[0] == b.shape[0]):
+        if not self._fits(a, b, width):
             return None
         if idx is not None:
             if idx.dtype != torch.int64 or idx.device.type != "cpu" or idx.dim() != 1 or not idx.is_contiguous():
@@ -88,29 +86,44 @@ class Bgmv:
                 return None
         return BgmvCall(self._fn, a, b, width, idx)
 
-
     def prepare_bank(self, a: torch.Tensor, b: torch.Tensor, width: int) -> BankCall | None:
         """A call over the whole slot bank ``a (slots, in, ≥width)``, ``b (slots, ≥width, out)`` for rows of
         several tokens, each row on the slot its call names (prefills). ``None`` where the kernel does not
         apply; the tensors must outlive the call object and keep their storage."""
-        if self.prepare(a, b, width) is None:  # the same dtype, device, layout and width rules
-            return None
-        return BankCall(self._fn, a, b, width)
+        return BankCall(self._fn, a, b, width) if self._fits(a, b, width) else None
+
+    def _fits(self, a: torch.Tensor, b: torch.Tensor, width: int) -> bool:
+        """Whether the kernel reads ``a`` and ``b`` as they are (dtype, device, layout) at ``width``."""
+        return (a.dtype == b.dtype == torch.float32 and a.device.type == b.device.type == "cpu"
+                and a.dim() == b.dim() == 3 and a.stride(2) == 1 and b.stride(2) == 1
+                and 1 <= width <= min(self.max_width, a.shape[2], b.shape[1]) and a.shape[0] == b.shape[0])
 
 
-class BgmvCall:
-    """``out[i] += (x[i] @ A_i[:, :width]) @ B_i[:width]`` for the bound weights; see :class:`Bgmv`."""
+class _BoundCall:
+    """The kernel's arguments for fixed weights ``a``, ``b`` (and ``idx``), rewritten per call."""
 
     def __init__(self, fn: Any, a: torch.Tensor, b: torch.Tensor, width: int, idx: torch.Tensor | None) -> None:
         self._fn = fn
         self._keep = (a, b, idx)  # the addresses below stay valid while this call lives
         self.width = width
-        self.max_rows = int(a.shape[0]) if idx is None else int(idx.shape[0])
-        self.fixed_rows = idx is not None  # a batch over idx has exactly len(idx) rows
         self.in_features, self.out_features = int(a.shape[1]), int(b.shape[2])
         self._args = _Args(0, self.in_features, width, self.out_features, a.data_ptr(), a.stride(0), a.stride(1),
                            b.data_ptr(), b.stride(0), b.stride(1), None if idx is None else idx.data_ptr(), tokens=1)
         self._address = ctypes.addressof(self._args)
+
+    def _run(self) -> None:
+        self._args.threads = torch.get_num_threads()
+        if self._fn(self._address):
+            raise RuntimeError(f"af_bgmv_f32 refused width {self.width}")
+
+
+class BgmvCall(_BoundCall):
+    """``out[i] += (x[i] @ A_i[:, :width]) @ B_i[:width]`` for the bound weights; see :class:`Bgmv`."""
+
+    def __init__(self, fn: Any, a: torch.Tensor, b: torch.Tensor, width: int, idx: torch.Tensor | None) -> None:
+        super().__init__(fn, a, b, width, idx)
+        self.max_rows = int(a.shape[0]) if idx is None else int(idx.shape[0])
+        self.fixed_rows = idx is not None  # a batch over idx has exactly len(idx) rows
 
     def accepts(self, x: torch.Tensor, out: torch.Tensor) -> bool:
         """Whether ``x (rows, 1, in)`` and ``out (rows, 1, out)`` are float32 CPU rows with contiguous
@@ -130,26 +143,18 @@ class BgmvCall:
             raise ValueError(f"{rows} rows for a kernel call bound to {self.max_rows}")
         args = self._args
         args.batch, args.x, args.sx, args.out, args.so = rows, x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0)
-        args.threads = torch.get_num_threads()
-        if self._fn(self._address):
-            raise RuntimeError(f"af_bgmv_f32 refused width {self.width}")
+        self._run()
         return out
 
 
-class BankCall:
+class BankCall(_BoundCall):
     """``out[i, t] += (x[i, t] @ A[slots[i]][:, :width]) @ B[slots[i]][:width]`` for rows of any number of
     tokens (a prefill), read straight from the bound slot bank: no gathered copies of the rows'
     weights. See :meth:`Bgmv.prepare_bank`."""
 
     def __init__(self, fn: Any, a: torch.Tensor, b: torch.Tensor, width: int) -> None:
-        self._fn = fn
-        self._keep = (a, b)  # the addresses below stay valid while this call lives
-        self.width = width
+        super().__init__(fn, a, b, width, None)
         self.num_slots = int(a.shape[0])
-        self.in_features, self.out_features = int(a.shape[1]), int(b.shape[2])
-        self._args = _Args(0, self.in_features, width, self.out_features, a.data_ptr(), a.stride(0), a.stride(1),
-                           b.data_ptr(), b.stride(0), b.stride(1))
-        self._address = ctypes.addressof(self._args)
 
     def accepts(self, x: torch.Tensor, out: torch.Tensor) -> bool:
         """Whether ``x (rows, tokens, in)`` and ``out (rows, tokens, out)`` are float32 CPU tensors with
@@ -174,9 +179,7 @@ class BankCall:
         args.batch, args.tokens, args.idx = rows, tokens, slots.data_ptr()
         args.x, args.sx, args.sx_tok = x.data_ptr(), x.stride(0), x.stride(1)
         args.out, args.so, args.so_tok = out.data_ptr(), out.stride(0), out.stride(1)
-        args.threads = torch.get_num_threads()
-        if self._fn(self._address):
-            raise RuntimeError(f"af_bgmv_f32 refused width {self.width}")
+        self._run()
         return out
 
 

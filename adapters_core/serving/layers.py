@@ -360,9 +360,10 @@ class SlotLoraLayer(_Wrapper):
             if width not in self._bank_calls:
                 self._bank_calls[width] = self._bgmv.prepare_bank(self.a, self.b, width)
             call = self._bank_calls[width]
-            target = out if out is not None else x3.new_zeros((batch, x3.shape[1], self.info.out_features))
-            if call is not None and call.accepts(x3, target):
-                return call(x3, target, slots, routing.highest)
+            if call is not None:
+                target = out if out is not None else x3.new_zeros((batch, x3.shape[1], self.info.out_features))
+                if call.accepts(x3, target):
+                    return call(x3, target, slots, routing.highest)
         return lora_delta(x3, self.a, self.b, slots, uniform, index, out, width=width)
 
 
