@@ -21,6 +21,10 @@ server). Between the steps, outside the model: the adapter step's 56 products al
 ``bmm``, on the same row buffers), and one read of the same number of bytes as a single flat tensor (the machine's
 streaming floor: what a perfect kernel would pay with no other work around it).
 
+Then prefills of 1, 8 and 32 rows of 32 tokens, each row on its own adapter, as the engine runs
+them (a fresh cache, the last logits only): on the base model, with the compiled kernel reading the
+slot bank, with torch's gather + ``bmm``, and with the products skipped, interleaved.
+
 Then an r=64 adapter is loaded into a slot no row uses (every layer's buffers grow to 64 rank
 columns) and the base and adapter steps run again: the 32 r=16 rows must cost what they cost before
 (a batch multiplies only the rank columns its own slots need).
@@ -60,6 +64,9 @@ TARGET = 0.85  # bench_serving's target 2
 KINDS = ("base", "adapters", "adapters, bmm", "base + reading", "adapters, products skipped")
 ALONE = ("products alone", "products alone, bmm", "streaming floor")
 MIXED = "adapters, r=64 in the bank"
+PREFILL_ROWS = (1, 8, 32)  # rows of a prefill, each on its own adapter
+PREFILL_TOKENS = 32
+PREFILL_KINDS = ("base", "kernel", "torch", "products skipped")
 WIDE_RANK = 64
 
 
@@ -77,16 +84,17 @@ def _reading_hooks(model: torch.nn.Module, batch: int) -> list[Any]:
 
 
 def _use_kernel(model: torch.nn.Module, kernel: Any) -> None:
-    """Point every slot layer at ``kernel`` (``None``: ``bmm``), with the row views and bound calls it last
-    had with that kernel (as in the server, where they last while the batch does: switching costs no
-    re-binding). Both are swapped: a layer binds its views from its calls."""
+    """Point every slot layer at ``kernel`` (``None``: ``bmm``), with the row views and bound calls (decode
+    and prefill) it last had with that kernel (as in the server, where they last while the batch and
+    the bank do: switching costs no re-binding). All three are swapped: a layer binds its views from
+    its calls, and a call left in place would keep running the kernel it was bound with."""
     from adapters_core.serving.layers import SlotLoraLayer
 
     for m in model.modules():
         if isinstance(m, SlotLoraLayer) and m._bgmv is not kernel:
             kept = m.__dict__.setdefault("_bench_state", {})
-            kept[id(m._bgmv)] = (m._row_views, m._bgmv_calls)
-            m._row_views, m._bgmv_calls = kept.get(id(kernel), (None, {}))
+            kept[id(m._bgmv)] = (m._row_views, m._bgmv_calls, m._bank_calls)
+            m._row_views, m._bgmv_calls, m._bank_calls = kept.get(id(kernel), (None, {}, {}))
             m._bgmv = kernel
 
 
@@ -96,15 +104,15 @@ class _SkipProducts:
     def prepare(self, a: torch.Tensor, b: torch.Tensor, width: int, idx: torch.Tensor | None = None) -> _SkipCall:
         return _SkipCall()
 
-    def prepare_bank(self, a: torch.Tensor, b: torch.Tensor, width: int) -> None:
-        return None  # (the bench prefills once, with the real kernel)
+    def prepare_bank(self, a: torch.Tensor, b: torch.Tensor, width: int) -> _SkipCall:
+        return _SkipCall()
 
 
 class _SkipCall:
     def accepts(self, x: torch.Tensor, out: torch.Tensor) -> bool:
         return True
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, *_: Any) -> torch.Tensor:
         return out
 
 
@@ -145,7 +153,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ids = torch.randint(5, vocab - 1, (CLIENTS, PROMPT_TOKENS), generator=gen)
     cache = new_cache()
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    times: dict[str, list[float]] = {k: [] for k in (*KINDS, *ALONE, MIXED, "base, r=64 in the bank")}
+    times: dict[str, list[float]] = {k: [] for k in (*KINDS, *ALONE, MIXED, "base, r=64 in the bank",
+                                                     *(f"prefill {n}, {kind}" for n in PREFILL_ROWS
+                                                       for kind in PREFILL_KINDS))}
     layers = [m for m in model.modules() if getattr(m, "rows_a", None) is not None]
     inputs = [(torch.randn((CLIENTS, 1, m.rows_a.shape[1]), generator=gen),
                torch.zeros((CLIENTS, 1, m.rows_b.shape[2]))) for m in layers]
@@ -194,6 +204,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         length += 1
         return elapsed
 
+    def prefill(kind: str, prompt: torch.Tensor) -> float:
+        routed = [0] * prompt.shape[0] if kind == "base" else list(range(1, prompt.shape[0] + 1))
+        _use_kernel(model, {"torch": None, "products skipped": skip}.get(kind, kernel))
+        t0 = time.perf_counter()
+        with slotted.route(routed):
+            model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{cache_arg: new_cache()})
+        elapsed = time.perf_counter() - t0
+        _use_kernel(model, kernel)
+        return elapsed
+
     with torch.inference_mode():
         with slotted.route(slots):
             model(input_ids=ids, use_cache=True, **{cache_arg: cache})
@@ -207,6 +227,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             times["products alone"].append(products())
             times["products alone, bmm"].append(products_bmm())
             times["streaming floor"].append(streaming())
+        # prefills of rows on distinct adapters, as the engine runs them (a fresh cache, the last logits)
+        for rows in PREFILL_ROWS:
+            prompt = torch.randint(5, vocab - 1, (rows, PREFILL_TOKENS), generator=gen)
+            for i in range(max(args.steps // 3, 1) + 2):
+                for kind in PREFILL_KINDS[i % 4:] + PREFILL_KINDS[:i % 4]:
+                    elapsed = prefill(kind, prompt)
+                    if i >= 2:  # the first two rounds bind the calls and warm up
+                        times[f"prefill {rows}, {kind}"].append(elapsed)
         # an adapter of 4x the rank in a slot no row uses: every layer's buffers grow to r=64
         slotted.load(SLOTS, slotted.prepare(*wide))
         slotted.sync_rows(slots)
@@ -252,6 +280,18 @@ def report(r: dict[str, Any]) -> str:
         reference = ms["base, r=64 in the bank"] if kind == MIXED else base
         over = f"{ms[kind] - reference:+.2f} ms" if kind in (*KINDS, MIXED) else ""
         lines.append(f"| {label:<50} | {ms[kind]:6.2f} | {over:<18} |")
+    lines += [
+        "",
+        f"prefill of {PREFILL_TOKENS} tokens per row, each row on its own adapter (the last logits only); "
+        "LoRA products = the prefill minus the same prefill with its products skipped:",
+        "",
+        "| rows | base, ms | adapters, the kernel | adapters, torch (gather + bmm) | products: kernel | products: torch |",
+        "|------|----------|----------------------|--------------------------------|------------------|-----------------|",
+    ]
+    for n in PREFILL_ROWS:
+        p = {kind: ms[f"prefill {n}, {kind}"] for kind in PREFILL_KINDS}
+        lines.append(f"| {n:>4} | {p['base']:8.2f} | {p['kernel']:20.2f} | {p['torch']:30.2f} | "
+                     f"{p['kernel'] - p['products skipped']:16.2f} | {p['torch'] - p['products skipped']:15.2f} |")
     kernel = m.get("cpu_kernel")
     lines += [
         "",
