@@ -57,8 +57,9 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(default=64, gt=0, description="Largest LoRA rank the serving slots accept.")
     cpu_kernels: Literal["auto", "off"] = Field(
         default="auto", description="auto: decode steps and prefills with adapters on a CPU (float32, x86-64 "
-        "with AVX2 and FMA) run the compiled LoRA kernel, built on first start with the host's C++ compiler; off "
-        "(or no compiler): torch's bmm.",
+        "with AVX2 and FMA) run the compiled LoRA kernel, built on first start with the host's C++ compiler, "
+        "which reads each row's adapter weights from the slots; off (or no compiler): torch's bmm, with per-row "
+        "copies of the running rows' adapter weights.",
     )
     kernel_cache_dir: Path | None = Field(
         default=None, description="Where the compiled CPU kernel is kept; unset = $XDG_CACHE_HOME/adapterforge/kernels "

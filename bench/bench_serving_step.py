@@ -2,14 +2,17 @@
 target 2 of ``bench_serving.py`` (adapter throughput >= 0.85 of the base model's).
 
 No server and no ``peft`` in the timed part: the bench model of ``bench_serving.py`` in a
-:class:`~adapters_core.serving.SlottedModel` laid out as the server lays it out on a CPU (64 slots,
-row buffers for 64 rows), 32 adapters loaded, a batch of 32 rows prefilled with 48-token prompts,
-then decode steps of four kinds, interleaved so that a machine slowing down moves all of them:
+:class:`~adapters_core.serving.SlottedModel` of 64 slots, with row buffers for 64 rows as a server
+without the compiled kernel lays it out, 32 adapters loaded, a batch of 32 rows prefilled with
+48-token prompts, then decode steps of five kinds, interleaved so that a machine slowing down moves
+all of them:
 
 * ``base``: every row on the base model (no adapter work at all);
 * ``adapters``: row ``i`` on adapter ``i`` (what the server does: the compiled CPU kernel of
-  :mod:`adapters_core.serving.cpu_bgmv`, where it can be built);
-* ``adapters, bmm``: the same with torch's ``bmm`` on the row buffers (the fallback path);
+  :mod:`adapters_core.serving.cpu_bgmv`, reading each row's weights from the slot bank by slot id,
+  where it can be built);
+* ``adapters, bmm``: the same with torch's ``bmm`` on the row buffers (the server's path without the
+  kernel);
 * ``base + reading``: the base step, plus, in every adapted layer, a ``sum`` of the very row
   buffers the adapter step multiplies (a forward hook): the cost of only bringing those weights
   through the caches, in place, with torch's plainest read;
@@ -17,9 +20,10 @@ then decode steps of four kinds, interleaved so that a machine slowing down move
   it is: everything the adapter path does besides its products (routing, checks, the calls).
 
 Each step appends one token to every row (the cache grows by one column per step, as in the
-server). Between the steps, outside the model: the adapter step's 56 products alone (the kernel, and
-``bmm``, on the same row buffers), and one read of the same number of bytes as a single flat tensor (the machine's
-streaming floor: what a perfect kernel would pay with no other work around it).
+server). Between the steps, outside the model: the adapter step's 28 products alone (the kernel on
+the bank, and ``bmm`` on the row buffers: the same weights), and one read of the same number of bytes
+as a single flat tensor (the machine's streaming floor: what a perfect kernel would pay with no other
+work around it).
 
 Then prefills of 1, 8 and 32 rows of 32 tokens, each row on its own adapter, as the engine runs
 them (a fresh cache, the last logits only): on the base model, with the compiled kernel reading the
@@ -93,16 +97,13 @@ def _use_kernel(model: torch.nn.Module, kernel: Any) -> None:
     for m in model.modules():
         if isinstance(m, SlotLoraLayer) and m._bgmv is not kernel:
             kept = m.__dict__.setdefault("_bench_state", {})
-            kept[id(m._bgmv)] = (m._row_views, m._bgmv_calls, m._bank_calls)
-            m._row_views, m._bgmv_calls, m._bank_calls = kept.get(id(kernel), (None, {}, {}))
+            kept[id(m._bgmv)] = (m._row_views, m._bank_calls)
+            m._row_views, m._bank_calls = kept.get(id(kernel), (None, {}))
             m._bgmv = kernel
 
 
 class _SkipProducts:
     """A stand-in for the loaded kernel whose calls add nothing: the adapter path minus its products."""
-
-    def prepare(self, a: torch.Tensor, b: torch.Tensor, width: int, idx: torch.Tensor | None = None) -> _SkipCall:
-        return _SkipCall()
 
     def prepare_bank(self, a: torch.Tensor, b: torch.Tensor, width: int) -> _SkipCall:
         return _SkipCall()
@@ -132,6 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from adapters_core.peft_format import read_adapter
     from adapters_core.serving import SlottedModel
+    from adapters_core.serving.cpu_bgmv import load_bgmv
     from app.serving.kv import new_cache
 
     spec = SPECS["cpu"]
@@ -141,7 +143,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         folders = make_adapters(work / "model", work / "adapters", CLIENTS, torch.float32)
         wide = read_adapter(_wide_adapter(work / "model", work / "wide"))  # (config, tensors), in memory
         model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32).eval()
-        slotted = SlottedModel(model, SLOTS, row_capacity=SLOTS)
+        # row buffers as a server without the kernel has them (the bmm kind); the kernel is swapped in
+        # for the other kinds (with it, a server allocates none: the kernel reads the bank)
+        slotted = SlottedModel(model, SLOTS, row_capacity=SLOTS, cpu_kernels=False)
         for i, folder in enumerate(folders):
             slotted.load(i + 1, slotted.prepare(*read_adapter(folder)))
     slots = list(range(1, CLIENTS + 1))
@@ -161,15 +165,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                torch.zeros((CLIENTS, 1, m.rows_b.shape[2]))) for m in layers]
     flat = torch.cat([t[:CLIENTS].flatten() for m in layers for t in (m.rows_a, m.rows_b)])
 
-    kernel = slotted.cpu_kernel
-    calls = [kernel.prepare(m.rows_a, m.rows_b, m.rows_a.shape[2]) for m in layers] if kernel else []
+    kernel = load_bgmv()
+    calls = [kernel.prepare_bank(m.a, m.b, m.a.shape[2]) for m in layers] if kernel else []
+    routed = torch.tensor(slots)
 
     def products() -> float:
         if not calls:
             return float("nan")
         t0 = time.perf_counter()
         for call, (x, out) in zip(calls, inputs, strict=True):
-            call(x, out)
+            call(x, out, routed, CLIENTS)
         return time.perf_counter() - t0
 
     def products_bmm() -> float:
@@ -263,7 +268,7 @@ def report(r: dict[str, Any]) -> str:
     lines = [
         f"decode step with {s['rows']} rows ({m['date']}, torch {m['torch']}, {m['torch_threads']} threads): "
         f"{s['steps']} of each, medians; cache {s['cache_columns'][0]}-{s['cache_columns'][1]} "
-        f"columns; the row buffers of one step hold {s['adapter_bytes_per_step'] / 1e6:.1f} MB",
+        f"columns; one step reads {s['adapter_bytes_per_step'] / 1e6:.1f} MB of adapter weights",
         "",
         "| what                                               | ms     | over the base step |",
         "|----------------------------------------------------|--------|--------------------|",
@@ -274,7 +279,7 @@ def report(r: dict[str, Any]) -> str:
                         ("base + reading", "step, base + reading those weights in place"),
                         ("adapters, products skipped", "the server's path with its products skipped"),
                         (MIXED, "same, after an r=64 adapter lands in slot 64"),
-                        ("products alone", "the 56 adapter products alone, the kernel"),
+                        ("products alone", "the 28 layers' adapter products alone, the kernel"),
                         ("products alone, bmm", "the same with torch's bmm"),
                         ("streaming floor", "reading the same bytes as one flat tensor")):
         reference = ms["base, r=64 in the bank"] if kind == MIXED else base

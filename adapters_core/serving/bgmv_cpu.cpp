@@ -202,7 +202,8 @@ inline void row_tokens(const float* x, int64_t sxt, const float* a, int64_t in, 
 // One call's arguments (strides in elements). A[w] starts at a + w * sa_row and its row i at
 // + i * sa_in (columns contiguous); B likewise; x row i, token t at x + i * sx + t * sx_tok, out
 // likewise with so and so_tok.
-// The Python side keeps one per bound call and rewrites only x, out, their strides and threads.
+// The Python side keeps one per bound slot bank and rewrites per call the rows, tokens, slot ids (idx),
+// x, out, their strides and the thread count.
 struct AfBgmvArgs {
   int64_t batch, in, width, outf;
   const float* a;

@@ -1,12 +1,12 @@
 """A compiled CPU kernel for the LoRA product of a batch whose rows use different adapters (BGMV/SGMV).
 
-``out[i, t] += (x[i, t] @ A[w(i)][:, :width]) @ B[w(i)][:width]`` in float32, with ``w(i) = i`` (row
-buffers: :meth:`Bgmv.prepare`, decode steps of one token per row) or the slot a call names for row
-``i`` (the slot bank itself: :meth:`Bgmv.prepare_bank`, prefills of several tokens per row). Stock
-torch runs a decode step as two ``bmm`` calls of 32 tiny matrices, which on a CPU costs about three
-times what reading the weights costs, and a prefill as gathered copies of every row's weights plus
-``bmm``; this kernel (``bgmv_cpu.cpp``, AVX2 + FMA) reads each row's weights once, in order, and in
-a prefill feeds each weight it loads to 4 tokens.
+``out[i, t] += (x[i, t] @ A[s(i)][:, :width]) @ B[s(i)][:width]`` in float32 for every token ``t`` of
+row ``i``, where ``s(i)`` is the slot the call names for row ``i``: the kernel reads each row's
+weights straight from the slot bank (:meth:`Bgmv.prepare_bank`), so nothing is gathered or copied
+when rows join a batch. Stock torch runs a decode step as a gather of every row's weights plus two
+``bmm`` calls of 32 tiny matrices, which on a CPU costs several times what reading the weights costs;
+this kernel (``bgmv_cpu.cpp``, AVX2 + FMA) reads each row's weights once, in order, and in a prefill
+feeds each weight it loads to 4 tokens.
 
 The source ships with the package and is compiled on first use with the host's C++ compiler
 (``$CXX``, else ``g++`` or ``c++``; about a second) into a cache directory, keyed by the source and
@@ -59,7 +59,7 @@ class _Args(ctypes.Structure):
 
 
 class Bgmv:
-    """The loaded kernel: :meth:`prepare` binds the weights once, the result runs per step."""
+    """The loaded kernel: :meth:`prepare_bank` binds a slot bank once, the result runs per forward."""
 
     def __init__(self, library: ctypes.CDLL, path: Path) -> None:
         self.path = path
@@ -72,24 +72,11 @@ class Bgmv:
         library.af_bgmv_max_width.restype = _I64
         self.max_width = int(library.af_bgmv_max_width())
 
-    def prepare(self, a: torch.Tensor, b: torch.Tensor, width: int, idx: torch.Tensor | None = None) -> BgmvCall | None:
-        """A call over ``a (n, in, ≥width)`` and ``b (n, ≥width, out)``: row ``i`` of a batch uses ``a[i]``
-        (up to ``n`` rows, the batch's own size at each call), or ``a[idx[i]]`` (exactly ``len(idx)``
-        rows). ``None`` where the kernel does not apply (dtype, device, layout, width): the caller uses
-        torch. The tensors must outlive the call object and keep their storage (it holds their addresses)."""
-        if not self._fits(a, b, width):
-            return None
-        if idx is not None:
-            if idx.dtype != torch.int64 or idx.device.type != "cpu" or idx.dim() != 1 or not idx.is_contiguous():
-                return None
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= a.shape[0]):
-                return None
-        return BgmvCall(self._fn, a, b, width, idx)
-
     def prepare_bank(self, a: torch.Tensor, b: torch.Tensor, width: int) -> BankCall | None:
         """A call over the whole slot bank ``a (slots, in, ≥width)``, ``b (slots, ≥width, out)`` for rows of
-        several tokens, each row on the slot its call names (prefills). ``None`` where the kernel does not
-        apply; the tensors must outlive the call object and keep their storage."""
+        any number of tokens, each row on the slot its call names. ``None`` where the kernel does not apply
+        (dtype, device, layout, width): the caller uses torch. The tensors must outlive the call object and
+        keep their storage (it holds their addresses)."""
         return BankCall(self._fn, a, b, width) if self._fits(a, b, width) else None
 
     def _fits(self, a: torch.Tensor, b: torch.Tensor, width: int) -> bool:
@@ -99,74 +86,33 @@ class Bgmv:
                 and 1 <= width <= min(self.max_width, a.shape[2], b.shape[1]) and a.shape[0] == b.shape[0])
 
 
-class _BoundCall:
-    """The kernel's arguments for fixed weights ``a``, ``b`` (and ``idx``), rewritten per call."""
-
-    def __init__(self, fn: Any, a: torch.Tensor, b: torch.Tensor, width: int, idx: torch.Tensor | None) -> None:
-        self._fn = fn
-        self._keep = (a, b, idx)  # the addresses below stay valid while this call lives
-        self.width = width
-        self.in_features, self.out_features = int(a.shape[1]), int(b.shape[2])
-        self._args = _Args(0, self.in_features, width, self.out_features, a.data_ptr(), a.stride(0), a.stride(1),
-                           b.data_ptr(), b.stride(0), b.stride(1), None if idx is None else idx.data_ptr(), tokens=1)
-        self._address = ctypes.addressof(self._args)
-
-    def _run(self) -> None:
-        self._args.threads = torch.get_num_threads()
-        if self._fn(self._address):
-            raise RuntimeError(f"af_bgmv_f32 refused width {self.width}")
-
-
-class BgmvCall(_BoundCall):
-    """``out[i] += (x[i] @ A_i[:, :width]) @ B_i[:width]`` for the bound weights; see :class:`Bgmv`."""
-
-    def __init__(self, fn: Any, a: torch.Tensor, b: torch.Tensor, width: int, idx: torch.Tensor | None) -> None:
-        super().__init__(fn, a, b, width, idx)
-        self.max_rows = int(a.shape[0]) if idx is None else int(idx.shape[0])
-        self.fixed_rows = idx is not None  # a batch over idx has exactly len(idx) rows
-
-    def accepts(self, x: torch.Tensor, out: torch.Tensor) -> bool:
-        """Whether ``x (rows, 1, in)`` and ``out (rows, 1, out)`` are float32 CPU rows with contiguous
-        features (the only layout the kernel reads) and ``rows`` fits the bound weights."""
-        if not (x.dtype == out.dtype == torch.float32 and x.device.type == out.device.type == "cpu"
-                and x.dim() == out.dim() == 3 and x.stride(2) == 1 and out.stride(2) == 1):
-            return False
-        rows = x.shape[0]
-        return (x.shape[1:] == (1, self.in_features) and out.shape == (rows, 1, self.out_features)
-                and (rows == self.max_rows if self.fixed_rows else rows <= self.max_rows))
-
-    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Add the rows' LoRA products to ``out`` in place and return it. ``x`` and ``out`` must be what
-        :meth:`accepts` accepts; only the row count is checked here (the hot path checks the rest once)."""
-        rows = x.shape[0]
-        if rows > self.max_rows or (self.fixed_rows and rows != self.max_rows):
-            raise ValueError(f"{rows} rows for a kernel call bound to {self.max_rows}")
-        args = self._args
-        args.batch, args.x, args.sx, args.out, args.so = rows, x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0)
-        self._run()
-        return out
-
-
-class BankCall(_BoundCall):
+class BankCall:
     """``out[i, t] += (x[i, t] @ A[slots[i]][:, :width]) @ B[slots[i]][:width]`` for rows of any number of
-    tokens (a prefill), read straight from the bound slot bank: no gathered copies of the rows'
-    weights. See :meth:`Bgmv.prepare_bank`."""
+    tokens, read straight from the bound slot bank; see :meth:`Bgmv.prepare_bank`. Holds the kernel's
+    argument struct for the bank, rewritten in place per call."""
 
     def __init__(self, fn: Any, a: torch.Tensor, b: torch.Tensor, width: int) -> None:
-        super().__init__(fn, a, b, width, None)
+        self._fn = fn
+        self._keep = (a, b)  # the addresses below stay valid while this call lives
+        self.width = width
         self.num_slots = int(a.shape[0])
+        self.in_features, self.out_features = int(a.shape[1]), int(b.shape[2])
+        self._args = _Args(0, self.in_features, width, self.out_features, a.data_ptr(), a.stride(0), a.stride(1),
+                           b.data_ptr(), b.stride(0), b.stride(1))
+        self._address = ctypes.addressof(self._args)
 
     def accepts(self, x: torch.Tensor, out: torch.Tensor) -> bool:
         """Whether ``x (rows, tokens, in)`` and ``out (rows, tokens, out)`` are float32 CPU tensors with
-        contiguous features (any row and token strides)."""
+        contiguous features (any row and token strides): the only layout the kernel reads."""
         return (x.dtype == out.dtype == torch.float32 and x.device.type == out.device.type == "cpu"
                 and x.dim() == out.dim() == 3 and x.stride(2) == 1 and out.stride(2) == 1
                 and x.shape[2] == self.in_features and out.shape == (x.shape[0], x.shape[1], self.out_features))
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor, highest: int) -> torch.Tensor:
-        """Add the products to ``out`` in place and return it. ``slots``: one int64 slot id per row, none
-        negative (``SlottedModel.route`` checks both), ``highest`` the largest of them: checked against
-        the bank here, with no tensor reduction per call (the kernel reads whatever slot it is given)."""
+        """Add the products to ``out`` in place and return it. ``x`` and ``out`` must be what :meth:`accepts`
+        accepts; ``slots``: one int64 slot id per row, none negative (``SlottedModel.route`` checks both),
+        ``highest`` the largest of them: checked against the bank here, with no tensor reduction per call
+        (the kernel reads whatever slot it is given)."""
         rows, tokens = x.shape[0], x.shape[1]
         if (slots.dtype != torch.int64 or slots.device.type != "cpu" or slots.dim() != 1 or not slots.is_contiguous()
                 or slots.shape[0] != rows):
@@ -179,7 +125,9 @@ class BankCall(_BoundCall):
         args.batch, args.tokens, args.idx = rows, tokens, slots.data_ptr()
         args.x, args.sx, args.sx_tok = x.data_ptr(), x.stride(0), x.stride(1)
         args.out, args.so, args.so_tok = out.data_ptr(), out.stride(0), out.stride(1)
-        self._run()
+        args.threads = torch.get_num_threads()
+        if self._fn(self._address):
+            raise RuntimeError(f"af_bgmv_f32 refused width {self.width}")
         return out
 
 
@@ -283,9 +231,9 @@ def load_bgmv() -> Bgmv | None:
     compute the same product with torch."""
     try:
         if not _enabled():
-            logger.info("CPU LoRA kernel switched off (ADAPTERFORGE_CPU_KERNELS=off); decode uses torch's bmm")
+            logger.info("CPU LoRA kernel switched off (ADAPTERFORGE_CPU_KERNELS=off); LoRA products use torch")
             return None
         return load_bgmv_or_raise()
     except (KernelUnavailable, OSError, subprocess.SubprocessError) as exc:
-        logger.warning("CPU LoRA kernel not used (%s); decode uses torch's bmm instead", exc)
+        logger.warning("CPU LoRA kernel not used (%s); LoRA products use torch instead", exc)
         return None

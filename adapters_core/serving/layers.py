@@ -16,12 +16,14 @@ and computes, for row ``i`` with slot ``sᵢ``::
 Ranks are zero-padded to the largest rank loaded on the layer (the buffers grow when a larger one
 arrives), which keeps every product exact; a forward multiplies only the first ``SlotRouting.rank``
 columns (the largest rank among the slots it routes), so one high-rank adapter in the bank does not
-make every other row pay its rank. With ``row_capacity`` set, the layer also keeps *row buffers*
-``A_rows (rows, in, r)`` and ``B_rows (rows, r, out)``: copies of the slot weights of each row of the
-running batch, written when a row joins. A decode step then multiplies in place (no gather), which
-on CPUs, where decode is bound by reading adapter weights, costs about half of gathering from the
-slot bank every step; in float32 on x86-64 it runs the compiled kernel of
-:mod:`adapters_core.serving.cpu_bgmv` (reads each row's weights once), elsewhere ``bmm`` on views.
+make every other row pay its rank. In float32 on x86-64 CPUs, rows on different adapters run the
+compiled kernel of :mod:`adapters_core.serving.cpu_bgmv`, which reads each row's weights straight from
+the slot bank by slot id (decode steps and prefills alike: no gathered copies, nothing written when a
+row joins). Without it, ``row_capacity`` gives the layer *row buffers* ``A_rows (rows, in, r)`` and
+``B_rows (rows, r, out)``: copies of the slot weights of each row of the running batch, written when a
+row joins, so that a decode step multiplies in place with ``bmm`` on views (on CPUs, where decode is
+bound by reading adapter weights, about half the cost of gathering from the bank every step); other
+forwards gather and use ``bmm``.
 :class:`SlotModuleSwap` serves ``modules_to_save``: rows whose adapter has its own copy of the module
 go through that copy, grouped by slot. :class:`SlotBias` adds trained biases on modules an adapter
 does not put LoRA on. Wrappers nest as ``SlotModuleSwap(SlotBias(SlotLoraLayer(base)))``, each
@@ -41,7 +43,7 @@ from torch import nn
 
 from adapters_core.errors import AdapterStateError
 from adapters_core.methods.lora.base_layers import BaseLayerInfo
-from adapters_core.serving.cpu_bgmv import BankCall, Bgmv, BgmvCall
+from adapters_core.serving.cpu_bgmv import BankCall, Bgmv
 from adapters_core.serving.kernels import RowIndex, lora_delta, lora_delta_rows, lora_expand
 
 
@@ -82,7 +84,6 @@ class _RowViews:
     width: int
     a: torch.Tensor  # (batch, in, width) view of the row buffers
     b: torch.Tensor  # (batch, width, out)
-    kernel: BgmvCall | None  # the compiled CPU kernel bound to them, where it applies
 
 
 class RoutingState:
@@ -140,9 +141,8 @@ class SlotLoraLayer(_Wrapper):
         self.rows_a: torch.Tensor | None = None
         self.rows_b: torch.Tensor | None = None
         self._row_views: _RowViews | None = None
-        self._bgmv = kernel  # the compiled CPU decode kernel, for the row buffers (None: bmm)
-        self._bgmv_calls: dict[int, BgmvCall | None] = {}  # by rank width, over the current row buffers
-        self._bank_calls: dict[int, BankCall | None] = {}  # by rank width, over the current slot bank (prefills)
+        self._bgmv = kernel  # the compiled CPU kernel, reading the slot bank (None: torch)
+        self._bank_calls: dict[int, BankCall | None] = {}  # by rank width, over the current slot bank
         self.lora_bias: torch.Tensor | None = None
         self.gain: torch.Tensor | None = None
         self.bias_delta: torch.Tensor | None = None
@@ -180,7 +180,6 @@ class SlotLoraLayer(_Wrapper):
             self.rows_a = torch.zeros(shape_a, dtype=self.dtype, device=self.device)
             self.rows_b = torch.zeros(shape_b, dtype=self.dtype, device=self.device)
             self._row_views = None
-            self._bgmv_calls.clear()
 
     def write(self, slot: int, weights: SlotWeights) -> None:
         """Copy ``weights`` into ``slot`` (whatever the slot held on this layer before is replaced)."""
@@ -254,24 +253,41 @@ class SlotLoraLayer(_Wrapper):
         routing = self._routing.current
         if routing is None or routing.distinct.isdisjoint(self.used_slots):
             return self.base_layer(x, *args, **kwargs)
-        batch = routing.decode_rows
-        if (batch and self.rows_a is not None and x.dim() == 3 and x.shape[0] == batch and x.shape[1] == 1
-                and x.dtype == self.dtype and routing.distinct.isdisjoint(self._extra_slots)
-                and not torch.is_grad_enabled()):
-            # the decode hot path: plain LoRA rows, weights already at the rows' positions
-            views = self._rows_for(batch, self._width(routing))
-            base = self.base_layer
-            out: torch.Tensor
-            if plain := (type(base) is nn.Linear and not args and not kwargs):
-                out = F.linear(x, base.weight, base.bias)
-            else:
-                out = base(x, *args, **kwargs)
-            kernel = views.kernel
-            # (a plain Linear's output is a fresh (batch, 1, out) tensor of x's dtype: only x's layout to check)
-            if kernel is not None and (x.stride(2) == 1 if plain else kernel.accepts(x, out)):
-                return kernel(x, out)
-            return out.baddbmm_(torch.bmm(x, views.a), views.b)
+        if (x.dim() == 3 and x.dtype == self.dtype and routing.uniform is None
+                and routing.distinct.isdisjoint(self._extra_slots) and not torch.is_grad_enabled()):
+            # the hot paths: rows on different adapters, plain LoRA (no DoRA, lora_bias or bias deltas)
+            if self._bgmv is not None and x.shape[0] == routing.batch_size:
+                call = self._bank_call(self._width(routing))
+                if call is not None:  # the compiled kernel, reading each row's weights from the bank by slot
+                    base = self.base_layer
+                    if plain := (type(base) is nn.Linear and not args and not kwargs):
+                        out = F.linear(x, base.weight, base.bias)
+                    else:
+                        out = base(x, *args, **kwargs)
+                    # (a plain Linear's output is a fresh (batch, tokens, out) tensor of x's dtype and device:
+                    # only x's layout to check)
+                    if x.stride(2) == 1 if plain else call.accepts(x, out):
+                        return call(x, out, routing.slots, routing.highest)
+                    return self._add_adapters(x, out, routing)
+            batch = routing.decode_rows
+            if batch and self.rows_a is not None and x.shape[0] == batch and x.shape[1] == 1:
+                # a decode step without the kernel: weights already at the rows' positions in the row buffers
+                views = self._rows_for(batch, self._width(routing))
+                base = self.base_layer
+                out = (F.linear(x, base.weight, base.bias) if type(base) is nn.Linear and not args and not kwargs
+                       else base(x, *args, **kwargs))
+                return out.baddbmm_(torch.bmm(x, views.a), views.b)
         return self._add_adapters(x, self.base_layer(x, *args, **kwargs), routing)
+
+    def _bank_call(self, width: int) -> BankCall | None:
+        """The kernel's call over the current slot bank at rank ``width`` (bound once per width; cleared when
+        the bank grows)."""
+        try:
+            return self._bank_calls[width]
+        except KeyError:
+            assert self._bgmv is not None and self.a is not None and self.b is not None
+            call = self._bank_calls[width] = self._bgmv.prepare_bank(self.a, self.b, width)
+            return call
 
     def _width(self, routing: SlotRouting) -> int:
         """Rank columns the routed rows need: the largest rank among their slots, not the capacity
@@ -283,19 +299,14 @@ class SlotLoraLayer(_Wrapper):
 
     def _rows_for(self, batch: int, width: int) -> _RowViews:
         """``(batch, in, width)`` and ``(batch, width, out)`` views of the first ``batch`` row buffers' first
-        ``width`` rank components, and the compiled kernel's call bound to them (where it applies), kept
-        while both hold (a decode step's forward asks once per layer, every step). Narrower than the
-        capacity, A's view is strided; keeping A transposed would make it contiguous but slows the
-        common case, every rank equal (docs/benchmarks.md, "Mixed ranks")."""
+        ``width`` rank components, kept while both hold (a decode step's forward asks once per layer, every
+        step). Narrower than the capacity, A's view is strided; keeping A transposed would make it
+        contiguous but slows the common case, every rank equal (docs/benchmarks.md, "Mixed ranks")."""
         views = self._row_views
         if views is None or views.batch != batch or views.width != width:
             assert self.rows_a is not None and self.rows_b is not None
-            if width not in self._bgmv_calls:  # bound once per width: batches that grow and shrink reuse it
-                self._bgmv_calls[width] = (None if self._bgmv is None
-                                           else self._bgmv.prepare(self.rows_a, self.rows_b, width))
-            kernel = self._bgmv_calls[width]
             views = self._row_views = _RowViews(batch, width, self.rows_a[:batch, :, :width],
-                                                self.rows_b[:batch, :width], kernel)
+                                                self.rows_b[:batch, :width])
         return views
 
     def _add_adapters(self, x: torch.Tensor, result: torch.Tensor, routing: SlotRouting) -> torch.Tensor:
@@ -347,23 +358,18 @@ class SlotLoraLayer(_Wrapper):
             x3 = x3.to(self.dtype)
         routing = self._routing.current
         width = self.rank_capacity if routing is None else self._width(routing)
-        if routing is not None and routing.decode_rows == batch and x3.shape[1] == 1 and self.rows_a is not None:
-            views = self._rows_for(batch, width)
-            if views.kernel is not None:
-                target = out if out is not None else x3.new_zeros((batch, 1, self.info.out_features))
-                if views.kernel.accepts(x3, target):
-                    return views.kernel(x3, target)
-            return lora_delta_rows(x3, views.a, views.b, out)
-        if routing is not None and x3.shape[1] > 1 and self._bgmv is not None:
-            # a prefill: the kernel reads each row's weights from the bank (no gathered copies) and keeps
-            # them in cache while the row's tokens go through
-            if width not in self._bank_calls:
-                self._bank_calls[width] = self._bgmv.prepare_bank(self.a, self.b, width)
-            call = self._bank_calls[width]
+        if routing is not None and self._bgmv is not None and (uniform is None or x3.shape[1] > 1):
+            # the kernel reads each row's weights from the bank by slot (no gathered copies) and, in a
+            # prefill, keeps them in cache while the row's tokens go through (rows all on one adapter in a
+            # decode step are one matrix product of torch's instead)
+            call = self._bank_call(width)
             if call is not None:
                 target = out if out is not None else x3.new_zeros((batch, x3.shape[1], self.info.out_features))
                 if call.accepts(x3, target):
                     return call(x3, target, slots, routing.highest)
+        if routing is not None and routing.decode_rows == batch and x3.shape[1] == 1 and self.rows_a is not None:
+            views = self._rows_for(batch, width)
+            return lora_delta_rows(x3, views.a, views.b, out)
         return lora_delta(x3, self.a, self.b, slots, uniform, index, out, width=width)
 
 

@@ -45,19 +45,24 @@ class SlottedModel:
 
     def __init__(self, model: nn.Module, num_slots: int, *, max_rank: int = 64, dtype: torch.dtype | None = None,
                  row_capacity: int = 0, cpu_kernels: bool = True) -> None:
+        """``row_capacity``: rows of per-row weight buffers for decode steps (see :meth:`sync_rows`), used only
+        where the compiled CPU kernel is not (``cpu_kernels``, float32 on x86-64), since the kernel reads
+        the slot bank by slot id; ``self.row_capacity`` is what was allocated (0 with the kernel)."""
         if num_slots < 1:
             raise ConfigError("num_slots must be at least 1", field="num_slots")
         self.model = model
         self.num_slots = num_slots
         self.max_rank = max_rank
-        self.row_capacity = row_capacity
         self._synced: list[int] = []  # slot whose weights row buffer i holds (-1: unknown)
         params = [p for p in model.parameters() if p.is_floating_point()]
         self.dtype = dtype or (params[0].dtype if params else torch.float32)
         self.device = params[0].device if params else torch.device("cpu")
-        # decode from row buffers in float32 on a CPU: the compiled kernel where it can be built (else bmm)
-        self.cpu_kernel: Bgmv | None = (load_bgmv() if cpu_kernels and row_capacity and self.device.type == "cpu"
+        # float32 on a CPU: rows on different adapters run the compiled kernel, which reads the slot bank by
+        # slot id, where it can be built; without it, row buffers (when asked for) let decode steps use bmm
+        # in place
+        self.cpu_kernel: Bgmv | None = (load_bgmv() if cpu_kernels and self.device.type == "cpu"
                                         and self.dtype == torch.float32 else None)
+        self.row_capacity = row_capacity if self.cpu_kernel is None else 0
         self.routing = RoutingState()
         self._lock = threading.Lock()  # module structure changes (wrapping) vs. walks of it
         self._lora_layers: dict[str, SlotLoraLayer] = {}

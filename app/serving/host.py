@@ -102,15 +102,16 @@ class ServingHost:
         self.source = source
         self.model = model
         self.tokenizer = tokenizer
-        # per-row adapter buffers: on CPUs, decode is bound by reading adapter weights and a gather per step
-        # costs about twice what reading them in place does; GPUs gather fast and have less memory to spare
+        # on CPUs the compiled kernel reads each row's adapter weights from the slot bank; where it cannot run,
+        # per-row adapter buffers (a gather per decode step costs about twice what reading them in place
+        # does); GPUs gather fast and have less memory to spare
         on_cpu = next(model.parameters()).device.type == "cpu"
         cpu_bgmv.set_cache_dir(settings.kernel_cache_dir)
         self.slotted = SlottedModel(model, settings.adapter_slots, max_rank=settings.max_lora_rank,
                                     row_capacity=settings.max_batch_size if on_cpu else 0,
                                     cpu_kernels=settings.cpu_kernels == "auto")
         if self.slotted.cpu_kernel is not None:
-            logger.info("mixed-adapter decode steps run the compiled CPU kernel %s", self.slotted.cpu_kernel.path)
+            logger.info("rows on different adapters run the compiled CPU kernel %s", self.slotted.cpu_kernel.path)
         events: BankEvents | None = metrics if isinstance(metrics, BankEvents) else None
         self.bank = AdapterBank(self.slotted, host_capacity_bytes=settings.adapter_host_cache_bytes, events=events)
         config = getattr(model, "config", None)

@@ -348,13 +348,13 @@ def test_cpu_kernels_off_serves_the_same_tokens_through_torch(tmp_path: Path, de
     from adapters_core.serving import cpu_bgmv
 
     calls = {"n": 0}
-    original = cpu_bgmv.BgmvCall.__call__
+    original = cpu_bgmv.BankCall.__call__
 
-    def counting(self: cpu_bgmv.BgmvCall, x: Any, out: Any) -> Any:
+    def counting(self: cpu_bgmv.BankCall, x: Any, out: Any, slots: Any, highest: int) -> Any:
         calls["n"] += 1
-        return original(self, x, out)
+        return original(self, x, out, slots, highest)
 
-    monkeypatch.setattr(cpu_bgmv.BgmvCall, "__call__", counting)
+    monkeypatch.setattr(cpu_bgmv.BankCall, "__call__", counting)
     refs: list[str | None] = ["a0", "a1", None, "a2"]
     body = {"prompt": PROMPTS[1], "max_new_tokens": 12, "min_new_tokens": 12, "temperature": 0, "logprobs": True}
     concurrently(served, refs, body)

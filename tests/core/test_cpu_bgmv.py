@@ -1,9 +1,9 @@
-"""The compiled CPU decode kernel (``adapters_core.serving.cpu_bgmv``) against torch.
+"""The compiled CPU LoRA kernel (``adapters_core.serving.cpu_bgmv``) against torch.
 
 Every shape the serving layers hand it (ranks that are and are not multiples of the vector width,
-strided views of padded row buffers, rows picked from a bank by index, outputs that already hold
-the base model's result) must give what ``bmm`` gives; where it cannot be built or is switched off,
-loading says why and serving computes the same logits with torch.
+strided views of a rank-padded slot bank, rows on any slot in any order, one token per row or many,
+outputs that already hold the base model's result) must give what ``bmm`` gives; where it cannot be
+built or is switched off, loading says why and serving computes the same logits with torch.
 
 Under AddressSanitizer (every A, B and output access of these shapes stays in bounds; GCC does not
 instrument the broadcast and masked loads), with KEY the cache key ``cpu_bgmv.build`` uses::
@@ -47,10 +47,9 @@ def kernel() -> Bgmv:
 
 
 def reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, width: int, out: torch.Tensor,
-              idx: torch.Tensor | None = None) -> torch.Tensor:
-    """``out + (x @ A[:, :, :width]) @ B[:, :width]`` in float64, row ``i`` on ``A[idx[i]]`` (or ``A[i]``)."""
-    rows = torch.arange(x.shape[0]) if idx is None else idx
-    a64, b64 = a[rows, :, :width].double(), b[rows, :width].double()
+              slots: torch.Tensor) -> torch.Tensor:
+    """``out[i, t] + (x[i, t] @ A[slots[i]][:, :width]) @ B[slots[i]][:width]`` in float64."""
+    a64, b64 = a[slots, :, :width].double(), b[slots, :width].double()
     return out.double() + torch.bmm(torch.bmm(x.double(), a64), b64)
 
 
@@ -65,60 +64,43 @@ def weights(n: int, in_features: int, capacity: int, out_features: int,
 @pytest.mark.parametrize("batch", [1, 3, 32])
 @pytest.mark.parametrize("in_features,out_features", [(7, 5), (256, 688), (256, 256), (33, 40)])
 @pytest.mark.parametrize("width", [1, 4, 8, 13, 16, 40, 64])
-def test_rows_match_torch(kernel: Bgmv, batch: int, in_features: int, out_features: int, width: int) -> None:
-    """Row buffers of capacity 64 (so narrower widths read strided views), added to a non-zero output.
-    The columns past ``width`` hold NaN: a product that read one would show it."""
-    a, b = weights(batch, in_features, 64, out_features)
+def test_decode_rows_match_torch(kernel: Bgmv, batch: int, in_features: int, out_features: int, width: int) -> None:
+    """One token per row (a decode step), each row on its own slot of a bank of capacity 64 (so narrower
+    widths read strided views), added to a non-zero output. The columns past ``width`` hold NaN: a
+    product that read one would show it."""
+    a, b = weights(batch + 1, in_features, 64, out_features)
     a[:, :, width:], b[:, width:] = float("nan"), float("nan")
+    slots = torch.arange(batch, 0, -1)  # slots batch..1, in reverse
     x = torch.randn(batch, 1, in_features)
     out = torch.randn(batch, 1, out_features)
-    expected = reference(x, a, b, width, out)
-    call = kernel.prepare(a, b, width)
+    expected = reference(x, a, b, width, out, slots)
+    call = kernel.prepare_bank(a, b, width)
     assert call is not None and call.accepts(x, out)
-    result = call(x, out)
+    result = call(x, out, slots, highest=batch)
     assert result is out  # in place
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
 
 
 @needs_kernel
-def test_fewer_rows_than_buffers_and_strided_inputs(kernel: Bgmv) -> None:
-    """A batch of 5 over 8 row buffers, with ``x`` and ``out`` rows that are views into wider tensors
-    (the layout a decode step's hidden states can have); buffers past the batch are never read."""
+def test_slots_never_routed_are_never_read(kernel: Bgmv) -> None:
+    """A batch of 5 rows over a bank of 8 slots, with ``x`` and ``out`` rows that are views into wider
+    tensors (the layout a decode step's hidden states can have): slots no row names hold NaN."""
     a, b = weights(8, 96, 24, 80, seed=1)
-    a[5:], b[5:] = float("nan"), float("nan")
+    slots = torch.tensor([1, 3, 3, 0, 6])
+    unused = torch.tensor([2, 4, 5, 7])
+    a[unused], b[unused] = float("nan"), float("nan")
     x_wide, out_wide = torch.randn(5, 1, 130), torch.randn(5, 1, 100)
     x, out = x_wide[:, :, 10:106], out_wide[:, :, 3:83]
     assert x.stride(0) == 130 and out.stride(0) == 100
-    expected = reference(x, a[:5], b[:5], 20, out)
+    expected = reference(x, a, b, 20, out, slots)
     before = out_wide.clone()
-    call = kernel.prepare(a, b, 20)
+    call = kernel.prepare_bank(a, b, 20)
     assert call is not None and call.accepts(x, out)
-    call(x, out)
+    call(x, out, slots, highest=6)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
     untouched = torch.ones_like(out_wide, dtype=torch.bool)
     untouched[:, :, 3:83] = False
     assert torch.equal(out_wide[untouched], before[untouched])  # nothing written outside the view
-
-
-@needs_kernel
-@pytest.mark.parametrize("width", [3, 16, 37])
-def test_rows_picked_from_a_bank_by_index(kernel: Bgmv, width: int) -> None:
-    """Rows read ``A[idx[i]]``: repeated slots, slots out of order, slot 0."""
-    a, b = weights(6, 64, 40, 72, seed=2)
-    idx = torch.tensor([5, 0, 5, 2, 3, 3, 1])
-    x, out = torch.randn(7, 1, 64), torch.randn(7, 1, 72)
-    expected = reference(x, a, b, width, out, idx)
-    call = kernel.prepare(a, b, width, idx=idx)
-    assert call is not None and call.accepts(x, out)
-    call(x, out)
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
-
-
-def bank_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, width: int, out: torch.Tensor,
-                   slots: torch.Tensor) -> torch.Tensor:
-    """``out[i, t] + (x[i, t] @ A[slots[i]][:, :width]) @ B[slots[i]][:width]`` in float64."""
-    a64, b64 = a[slots, :, :width].double(), b[slots, :width].double()
-    return out.double() + torch.bmm(torch.bmm(x.double(), a64), b64)
 
 
 @needs_kernel
@@ -133,7 +115,7 @@ def test_rows_of_many_tokens_read_the_bank_by_slot(kernel: Bgmv, tokens: int, wi
     x = torch.randn(4, tokens, 120)[:, :, 10:106]
     out_wide = torch.randn(4, tokens, 100)
     out = out_wide[:, :, 5:96]
-    expected = bank_reference(x, a, b, width, out, slots)
+    expected = reference(x, a, b, width, out, slots)
     before = out_wide.clone()
     call = kernel.prepare_bank(a, b, width)
     assert call is not None and call.accepts(x, out)
@@ -164,48 +146,38 @@ def test_a_bank_call_refuses_slots_it_cannot_read(kernel: Bgmv) -> None:
 
 
 @needs_kernel
-def test_one_call_serves_batches_of_any_size_up_to_its_rows(kernel: Bgmv) -> None:
-    """A call bound to 8 row buffers serves a batch of 8, then of 3, then of 6 (rows join and leave
-    between decode steps), each time reading only the batch's own rows."""
-    a, b = weights(8, 40, 16, 24, seed=3)
-    call = kernel.prepare(a, b, 12)
+def test_one_call_serves_batches_of_any_size_and_tokens(kernel: Bgmv) -> None:
+    """A call bound to a bank serves a batch of 8 rows, then of 3, 6 and 1 (rows join and leave between
+    decode steps), and prefills of several tokens, each time reading only the rows' own slots."""
+    a, b = weights(9, 40, 16, 24, seed=3)
+    call = kernel.prepare_bank(a, b, 12)
     assert call is not None
-    for rows in (8, 3, 6, 1):
-        x, out = torch.randn(rows, 1, 40), torch.randn(rows, 1, 24)
-        expected = reference(x, a[:rows], b[:rows], 12, out)
+    for rows, tokens in ((8, 1), (3, 1), (6, 5), (1, 1), (2, 9)):
+        slots = torch.randint(0, 9, (rows,), generator=torch.Generator().manual_seed(rows))
+        x, out = torch.randn(rows, tokens, 40), torch.randn(rows, tokens, 24)
+        expected = reference(x, a, b, 12, out, slots)
         assert call.accepts(x, out)
-        call(x, out)
+        call(x, out, slots, int(slots.max()))
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
-    x, out = torch.randn(9, 1, 40), torch.randn(9, 1, 24)
-    assert not call.accepts(x, out)
-    with pytest.raises(ValueError, match="9 rows for a kernel call bound to 8"):
-        call(x, out)
 
 
 @needs_kernel
 def test_what_the_kernel_does_not_take_is_left_to_torch(kernel: Bgmv) -> None:
     a, b = weights(4, 16, 8, 12)
-    assert kernel.prepare(a.double(), b.double(), 8) is None  # float32 only
-    assert kernel.prepare(a.half(), b.half(), 8) is None
-    assert kernel.prepare(a, b, 0) is None and kernel.prepare(a, b, 9) is None  # width within capacity
-    assert kernel.prepare(a[:3], b, 8) is None  # as many A as B
-    assert kernel.prepare(a.transpose(1, 2).contiguous().transpose(1, 2), b, 8) is None  # A's columns strided
-    assert kernel.prepare(a, b, 8, idx=torch.tensor([0, 4, 1])) is None  # slot out of range
-    assert kernel.prepare(a, b, 8, idx=torch.tensor([0, -1, 1])) is None
-    assert kernel.prepare(a, b, 8, idx=torch.tensor([0, 1, 2], dtype=torch.int32)) is None
-    by_index = kernel.prepare(a, b, 8, idx=torch.tensor([3, 1, 2]))
-    assert by_index is not None
-    assert by_index.accepts(torch.randn(3, 1, 16), torch.randn(3, 1, 12))
-    assert not by_index.accepts(torch.randn(2, 1, 16), torch.randn(2, 1, 12))  # one row per index
-    call = kernel.prepare(a, b, 8)
+    assert kernel.prepare_bank(a.double(), b.double(), 8) is None  # float32 only
+    assert kernel.prepare_bank(a.half(), b.half(), 8) is None
+    assert kernel.prepare_bank(a, b, 0) is None and kernel.prepare_bank(a, b, 9) is None  # width within capacity
+    assert kernel.prepare_bank(a[:3], b, 8) is None  # as many A as B
+    assert kernel.prepare_bank(a.transpose(1, 2).contiguous().transpose(1, 2), b, 8) is None  # A's columns strided
+    call = kernel.prepare_bank(a, b, 8)
     assert call is not None
     x, out = torch.randn(4, 1, 16), torch.randn(4, 1, 12)
     assert call.accepts(x, out)
     assert not call.accepts(x[:3], out)  # as many output rows as input rows
     assert not call.accepts(x.double(), out.double())
-    assert not call.accepts(torch.randn(4, 2, 16), torch.randn(4, 2, 12))  # one token per row
     assert not call.accepts(torch.randn(4, 1, 32)[:, :, ::2], out)  # features not contiguous
     assert not call.accepts(torch.randn(4, 1, 15), out)
+    assert not call.accepts(x, torch.randn(4, 1, 13))
 
 
 def test_switched_off_by_setting_or_environment(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
@@ -229,7 +201,7 @@ def test_no_compiler_falls_back_and_says_why(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with caplog.at_level(logging.WARNING, logger=cpu_bgmv.__name__):
         assert cpu_bgmv.load_bgmv() is None
-    assert "no C++ compiler found" in caplog.text and "bmm" in caplog.text
+    assert "no C++ compiler found" in caplog.text and "use torch" in caplog.text
 
 
 def test_a_failing_compiler_leaves_no_partial_library(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -263,17 +235,16 @@ def test_built_once_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert loaded is not None and loaded.path == first
 
 
-@pytest.mark.parametrize("kernels", ["auto", "off"])
-def test_serving_gives_the_same_logits_with_or_without_the_kernel(kernels: str, model_dirs: dict[str, Path],
-                                                                  tmp_path: Path) -> None:
-    """A prefill (straight from the slot bank) and a decode step (through row buffers), adapters of
-    ranks 4, 8 and 13 and a base row in one batch: the logits of the torch path (no row buffers, no
-    kernel), with the kernel and with it switched off."""
+def test_serving_gives_the_same_logits_with_or_without_the_kernel(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """A prefill and a decode step, adapters of ranks 4, 8 and 13 and a base row in one batch: the logits
+    with the kernel (reading the slot bank by slot id, no row buffers allocated), and with it switched
+    off (torch: gathers from the bank, or row buffers for the decode step)."""
     from transformers import DynamicCache
 
     from adapters_core import AdapterModel, LoraConfig
     from adapters_core.peft_format import read_adapter
     from adapters_core.serving import SlottedModel
+    from adapters_core.serving.layers import SlotLoraLayer
     from tests.conftest import load_model
 
     paths = []
@@ -289,44 +260,49 @@ def test_serving_gives_the_same_logits_with_or_without_the_kernel(kernels: str, 
         am.save_pretrained(paths[-1])
     ids = torch.randint(3, 60, (5, 6), generator=torch.Generator().manual_seed(7))
 
-    def decode(row_capacity: int, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        sm = SlottedModel(load_model(model_dirs["llama"]), 3, row_capacity=row_capacity, cpu_kernels=kernels == "auto")
+    def decode(kernels: bool, row_capacity: int, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
+        """Prefill and decode logits, kernel calls per adapted layer, whether row buffers were allocated."""
+        sm = SlottedModel(load_model(model_dirs["llama"]), 3, row_capacity=row_capacity, cpu_kernels=kernels)
         for slot, path in enumerate(paths, start=1):
             config, tensors = read_adapter(path)
             sm.load(slot, sm.prepare(config, tensors))
-        calls = {"rows": 0, "bank": 0}
-        original_rows, original_bank = cpu_bgmv.BgmvCall.__call__, cpu_bgmv.BankCall.__call__
+        calls = 0
+        original = cpu_bgmv.BankCall.__call__
 
-        def counting_rows(self: cpu_bgmv.BgmvCall, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-            calls["rows"] += 1
-            return original_rows(self, x, out)
-
-        def counting_bank(self: cpu_bgmv.BankCall, x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor,
-                          highest: int) -> torch.Tensor:
-            calls["bank"] += 1
-            return original_bank(self, x, out, slots, highest)
+        def counting(self: cpu_bgmv.BankCall, x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor,
+                     highest: int) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            return original(self, x, out, slots, highest)
 
         with torch.inference_mode(), pytest.MonkeyPatch.context() as patch:
-            patch.setattr(cpu_bgmv.BgmvCall, "__call__", counting_rows)
-            patch.setattr(cpu_bgmv.BankCall, "__call__", counting_bank)
+            patch.setattr(cpu_bgmv.BankCall, "__call__", counting)
             cache = DynamicCache()
             with sm.route(rows):
                 prefill = sm.model(input_ids=ids, cache=cache, use_cache=True).logits
             nxt = prefill[:, -1:].argmax(-1)
             sm.sync_rows(rows)
             with sm.route(rows):
+                routing = sm.routing.current
+                synced = routing is not None and routing.rows_synced
                 logits = sm.model(input_ids=nxt, cache=cache, use_cache=True).logits
-        return prefill, logits, calls["rows"], calls["bank"]
+        layers = [m for m in sm.model.modules() if isinstance(m, SlotLoraLayer)]
+        row_buffers = any(m.rows_a is not None for m in layers)
+        assert synced == row_buffers
+        return prefill, logits, calls / len(layers), row_buffers
 
     rows = [1, 3, 0, 2, 3]
-    torch_prefill, torch_step, torch_rows, torch_bank = decode(0, rows)
-    prefill, step, row_calls, bank_calls = decode(8, rows)
-    assert torch_rows == torch_bank == 0
-    kernel_runs = kernels == "auto" and _REASON is None
-    assert (row_calls > 0 and bank_calls > 0) if kernel_runs else row_calls == bank_calls == 0
-    torch.testing.assert_close(prefill, torch_prefill, rtol=0, atol=2e-5)
-    torch.testing.assert_close(step, torch_step, rtol=0, atol=2e-5)
-    base_prefill, base_step, _, _ = decode(0, [0] * len(rows))
+    torch_prefill, torch_step, torch_calls, torch_rows = decode(False, 0, rows)
+    rows_prefill, rows_step, rows_calls, rows_used = decode(False, 8, rows)
+    prefill, step, kernel_calls, kernel_rows = decode(True, 8, rows)
+    assert torch_calls == rows_calls == 0 and not torch_rows and rows_used
+    # the kernel ran every layer's products in both forwards, and no row buffers were allocated for it
+    assert (kernel_calls, kernel_rows) == ((2, False) if _REASON is None else (0, True))
+    for got in (prefill, rows_prefill):
+        torch.testing.assert_close(got, torch_prefill, rtol=0, atol=2e-5)
+    for got in (step, rows_step):
+        torch.testing.assert_close(got, torch_step, rtol=0, atol=2e-5)
+    base_prefill, base_step, _, _ = decode(False, 0, [0] * len(rows))
     for i, slot in enumerate(rows):  # adapter rows really differ from the base model, base rows do not
         for got, base in ((prefill, base_prefill), (step, base_step)):
             effect = (got[i] - base[i]).abs().max().item()

@@ -23,7 +23,7 @@ from peft import get_peft_model
 from adapters_core import AdapterMismatchError, ConfigError, RankTooLargeError, TargetModulesNotFoundError
 from adapters_core.peft_format import read_adapter
 from adapters_core.serving import SlottedModel
-from adapters_core.serving.cpu_bgmv import BgmvCall, load_bgmv
+from adapters_core.serving.cpu_bgmv import BankCall, load_bgmv
 from tests.conftest import load_model
 from tests.core.test_lora_conformance import (
     CASES,
@@ -39,6 +39,12 @@ from tests.core.test_lora_conformance import (
 
 SERVABLE = [c for c in CASES if not c.modifies_base]
 ATOL = 2e-5
+# how a batch of rows on different adapters runs its LoRA products: the compiled CPU kernel reading the
+# slot bank by slot id (where it can be built here), or torch, gathering from the bank or (decode steps)
+# reading per-row buffers written when rows join
+PATHS = {"kernel": {"cpu_kernels": True, "row_capacity": 8},
+         "torch-bank": {"cpu_kernels": False, "row_capacity": 0},
+         "torch-row-buffers": {"cpu_kernels": False, "row_capacity": 8}}
 
 
 @dataclass
@@ -111,15 +117,17 @@ def test_mixed_rows_equal_each_row_alone(arch: str, saved: dict[str, Saved], mod
             assert maxdiff(mixed[i], mixed[0]) > MIN_EFFECT, cases[slot - 1].id
 
 
-@pytest.mark.parametrize("row_buffers", [False, True], ids=["bank", "row-buffers"])
-def test_decode_step_rows_use_their_own_slot(row_buffers: bool, saved: dict[str, Saved],
-                                             model_dirs: dict[str, Path]) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_decode_step_rows_use_their_own_slot(path: str, saved: dict[str, Saved], model_dirs: dict[str, Path]) -> None:
     """One token per row (the decode path) with a cache: mixed rows equal rows alone, whether the step
     reads the slot bank or per-row buffers (which must follow rows that change slot, and reloaded slots)."""
     from transformers import DynamicCache
 
     names = ["llama-r8-qv", "llama-all-linear", "llama-dora", "llama-embed_tokens", "llama-rank-alpha-pattern"]
-    sm = SlottedModel(load_model(model_dirs["llama"]), len(names), row_capacity=8 if row_buffers else 0)
+    sm = SlottedModel(load_model(model_dirs["llama"]), len(names), **PATHS[path])  # type: ignore[arg-type]
+    kernel = path == "kernel" and load_bgmv() is not None
+    row_buffers = path == "torch-row-buffers" or (path == "kernel" and not kernel)
+    assert sm.row_capacity == (8 if row_buffers else 0)  # the kernel needs no row buffers
     for slot, name in enumerate(names[:4], start=1):
         load_into(sm, slot, saved[name].path)
     ids = saved[names[0]].ids[:1].repeat(6, 1)
@@ -251,9 +259,9 @@ def test_bfloat16_model_serves_adapters_as_accurately_as_peft(row_buffers: bool,
             assert maxdiff(got[position][i], got[position][0]) > MIN_EFFECT
 
 
-@pytest.mark.parametrize("row_buffers", [False, True], ids=["bank", "row-buffers"])
+@pytest.mark.parametrize("path", PATHS)
 def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
-        row_buffers: bool, saved: dict[str, Saved], model_dirs: dict[str, Path], tmp_path: Path,
+        path: str, saved: dict[str, Saved], model_dirs: dict[str, Path], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Slot buffers are padded to the largest rank ever loaded, but a batch multiplies only as many rank
     columns as its own slots' largest rank: after an r=16 adapter lands in another slot (and after it
@@ -264,7 +272,7 @@ def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
 
     class LoraWidths(TorchDispatchMode):
         """Rank width of every LoRA product: shrink ``bmm(x, A)`` and expand ``baddbmm(out, h, B)``, and
-        the compiled CPU kernel's calls (decode rows in row buffers, where the kernel is built)."""
+        the compiled CPU kernel's calls (where it is built)."""
 
         active: LoraWidths | None = None
 
@@ -292,21 +300,22 @@ def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
                     self.widths.add(per_row)
             return func(*args, **(kwargs or {}))
 
-    kernel_call = BgmvCall.__call__
+    kernel_call = BankCall.__call__
 
-    def recording_call(self: BgmvCall, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def recording_call(self: BankCall, x: torch.Tensor, out: torch.Tensor, slots: torch.Tensor,
+                       highest: int) -> torch.Tensor:
         if LoraWidths.active is not None:
             LoraWidths.active.widths.add(self.width)
             LoraWidths.active.kernel_calls += 1
-        return kernel_call(self, x, out)
+        return kernel_call(self, x, out, slots, highest)
 
-    monkeypatch.setattr(BgmvCall, "__call__", recording_call)
+    monkeypatch.setattr(BankCall, "__call__", recording_call)
     kernel_calls = 0
     big = _save(Case("llama-r16-all-linear", "llama", {"r": 16, "target_modules": "all-linear"}),
                 model_dirs["llama"], tmp_path / "r16")
     hidden = load_model(model_dirs["llama"]).config.hidden_size
     assert hidden > 16
-    sm = SlottedModel(load_model(model_dirs["llama"]), 3, row_capacity=8 if row_buffers else 0)
+    sm = SlottedModel(load_model(model_dirs["llama"]), 3, **PATHS[path])  # type: ignore[arg-type]
     load_into(sm, 1, saved["llama-all-linear"].path)  # r=4
     load_into(sm, 2, saved["llama-r8-qv"].path)  # r=8
     ids = big.ids[:1].repeat(4, 1)
@@ -343,5 +352,5 @@ def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
     sm.clear(3)
     cleared, widths_cleared = two_steps(rows)
     assert maxdiff(cleared, before) <= ATOL and widths_cleared == {8}
-    # the decode steps with row buffers ran the compiled kernel wherever it can be built here
-    assert (kernel_calls > 0) == (row_buffers and load_bgmv() is not None)
+    # the forwards ran the compiled kernel wherever it can be built here
+    assert (kernel_calls > 0) == (path == "kernel" and load_bgmv() is not None)
