@@ -4,7 +4,7 @@ target 2 of ``bench_serving.py`` (adapter throughput >= 0.85 of the base model's
 No server and no ``peft`` in the timed part: the bench model of ``bench_serving.py`` in a
 :class:`~adapters_core.serving.SlottedModel` of 64 slots, with row buffers for 64 rows as a server
 without the compiled kernel lays it out, 32 adapters loaded, a batch of 32 rows prefilled with
-48-token prompts, then decode steps of five kinds, interleaved so that a machine slowing down moves
+48-token prompts, then decode steps of six kinds, interleaved so that a machine slowing down moves
 all of them:
 
 * ``base``: every row on the base model (no adapter work at all);
@@ -17,7 +17,9 @@ all of them:
   buffers the adapter step multiplies (a forward hook): the cost of only bringing those weights
   through the caches, in place, with torch's plainest read;
 * ``adapters, products skipped``: the adapter step with a stand-in kernel that leaves the output as
-  it is: everything the adapter path does besides its products (routing, checks, the calls).
+  it is: everything the adapter path does besides its products (routing, checks, the calls);
+* ``adapters, 8 shared by 32 rows``: rows on 8 adapters, 4 rows each, through the kernel (rows that
+  share an adapter read the same weights from the bank, so they come from memory once per step).
 
 Each step appends one token to every row (the cache grows by one column per step, as in the
 server). Between the steps, outside the model: the adapter step's 28 products alone (the kernel on
@@ -65,7 +67,8 @@ from adapters_core.tiny_models import build_tiny_llama  # noqa: E402
 
 PROMPT_TOKENS = 48
 TARGET = 0.85  # bench_serving's target 2
-KINDS = ("base", "adapters", "adapters, bmm", "base + reading", "adapters, products skipped")
+SHARED = "adapters, 8 shared by 32 rows"
+KINDS = ("base", "adapters", "adapters, bmm", "base + reading", "adapters, products skipped", SHARED)
 ALONE = ("products alone", "products alone, bmm", "streaming floor")
 MIXED = "adapters, r=64 in the bank"
 PREFILL_ROWS = (1, 8, 32)  # rows of a prefill, each on its own adapter
@@ -149,6 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for i, folder in enumerate(folders):
             slotted.load(i + 1, slotted.prepare(*read_adapter(folder)))
     slots = list(range(1, CLIENTS + 1))
+    shared = [1 + i % 8 for i in range(CLIENTS)]  # 8 adapters, each on 4 rows spread over the batch
     slotted.sync_rows(slots)
     adapter_bytes = sum((m.rows_a[:CLIENTS].nbytes + m.rows_b[:CLIENTS].nbytes)
                         for m in model.modules() if getattr(m, "rows_a", None) is not None)
@@ -193,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def step(kind: str) -> float:
         nonlocal length
-        routed = slots if kind.startswith("adapters") else [0] * CLIENTS
+        routed = (shared if kind == SHARED else slots) if kind.startswith("adapters") else [0] * CLIENTS
         _use_kernel(model, {"adapters, bmm": None, "adapters, products skipped": skip}.get(kind, kernel))
         hooks = _reading_hooks(model, CLIENTS) if kind == "base + reading" else []
         token = torch.randint(5, vocab - 1, (CLIENTS, 1), generator=gen)
@@ -278,6 +282,7 @@ def report(r: dict[str, Any]) -> str:
                         ("adapters, bmm", "same, with torch's bmm instead of the kernel"),
                         ("base + reading", "step, base + reading those weights in place"),
                         ("adapters, products skipped", "the server's path with its products skipped"),
+                        (SHARED, "32 rows on 8 adapters (4 rows each), the kernel"),
                         (MIXED, "same, after an r=64 adapter lands in slot 64"),
                         ("products alone", "the 28 layers' adapter products alone, the kernel"),
                         ("products alone, bmm", "the same with torch's bmm"),
