@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     max_queue_depth: int = Field(default=256, gt=0, description="Waiting generate requests before 429.")
     adapter_slots: int = Field(default=64, gt=0, description="Adapters resident on the device at once.")
     max_lora_rank: int = Field(default=64, gt=0, description="Largest LoRA rank the serving slots accept.")
+    adapter_dtype: Literal["auto", "float32"] = Field(
+        default="auto", description="Precision of the serving slots' adapter weights and LoRA products. auto: the "
+        "base model's dtype; float32: as HF PEFT keeps them on a bfloat16/float16 base (adapter weights and LoRA "
+        "products in float32, each layer's output rounded to the model's dtype), at twice the slot memory.",
+    )
     cpu_kernels: Literal["auto", "off"] = Field(
         default="auto", description="auto: decode steps and prefills with adapters on a CPU (float32, x86-64 "
         "with AVX2 and FMA) run the compiled LoRA kernel, built on first start with the host's C++ compiler, "

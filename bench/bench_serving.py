@@ -26,7 +26,7 @@ Each load runs ``--rounds`` times, contenders interleaved in rotated order; toke
 medians, and each ratio is the median of its per-round ratios (the two loads of a ratio ran minutes
 apart at most, so a machine that slows down for a while moves both), as in ``bench_training.py``.
 The server's greedy tokens are compared with ``peft``'s for every 32-adapter request (all equal in
-float32; in bfloat16 the two round LoRA products differently, and tokens part where logits nearly tie).
+float32; in bfloat16 the two round differently, and tokens can part where logits nearly tie).
 ``--device cuda`` runs the GPU variant (a larger bfloat16 model, ``--spec gpu``).
 
     python bench/bench_serving.py [--quick] [--rounds N] [--device cpu|cuda] [--json results.json]
@@ -506,8 +506,9 @@ def report(r: dict[str, Any]) -> str:
         f"{r['cold_load_ms']['ours_copy_only']:.2f} ms), peft {r['cold_load_ms']['peft']:.2f} ms",
         f"greedy outputs of the server equal to peft's: {r['greedy_outputs_equal_peft']}" + (
             "" if r["setup"]["dtype"] == "torch.float32" else
-            " (in bfloat16 PEFT computes LoRA products in float32 and the server in bfloat16, so greedy tokens part"
-            " where logits nearly tie; tests/core/test_slotted.py bounds the logit error against PEFT's own)"),
+            " (in bfloat16 the two round differently: peft keeps LoRA weights and products in float32, the server"
+            " only with ADAPTERFORGE_ADAPTER_DTYPE=float32, and their batches differ in shape; greedy tokens can"
+            " part where logits nearly tie)"),
         "engine alone (no HTTP; 32 requests submitted at once): adapters {:.0f} tok/s, base {:.0f} tok/s ({:.2f})".format(
             r["engine_alone_tok_s"]["adapters"], r["engine_alone_tok_s"]["base"],
             r["engine_alone_tok_s"]["adapters"] / r["engine_alone_tok_s"]["base"]),

@@ -108,6 +108,7 @@ class ServingHost:
         on_cpu = next(model.parameters()).device.type == "cpu"
         cpu_bgmv.set_cache_dir(settings.kernel_cache_dir)
         self.slotted = SlottedModel(model, settings.adapter_slots, max_rank=settings.max_lora_rank,
+                                    dtype=torch.float32 if settings.adapter_dtype == "float32" else None,
                                     row_capacity=settings.max_batch_size if on_cpu else 0,
                                     cpu_kernels=settings.cpu_kernels == "auto")
         if self.slotted.cpu_kernel is not None:

@@ -261,3 +261,27 @@ def test_a_cold_adapter_read_never_stalls_running_rows(host: ServingHost, demo_m
     assert store.read_threads == ["request-thread", "request-thread"]  # config, then weights: never the engine
     with_adapter = host.engine.submit(prompt, params, lease=leased[0]).wait(60)
     assert with_adapter.adapter == "slow@1" and with_adapter.token_ids != base
+
+
+@pytest.mark.parametrize("adapter_dtype,slot_dtype", [("auto", torch.bfloat16), ("float32", torch.float32)])
+def test_adapter_dtype_sets_the_slots_precision(adapter_dtype: str, slot_dtype: torch.dtype, demo_model_dir: Path,
+                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a bfloat16 base model (as GPUs load 16-bit checkpoints; CPUs load float32, simulated here by
+    casting the loaded model), ``ADAPTERFORGE_ADAPTER_DTYPE`` decides the slots' dtype: the model's own
+    (auto) or float32 (PEFT's arithmetic); the model itself stays bfloat16 either way."""
+    from app.serving import host as host_module
+
+    load_model = host_module._load_model
+
+    def bf16_model(settings: Settings) -> tuple[Any, torch.nn.Module, Any]:
+        source, model, tokenizer = load_model(settings)
+        return source, model.to(torch.bfloat16), tokenizer
+
+    monkeypatch.setattr(host_module, "_load_model", bf16_model)
+    served = ServingHost.load(Settings(data_dir=tmp_path / "data", base_model=str(demo_model_dir),
+                                       adapter_dtype=adapter_dtype))  # type: ignore[arg-type]
+    try:
+        assert next(served.model.parameters()).dtype == torch.bfloat16
+        assert served.slotted.dtype == slot_dtype
+    finally:
+        served.close()

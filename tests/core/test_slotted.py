@@ -354,3 +354,59 @@ def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
     assert maxdiff(cleared, before) <= ATOL and widths_cleared == {8}
     # the forwards ran the compiled kernel wherever it can be built here
     assert (kernel_calls > 0) == (path == "kernel" and load_bgmv() is not None)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_float32_slots_on_a_bfloat16_model_compute_lora_as_peft_does(path: str, saved: dict[str, Saved],
+                                                                    model_dirs: dict[str, Path]) -> None:
+    """``SlottedModel(dtype=torch.float32)`` on a bfloat16 model (the server's
+    ``ADAPTERFORGE_ADAPTER_DTYPE=float32``) computes LoRA as PEFT does there: adapter weights and products
+    in float32, each layer's output rounded to bfloat16. Rows on one adapter through torch's products
+    equal PEFT's forward exactly; through the kernel, and in a mixed batch, float32 sums in another
+    order flip a bfloat16 rounding now and then, and rows end up much closer to PEFT's forward of their
+    adapter than with bfloat16 slots (prefill and a decode step)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    names = ["llama-all-linear", "llama-rslora", "llama-r8-qv", "llama-rank-alpha-pattern"]
+    ids = saved[names[0]].ids
+
+    def base(dtype: torch.dtype) -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(model_dirs["llama"], dtype=dtype).eval()
+
+    def two_steps(call: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the prompt's last position and of one decode step on a cache (fed the same token)."""
+        with torch.inference_mode():
+            cache = DynamicCache()
+            first = call(ids, cache).logits[:, -1].float()  # type: ignore[operator]
+            step = call(torch.full((len(ids), 1), 7), cache).logits[:, -1].float()  # type: ignore[operator]
+        return first, step
+
+    def slotted(dtype: torch.dtype) -> SlottedModel:
+        sm = SlottedModel(base(torch.bfloat16), len(names), dtype=dtype, **PATHS[path])  # type: ignore[arg-type]
+        for slot, name in enumerate(names, start=1):
+            load_into(sm, slot, saved[name].path)
+        return sm
+
+    def routed(sm: SlottedModel, slots: list[int]) -> object:
+        def call(x: torch.Tensor, cache: DynamicCache) -> object:
+            if x.shape[1] == 1:
+                sm.sync_rows(slots)
+            with sm.route(slots):
+                return sm.model(input_ids=x, cache=cache, use_cache=True)
+        return call
+
+    fp32_slots, bf16_slots = slotted(torch.float32), slotted(torch.bfloat16)
+    assert fp32_slots.dtype == torch.float32 and bf16_slots.dtype == torch.bfloat16
+    mixed = {"fp32": two_steps(routed(fp32_slots, [1, 2, 3, 4])), "bf16": two_steps(routed(bf16_slots, [1, 2, 3, 4]))}
+    gaps = {"fp32": 0.0, "bf16": 0.0}
+    for i, name in enumerate(names):
+        pm = PeftModel.from_pretrained(base(torch.bfloat16), saved[name].path).eval()
+        peft_bf16 = two_steps(lambda x, cache, pm=pm: pm(input_ids=x, cache=cache, use_cache=True))
+        alone = two_steps(routed(fp32_slots, [i + 1] * len(ids)))
+        for position in range(2):
+            if path != "kernel" or fp32_slots.cpu_kernel is None:
+                assert torch.equal(alone[position], peft_bf16[position]), (name, position)
+            for kind in gaps:
+                gaps[kind] += (mixed[kind][position][i] - peft_bf16[position][i]).abs().mean().item()
+    assert gaps["fp32"] < 0.5 * gaps["bf16"], gaps
