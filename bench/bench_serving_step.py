@@ -91,10 +91,10 @@ def _reading_hooks(model: torch.nn.Module, batch: int) -> list[Any]:
 
 
 def _use_kernel(model: torch.nn.Module, kernel: Any) -> None:
-    """Point every slot layer at ``kernel`` (``None``: ``bmm``), with the row views and bound calls (decode
-    and prefill) it last had with that kernel (as in the server, where they last while the batch and
-    the bank do: switching costs no re-binding). All three are swapped: a layer binds its views from
-    its calls, and a call left in place would keep running the kernel it was bound with."""
+    """Point every slot layer at ``kernel`` (``None``: ``bmm``), with the row views and bound bank calls it
+    last had with that kernel (as in the server, where they last while the batch and the bank do:
+    switching costs no re-binding). The calls are swapped too: a call left in place would keep running
+    the kernel it was bound with."""
     from adapters_core.serving.layers import SlotLoraLayer
 
     for m in model.modules():

@@ -253,31 +253,28 @@ class SlotLoraLayer(_Wrapper):
         routing = self._routing.current
         if routing is None or routing.distinct.isdisjoint(self.used_slots):
             return self.base_layer(x, *args, **kwargs)
+        base = self.base_layer
+        out: torch.Tensor
+        if plain := (type(base) is nn.Linear and not args and not kwargs):  # called directly: one frame less
+            out = F.linear(x, base.weight, base.bias)
+        else:
+            out = base(x, *args, **kwargs)
         if (x.dim() == 3 and x.dtype == self.dtype and routing.uniform is None
                 and routing.distinct.isdisjoint(self._extra_slots) and not torch.is_grad_enabled()):
             # the hot paths: rows on different adapters, plain LoRA (no DoRA, lora_bias or bias deltas)
+            width = self._width(routing)
             if self._bgmv is not None and x.shape[0] == routing.batch_size:
-                call = self._bank_call(self._width(routing))
-                if call is not None:  # the compiled kernel, reading each row's weights from the bank by slot
-                    base = self.base_layer
-                    if plain := (type(base) is nn.Linear and not args and not kwargs):
-                        out = F.linear(x, base.weight, base.bias)
-                    else:
-                        out = base(x, *args, **kwargs)
-                    # (a plain Linear's output is a fresh (batch, tokens, out) tensor of x's dtype and device:
-                    # only x's layout to check)
-                    if x.stride(2) == 1 if plain else call.accepts(x, out):
-                        return call(x, out, routing.slots, routing.highest)
-                    return self._add_adapters(x, out, routing)
+                # the compiled kernel, reading each row's weights from the bank by slot (a plain Linear's
+                # output is a fresh (batch, tokens, out) tensor of x's dtype and device: only x's layout to check)
+                call = self._bank_call(width)
+                if call is not None and (x.stride(2) == 1 if plain else call.accepts(x, out)):
+                    return call(x, out, routing.slots, routing.highest)
             batch = routing.decode_rows
             if batch and self.rows_a is not None and x.shape[0] == batch and x.shape[1] == 1:
                 # a decode step without the kernel: weights already at the rows' positions in the row buffers
-                views = self._rows_for(batch, self._width(routing))
-                base = self.base_layer
-                out = (F.linear(x, base.weight, base.bias) if type(base) is nn.Linear and not args and not kwargs
-                       else base(x, *args, **kwargs))
+                views = self._rows_for(batch, width)
                 return out.baddbmm_(torch.bmm(x, views.a), views.b)
-        return self._add_adapters(x, self.base_layer(x, *args, **kwargs), routing)
+        return self._add_adapters(x, out, routing)
 
     def _bank_call(self, width: int) -> BankCall | None:
         """The kernel's call over the current slot bank at rank ``width`` (bound once per width; cleared when
