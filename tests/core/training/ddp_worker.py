@@ -37,6 +37,9 @@ def run(model_dir: str, out_dir: str) -> None:
         (Path(out_dir) / "result.json").write_text(
             json.dumps({"losses": result.losses, "world": trainer.world, "steps": result.global_step})
         )
+    # tear the process group down before the interpreter exits: a gloo group still alive at exit can
+    # abort a rank ("terminate called without an active exception"), and torchrun then fails the run
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
