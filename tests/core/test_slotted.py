@@ -362,13 +362,16 @@ def test_float32_slots_on_a_bfloat16_model_compute_lora_as_peft_does(path: str, 
     """``SlottedModel(dtype=torch.float32)`` on a bfloat16 model (the server's
     ``ADAPTERFORGE_ADAPTER_DTYPE=float32``) computes LoRA as PEFT does there: adapter weights and products
     in float32, each layer's output rounded to bfloat16. Rows on one adapter through torch's products
-    equal PEFT's forward exactly; through the kernel, and in a mixed batch, float32 sums in another
-    order flip a bfloat16 rounding now and then, and rows end up much closer to PEFT's forward of their
-    adapter than with bfloat16 slots (prefill and a decode step)."""
+    equal PEFT's forward exactly where every scaling is a power of two (the slots hold B pre-scaled,
+    which is then exact); elsewhere (alpha 5 / r 8, alpha 8 / r 3), through the kernel, and in a mixed
+    batch, float32 sums in another order flip a bfloat16 rounding now and then (on some CPUs and not
+    others), and rows end up much closer to PEFT's forward of their adapter than with bfloat16 slots
+    (prefill and a decode step)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, DynamicCache
 
     names = ["llama-all-linear", "llama-rslora", "llama-r8-qv", "llama-rank-alpha-pattern"]
+    exact = {"llama-all-linear", "llama-rslora", "llama-r8-qv"}  # scalings 1 and 2
     ids = saved[names[0]].ids
 
     def base(dtype: torch.dtype) -> torch.nn.Module:
@@ -400,13 +403,17 @@ def test_float32_slots_on_a_bfloat16_model_compute_lora_as_peft_does(path: str, 
     assert fp32_slots.dtype == torch.float32 and bf16_slots.dtype == torch.bfloat16
     mixed = {"fp32": two_steps(routed(fp32_slots, [1, 2, 3, 4])), "bf16": two_steps(routed(bf16_slots, [1, 2, 3, 4]))}
     gaps = {"fp32": 0.0, "bf16": 0.0}
+    alone_gaps = {"fp32": 0.0, "bf16": 0.0}
     for i, name in enumerate(names):
         pm = PeftModel.from_pretrained(base(torch.bfloat16), saved[name].path).eval()
         peft_bf16 = two_steps(lambda x, cache, pm=pm: pm(input_ids=x, cache=cache, use_cache=True))
-        alone = two_steps(routed(fp32_slots, [i + 1] * len(ids)))
+        alone = {"fp32": two_steps(routed(fp32_slots, [i + 1] * len(ids))),
+                 "bf16": two_steps(routed(bf16_slots, [i + 1] * len(ids)))}
         for position in range(2):
-            if path != "kernel" or fp32_slots.cpu_kernel is None:
-                assert torch.equal(alone[position], peft_bf16[position]), (name, position)
+            if name in exact and (path != "kernel" or fp32_slots.cpu_kernel is None):
+                assert torch.equal(alone["fp32"][position], peft_bf16[position]), (name, position)
             for kind in gaps:
                 gaps[kind] += (mixed[kind][position][i] - peft_bf16[position][i]).abs().mean().item()
+                alone_gaps[kind] += (alone[kind][position] - peft_bf16[position]).abs().mean().item()
     assert gaps["fp32"] < 0.5 * gaps["bf16"], gaps
+    assert alone_gaps["fp32"] < 0.5 * alone_gaps["bf16"], alone_gaps
