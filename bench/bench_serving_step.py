@@ -33,7 +33,10 @@ slot bank, with torch's gather + ``bmm``, and with the products skipped, interle
 
 Then an r=64 adapter is loaded into a slot no row uses (every layer's buffers grow to 64 rank
 columns) and the base and adapter steps run again: the 32 r=16 rows must cost what they cost before
-(a batch multiplies only the rank columns its own slots need).
+(a batch multiplies only the rank columns its own slots need). Then the first row moves to the r=64
+adapter: through the kernel, each of the other 31 rows still multiplies only its own 16 rank columns;
+the same step with the kernel told no slot ranks (every row multiplying the batch's largest rank, 64,
+as before per-row ranks) runs interleaved with it.
 
 The report gives the median of each, the ratio base / adapters (the ceiling of target 2's ratio on
 this machine, before HTTP adds the same cost to both sides) and the adapter time target 2 allows
@@ -71,6 +74,8 @@ SHARED = "adapters, 8 shared by 32 rows"
 KINDS = ("base", "adapters", "adapters, bmm", "base + reading", "adapters, products skipped", SHARED)
 ALONE = ("products alone", "products alone, bmm", "streaming floor")
 MIXED = "adapters, r=64 in the bank"
+WIDE_ROW = "adapters, one r=64 row"
+WIDE_ROW_PADDED = "adapters, one r=64 row, every row at r=64"
 PREFILL_ROWS = (1, 8, 32)  # rows of a prefill, each on its own adapter
 PREFILL_TOKENS = 32
 PREFILL_KINDS = ("base", "kernel", "torch", "products skipped")
@@ -108,8 +113,19 @@ def _use_kernel(model: torch.nn.Module, kernel: Any) -> None:
 class _SkipProducts:
     """A stand-in for the loaded kernel whose calls add nothing: the adapter path minus its products."""
 
-    def prepare_bank(self, a: torch.Tensor, b: torch.Tensor, width: int) -> _SkipCall:
+    def prepare_bank(self, a: torch.Tensor, b: torch.Tensor, width: int, *_: Any) -> _SkipCall:
         return _SkipCall()
+
+
+class _BatchRankOnly:
+    """The loaded kernel, bound without the slots' ranks: every row multiplies the call's full width (the
+    batch's largest rank), as the kernel did before it read each row's own rank."""
+
+    def __init__(self, kernel: Any) -> None:
+        self._kernel = kernel
+
+    def prepare_bank(self, a: torch.Tensor, b: torch.Tensor, width: int, *_: Any) -> Any:
+        return self._kernel.prepare_bank(a, b, width)
 
 
 class _SkipCall:
@@ -162,6 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cache = new_cache()
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     times: dict[str, list[float]] = {k: [] for k in (*KINDS, *ALONE, MIXED, "base, r=64 in the bank",
+                                                     WIDE_ROW, WIDE_ROW_PADDED,
                                                      *(f"prefill {n}, {kind}" for n in PREFILL_ROWS
                                                        for kind in PREFILL_KINDS))}
     layers = [m for m in model.modules() if getattr(m, "rows_a", None) is not None]
@@ -193,12 +210,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return time.perf_counter() - t0
 
     skip = _SkipProducts()
+    batch_rank_only = _BatchRankOnly(kernel) if kernel else None
+    wide_row = [SLOTS, *slots[1:]]  # the first row on the r=64 adapter (loaded into the last slot below)
     length = PROMPT_TOKENS
+    synced = slots  # the rows whose weights the row buffers hold
 
     def step(kind: str) -> float:
-        nonlocal length
-        routed = (shared if kind == SHARED else slots) if kind.startswith("adapters") else [0] * CLIENTS
-        _use_kernel(model, {"adapters, bmm": None, "adapters, products skipped": skip}.get(kind, kernel))
+        nonlocal length, synced
+        if kind.startswith("adapters"):
+            routed = shared if kind == SHARED else wide_row if kind.startswith(WIDE_ROW) else slots
+        else:
+            routed = [0] * CLIENTS
+        chosen = {"adapters, bmm": None, "adapters, products skipped": skip,
+                  WIDE_ROW_PADDED: batch_rank_only}.get(kind, kernel)
+        if chosen is None and routed != synced and kind.startswith("adapters"):  # bmm reads the row buffers
+            slotted.sync_rows(routed)
+            synced = routed
+        _use_kernel(model, chosen)
         hooks = _reading_hooks(model, CLIENTS) if kind == "base + reading" else []
         token = torch.randint(5, vocab - 1, (CLIENTS, 1), generator=gen)
         mask = torch.ones((CLIENTS, length + 1), dtype=torch.long)
@@ -245,12 +273,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if i >= 2:  # the first two rounds bind the calls and warm up
                         times[f"prefill {rows}, {kind}"].append(elapsed)
         # an adapter of 4x the rank in a slot no row uses: every layer's buffers grow to r=64
+        # then the first row on it: the other rows at their own rank, or (as before) all at 64
         slotted.load(SLOTS, slotted.prepare(*wide))
         slotted.sync_rows(slots)
+        synced = slots
+        phase = {"base, r=64 in the bank": "base", MIXED: "adapters", WIDE_ROW: WIDE_ROW}
+        if kernel:
+            phase[WIDE_ROW_PADDED] = WIDE_ROW_PADDED
+        labels = list(phase)
+        for label in labels:  # warm-up (binds the calls)
+            step(phase[label])
         for i in range(args.steps):
-            for kind in ("base", "adapters")[i % 2:] + ("base", "adapters")[:i % 2]:
-                times[MIXED if kind == "adapters" else "base, r=64 in the bank"].append(step(kind))
-    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            for label in labels[i % len(labels):] + labels[:i % len(labels)]:
+                times[label].append(step(phase[label]))
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items() if v}
     return {
         "machine": {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(),
@@ -284,11 +320,15 @@ def report(r: dict[str, Any]) -> str:
                         ("adapters, products skipped", "the server's path with its products skipped"),
                         (SHARED, "32 rows on 8 adapters (4 rows each), the kernel"),
                         (MIXED, "same, after an r=64 adapter lands in slot 64"),
+                        (WIDE_ROW, "same, the first row on that r=64 adapter"),
+                        (WIDE_ROW_PADDED, "same, every row multiplying 64 rank columns"),
                         ("products alone", "the 28 layers' adapter products alone, the kernel"),
                         ("products alone, bmm", "the same with torch's bmm"),
                         ("streaming floor", "reading the same bytes as one flat tensor")):
-        reference = ms["base, r=64 in the bank"] if kind == MIXED else base
-        over = f"{ms[kind] - reference:+.2f} ms" if kind in (*KINDS, MIXED) else ""
+        reference = ms["base, r=64 in the bank"] if kind in (MIXED, WIDE_ROW, WIDE_ROW_PADDED) else base
+        if kind not in ms:  # no kernel here: nothing to compare with
+            continue
+        over = f"{ms[kind] - reference:+.2f} ms" if kind in (*KINDS, MIXED, WIDE_ROW, WIDE_ROW_PADDED) else ""
         lines.append(f"| {label:<50} | {ms[kind]:6.2f} | {over:<18} |")
     lines += [
         "",

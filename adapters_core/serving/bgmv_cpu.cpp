@@ -1,6 +1,9 @@
 // Batched LoRA product on x86-64 CPUs with AVX2 + FMA, one adapter per row, for every token t:
 //
-//     out[i, t, :] += (x[i, t, :] @ A[w(i)][:, :width]) @ B[w(i)][:width, :]      w(i) = idx ? idx[i] : i
+//     out[i, t, :] += (x[i, t, :] @ A[w(i)][:, :r(i)]) @ B[w(i)][:r(i), :]      w(i) = idx ? idx[i] : i
+//
+// where r(i) = min(width, ranks[w(i)]) when the call gives each slot's rank (a row reads only its own
+// adapter's rank columns, and a row whose slot has no adapter on the layer reads nothing), else width.
 //
 // Decode steps have one token per row (split over the threads by row); prefills have several (split
 // by row and block of 4 tokens: each weight loaded feeds the block's 4 tokens, and a row's weights
@@ -217,7 +220,19 @@ struct AfBgmvArgs {
   int64_t so;
   int64_t threads;
   int64_t tokens, sx_tok, so_tok;
+  const int64_t* ranks;  // null: every row multiplies `width` rank columns; else slot w's rank (0: none)
 };
+
+namespace {
+
+// Rank columns row `row` multiplies: its slot's rank, at most the call's width (0: nothing to add).
+inline int64_t row_width(const AfBgmvArgs* p, int64_t w) {
+  if (!p->ranks) return p->width;
+  const int64_t r = p->ranks[w];
+  return r < p->width ? r : p->width;
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -234,9 +249,11 @@ int af_bgmv_f32(const AfBgmvArgs* p) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && batch > 1)
     for (int64_t row = 0; row < batch; ++row) {
       const int64_t w = p->idx ? p->idx[row] : row;
+      const int64_t cols = row_width(p, w);
+      if (cols <= 0) continue;
       alignas(32) float h[kMaxWidth + 32];
-      shrink(p->x + row * p->sx, p->a + w * p->sa_row, p->in, p->sa_in, width, h);
-      expand(h, p->b + w * p->sb_row, width, p->outf, p->sb_r, p->out + row * p->so);
+      shrink(p->x + row * p->sx, p->a + w * p->sa_row, p->in, p->sa_in, cols, h);
+      expand(h, p->b + w * p->sb_row, cols, p->outf, p->sb_r, p->out + row * p->so);
     }
     return 0;
   }
@@ -246,15 +263,17 @@ int af_bgmv_f32(const AfBgmvArgs* p) {
   for (int64_t item = 0; item < items; ++item) {
     const int64_t row = item / blocks, t0 = (item % blocks) * kTokenBlock;
     const int64_t w = p->idx ? p->idx[row] : row;
+    const int64_t cols = row_width(p, w);
+    if (cols <= 0) continue;
     const float* x = p->x + row * p->sx + t0 * p->sx_tok;
     const float* a = p->a + w * p->sa_row;
     const float* b = p->b + w * p->sb_row;
     float* out = p->out + row * p->so + t0 * p->so_tok;
     switch (tokens - t0 < kTokenBlock ? tokens - t0 : kTokenBlock) {
-      case 1: row_tokens<1>(x, p->sx_tok, a, p->in, p->sa_in, b, width, p->outf, p->sb_r, out, p->so_tok); break;
-      case 2: row_tokens<2>(x, p->sx_tok, a, p->in, p->sa_in, b, width, p->outf, p->sb_r, out, p->so_tok); break;
-      case 3: row_tokens<3>(x, p->sx_tok, a, p->in, p->sa_in, b, width, p->outf, p->sb_r, out, p->so_tok); break;
-      default: row_tokens<4>(x, p->sx_tok, a, p->in, p->sa_in, b, width, p->outf, p->sb_r, out, p->so_tok); break;
+      case 1: row_tokens<1>(x, p->sx_tok, a, p->in, p->sa_in, b, cols, p->outf, p->sb_r, out, p->so_tok); break;
+      case 2: row_tokens<2>(x, p->sx_tok, a, p->in, p->sa_in, b, cols, p->outf, p->sb_r, out, p->so_tok); break;
+      case 3: row_tokens<3>(x, p->sx_tok, a, p->in, p->sa_in, b, cols, p->outf, p->sb_r, out, p->so_tok); break;
+      default: row_tokens<4>(x, p->sx_tok, a, p->in, p->sa_in, b, cols, p->outf, p->sb_r, out, p->so_tok); break;
     }
   }
   return 0;

@@ -1,9 +1,10 @@
 """A compiled CPU kernel for the LoRA product of a batch whose rows use different adapters (BGMV/SGMV).
 
-``out[i, t] += (x[i, t] @ A[s(i)][:, :width]) @ B[s(i)][:width]`` in float32 for every token ``t`` of
-row ``i``, where ``s(i)`` is the slot the call names for row ``i``: the kernel reads each row's
-weights straight from the slot bank (:meth:`Bgmv.prepare_bank`), so nothing is gathered or copied
-when rows join a batch. Stock torch runs a decode step as a gather of every row's weights plus two
+``out[i, t] += (x[i, t] @ A[s(i)][:, :r]) @ B[s(i)][:r]`` in float32 for every token ``t`` of row
+``i``, where ``s(i)`` is the slot the call names for row ``i`` and ``r`` that slot's own rank on the
+layer (at most the call's width): the kernel reads each row's weights straight from the slot bank
+(:meth:`Bgmv.prepare_bank`), so nothing is gathered or copied when rows join a batch, and a row reads
+only its own adapter's rank columns (a row whose slot has nothing on the layer reads nothing). Stock torch runs a decode step as a gather of every row's weights plus two
 ``bmm`` calls of 32 tiny matrices, which on a CPU costs several times what reading the weights costs;
 this kernel (``bgmv_cpu.cpp``, AVX2 + FMA) reads each row's weights once, in order, and in a prefill
 feeds each weight it loads to 4 tokens.
@@ -55,7 +56,7 @@ class _Args(ctypes.Structure):
     _fields_ = [("batch", _I64), ("in_features", _I64), ("width", _I64), ("out_features", _I64),
                 ("a", _PTR), ("sa_row", _I64), ("sa_in", _I64), ("b", _PTR), ("sb_row", _I64), ("sb_r", _I64),
                 ("idx", _PTR), ("x", _PTR), ("sx", _I64), ("out", _PTR), ("so", _I64), ("threads", _I64),
-                ("tokens", _I64), ("sx_tok", _I64), ("so_tok", _I64)]
+                ("tokens", _I64), ("sx_tok", _I64), ("so_tok", _I64), ("ranks", _PTR)]
 
 
 class Bgmv:
@@ -72,33 +73,43 @@ class Bgmv:
         library.af_bgmv_max_width.restype = _I64
         self.max_width = int(library.af_bgmv_max_width())
 
-    def prepare_bank(self, a: torch.Tensor, b: torch.Tensor, width: int) -> BankCall | None:
+    def prepare_bank(self, a: torch.Tensor, b: torch.Tensor, width: int,
+                     ranks: torch.Tensor | None = None) -> BankCall | None:
         """A call over the whole slot bank ``a (slots, in, ≥width)``, ``b (slots, ≥width, out)`` for rows of
-        any number of tokens, each row on the slot its call names. ``None`` where the kernel does not apply
-        (dtype, device, layout, width): the caller uses torch. The tensors must outlive the call object and
-        keep their storage (it holds their addresses)."""
-        return BankCall(self._fn, a, b, width) if self._fits(a, b, width) else None
+        any number of tokens, each row on the slot its call names. ``ranks``: an int64 CPU vector, each
+        slot's rank on this layer (0: nothing), read at every call: a row multiplies only
+        ``min(width, ranks[slot])`` rank columns (the columns past a slot's rank must hold zeros, as the
+        bank's do, for the result to be what ``width`` columns give); ``None``: every row multiplies
+        ``width``. ``None`` is returned where the kernel does not apply (dtype, device, layout, width):
+        the caller uses torch. The tensors must outlive the call object and keep their storage (it holds
+        their addresses)."""
+        return BankCall(self._fn, a, b, width, ranks) if self._fits(a, b, width, ranks) else None
 
-    def _fits(self, a: torch.Tensor, b: torch.Tensor, width: int) -> bool:
-        """Whether the kernel reads ``a`` and ``b`` as they are (dtype, device, layout) at ``width``."""
+    def _fits(self, a: torch.Tensor, b: torch.Tensor, width: int, ranks: torch.Tensor | None) -> bool:
+        """Whether the kernel reads ``a``, ``b`` and ``ranks`` as they are (dtype, device, layout) at ``width``."""
         return (a.dtype == b.dtype == torch.float32 and a.device.type == b.device.type == "cpu"
                 and a.dim() == b.dim() == 3 and a.stride(2) == 1 and b.stride(2) == 1
-                and 1 <= width <= min(self.max_width, a.shape[2], b.shape[1]) and a.shape[0] == b.shape[0])
+                and 1 <= width <= min(self.max_width, a.shape[2], b.shape[1]) and a.shape[0] == b.shape[0]
+                and (ranks is None or (ranks.dtype == torch.int64 and ranks.device.type == "cpu"
+                                       and ranks.shape == (a.shape[0],) and ranks.is_contiguous())))
 
 
 class BankCall:
-    """``out[i, t] += (x[i, t] @ A[slots[i]][:, :width]) @ B[slots[i]][:width]`` for rows of any number of
-    tokens, read straight from the bound slot bank; see :meth:`Bgmv.prepare_bank`. Holds the kernel's
-    argument struct for the bank, rewritten in place per call."""
+    """``out[i, t] += (x[i, t] @ A[slots[i]][:, :r]) @ B[slots[i]][:r]`` for rows of any number of tokens,
+    read straight from the bound slot bank, with ``r`` the width or the row's slot rank; see
+    :meth:`Bgmv.prepare_bank`. Holds the kernel's argument struct for the bank, rewritten in place per call."""
 
-    def __init__(self, fn: Any, a: torch.Tensor, b: torch.Tensor, width: int) -> None:
+    def __init__(self, fn: Any, a: torch.Tensor, b: torch.Tensor, width: int,
+                 ranks: torch.Tensor | None = None) -> None:
         self._fn = fn
         self._keep = (a, b)  # the addresses below stay valid while this call lives
+        self.ranks = ranks  # each slot's rank (None: every row multiplies ``width`` columns)
         self.width = width
         self.num_slots = int(a.shape[0])
         self.in_features, self.out_features = int(a.shape[1]), int(b.shape[2])
         self._args = _Args(0, self.in_features, width, self.out_features, a.data_ptr(), a.stride(0), a.stride(1),
                            b.data_ptr(), b.stride(0), b.stride(1))
+        self._args.ranks = None if ranks is None else ranks.data_ptr()
         self._address = ctypes.addressof(self._args)
 
     def accepts(self, x: torch.Tensor, out: torch.Tensor) -> bool:

@@ -19,7 +19,8 @@ columns (the largest rank among the slots it routes), so one high-rank adapter i
 make every other row pay its rank. In float32 on x86-64 CPUs, rows on different adapters run the
 compiled kernel of :mod:`adapters_core.serving.cpu_bgmv`, which reads each row's weights straight from
 the slot bank by slot id (decode steps and prefills alike: no gathered copies, nothing written when a
-row joins). Without it, ``row_capacity`` gives the layer *row buffers* ``A_rows (rows, in, r)`` and
+row joins), and only its own slot's rank columns (``slot_ranks``): an r=8 row next to an r=64 row
+reads an r=8 adapter's weights, and a row whose adapter leaves this layer alone reads nothing. Without it, ``row_capacity`` gives the layer *row buffers* ``A_rows (rows, in, r)`` and
 ``B_rows (rows, r, out)``: copies of the slot weights of each row of the running batch, written when a
 row joins, so that a decode step multiplies in place with ``bmm`` on views (on CPUs, where decode is
 bound by reading adapter weights, about half the cost of gathering from the bank every step); other
@@ -146,6 +147,9 @@ class SlotLoraLayer(_Wrapper):
         self.lora_bias: torch.Tensor | None = None
         self.gain: torch.Tensor | None = None
         self.bias_delta: torch.Tensor | None = None
+        # each slot's LoRA rank on this layer (0: none), read by the kernel at every call
+        self.slot_ranks = torch.zeros(num_slots, dtype=torch.int64)
+        self._slot_ranks_view = self.slot_ranks.numpy()  # element writes without a tensor op per slot load
         self.lora_slots: set[int] = set()
         self.lora_bias_slots: set[int] = set()
         self.gain_slots: set[int] = set()
@@ -190,6 +194,7 @@ class SlotLoraLayer(_Wrapper):
             assert self.a is not None and self.b is not None
             self.a[slot, :, :rank].copy_(weights.a, non_blocking=True)
             self.b[slot, :rank, :].copy_(weights.b, non_blocking=True)
+            self._slot_ranks_view[slot] = rank
             self.lora_slots.add(slot)
         else:
             self.clear(slot, refresh=False)
@@ -214,6 +219,7 @@ class SlotLoraLayer(_Wrapper):
         """Zero ``slot`` on this layer (its rows then get the base layer's output); ``keep_lora`` skips
         zeroing A/B that the caller overwrites in full; ``refresh=False`` leaves the used-slot sets to a
         caller that writes the slot next."""
+        self._slot_ranks_view[slot] = 0
         if slot in self.lora_slots and self.a is not None and self.b is not None and not keep_lora:
             self.a[slot].zero_()
             self.b[slot].zero_()
@@ -278,12 +284,12 @@ class SlotLoraLayer(_Wrapper):
 
     def _bank_call(self, width: int) -> BankCall | None:
         """The kernel's call over the current slot bank at rank ``width`` (bound once per width; cleared when
-        the bank grows)."""
+        the bank grows); each row multiplies at most its own slot's rank of those columns."""
         try:
             return self._bank_calls[width]
         except KeyError:
             assert self._bgmv is not None and self.a is not None and self.b is not None
-            call = self._bank_calls[width] = self._bgmv.prepare_bank(self.a, self.b, width)
+            call = self._bank_calls[width] = self._bgmv.prepare_bank(self.a, self.b, width, self.slot_ranks)
             return call
 
     def _width(self, routing: SlotRouting) -> int:

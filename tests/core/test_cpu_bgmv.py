@@ -127,6 +127,55 @@ def test_rows_of_many_tokens_read_the_bank_by_slot(kernel: Bgmv, tokens: int, wi
 
 
 @needs_kernel
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_each_row_reads_only_its_own_slots_rank(kernel: Bgmv, tokens: int) -> None:
+    """A bank of ranks 16, 3, 0 (no adapter on the layer), 40 and 9 in slots 1..5, called at width 40 (the
+    largest rank routed): every row multiplies only its own slot's rank columns, read at each call. The
+    columns past each slot's rank hold NaN, as does all of slot 3, so a row that read one would show it;
+    slot 0 (the base model) and slot 3 rows keep the output as it was."""
+    ranks = torch.tensor([0, 16, 3, 0, 40, 9])
+    a, b = weights(6, 72, 48, 50, seed=5)
+    for slot, rank in enumerate(ranks.tolist()):
+        a[slot, :, rank:], b[slot, rank:] = float("nan"), float("nan")
+    slots = torch.tensor([4, 2, 0, 1, 3, 5, 4, 2])
+    x, out = torch.randn(8, tokens, 72), torch.randn(8, tokens, 50)
+    clean_a, clean_b = torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0)
+    expected = reference(x, clean_a, clean_b, 40, out, slots)
+    before = out.clone()
+    call = kernel.prepare_bank(a, b, 40, ranks)
+    assert call is not None and call.accepts(x, out)
+    call(x, out, slots, highest=5)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(out[2], before[2]) and torch.equal(out[4], before[4])  # slots 0 and 3: nothing added
+    # ranks are read at each call: slot 2 now holds a rank-12 adapter (and nothing holds NaN there)
+    a[2], b[2] = clean_a[1, :, :], clean_b[1]
+    a[2, :, 12:], b[2, 12:] = 0.0, 0.0
+    ranks[2] = 12
+    out = torch.randn(8, tokens, 50)
+    expected = reference(x, torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0), 40, out, slots)
+    call(x, out, slots, highest=5)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+    # a narrower call still caps every row at its width (rows of rank 40 multiply 16 columns)
+    narrow = kernel.prepare_bank(a, b, 16, ranks)
+    assert narrow is not None
+    out = torch.randn(8, tokens, 50)
+    clean_a, clean_b = torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0)
+    expected = reference(x, clean_a, clean_b, 16, out, slots)
+    narrow(x, out, slots, highest=5)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_slot_ranks_the_kernel_cannot_read_are_left_to_torch(kernel: Bgmv) -> None:
+    a, b = weights(4, 16, 8, 12)
+    assert kernel.prepare_bank(a, b, 8, torch.zeros(4, dtype=torch.int32)) is None  # int64 only
+    assert kernel.prepare_bank(a, b, 8, torch.zeros(3, dtype=torch.int64)) is None  # one per slot
+    assert kernel.prepare_bank(a, b, 8, torch.zeros(8, dtype=torch.int64)[::2]) is None  # contiguous
+    assert kernel.prepare_bank(a, b, 8, torch.zeros(4, dtype=torch.int64)) is not None
+
+
+@needs_kernel
 def test_a_bank_call_refuses_slots_it_cannot_read(kernel: Bgmv) -> None:
     a, b = weights(4, 16, 8, 12)
     call = kernel.prepare_bank(a, b, 8)

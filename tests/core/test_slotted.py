@@ -266,7 +266,9 @@ def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
     """Slot buffers are padded to the largest rank ever loaded, but a batch multiplies only as many rank
     columns as its own slots' largest rank: after an r=16 adapter lands in another slot (and after it
     leaves), the r<=8 rows give the same answers with products of width 8, not 16. Rows of the r=16
-    adapter, mixed with the others, still give what they give alone."""
+    adapter, mixed with the others, still give what they give alone; through the compiled kernel, the
+    other rows of that mixed batch multiply only their own adapter's rank (4 or 8), and rows whose
+    adapter leaves a layer alone multiply nothing there."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from transformers import DynamicCache
 
@@ -279,6 +281,7 @@ def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
         def __init__(self) -> None:
             super().__init__()
             self.widths: set[int] = set()
+            self.row_widths: set[int] = set()  # the kernel's, per row: min(call width, the slot's rank)
             self.kernel_calls = 0
 
         def __enter__(self) -> LoraWidths:
@@ -306,11 +309,14 @@ def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
                        highest: int) -> torch.Tensor:
         if LoraWidths.active is not None:
             LoraWidths.active.widths.add(self.width)
+            assert self.ranks is not None
+            LoraWidths.active.row_widths.update(min(self.width, int(self.ranks[s])) for s in slots.tolist())
             LoraWidths.active.kernel_calls += 1
         return kernel_call(self, x, out, slots, highest)
 
     monkeypatch.setattr(BankCall, "__call__", recording_call)
     kernel_calls = 0
+    row_widths: set[int] = set()
     big = _save(Case("llama-r16-all-linear", "llama", {"r": 16, "target_modules": "all-linear"}),
                 model_dirs["llama"], tmp_path / "r16")
     hidden = load_model(model_dirs["llama"]).config.hidden_size
@@ -321,7 +327,8 @@ def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
     ids = big.ids[:1].repeat(4, 1)
 
     def two_steps(rows: list[int]) -> tuple[torch.Tensor, set[int]]:
-        """Prefill and one decode step of a batch routed to ``rows``: the decode logits, the widths."""
+        """Prefill and one decode step of a batch routed to ``rows``: the decode logits, the widths (the
+        kernel's per-row widths in ``row_widths``)."""
         widths = LoraWidths()
         with torch.inference_mode(), widths:
             cache = DynamicCache()
@@ -330,8 +337,9 @@ def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
             sm.sync_rows(rows)
             with sm.route(rows):
                 logits = sm.model(input_ids=nxt, cache=cache, use_cache=True).logits.float()
-        nonlocal kernel_calls
+        nonlocal kernel_calls, row_widths
         kernel_calls += widths.kernel_calls
+        row_widths = widths.row_widths
         return logits, widths.widths
 
     rows = [1, 2, 0, 1]
@@ -345,6 +353,9 @@ def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
     assert widths_before == {4, 8} and widths_after == {8}
     mixed, widths_mixed = two_steps([1, 3, 2])
     assert widths_mixed == {16}
+    if path == "kernel" and load_bgmv() is not None:
+        # rows of slots 1 (r=4) and 2 (r=8 on q/v, nothing elsewhere) next to r=16 rows
+        assert row_widths == {0, 4, 8, 16}
     for i, slot in enumerate([1, 3, 2]):
         alone, _ = two_steps([slot])
         assert maxdiff(mixed[i:i + 1], alone) <= ATOL, (i, slot)
