@@ -5,17 +5,21 @@
 // where r(i) = min(width, ranks[w(i)]) when the call gives each slot's rank (a row reads only its own
 // adapter's rank columns, and a row whose slot has no adapter on the layer reads nothing), else width.
 //
-// Decode steps have one token per row (split over the threads by row); prefills have several (split
-// by row and block of 4 tokens: each weight loaded feeds the block's 4 tokens, and a row's weights
-// stay in the core's caches while its blocks go through).
+// Decode steps have one token per row; prefills have several, taken in blocks of 4 tokens (each
+// weight loaded feeds the block's 4 tokens, and a row's weights stay in the core's caches while its
+// blocks go through). The rows (or blocks) are split over the threads in contiguous ranges of about
+// equal work, counted in rank columns.
 //
 // A row's weights are read once, in order (A row by row, then B), so a decode step costs about
 // what streaming the batch's adapter weights through the caches costs. Built and loaded by
-// adapters_core/serving/cpu_bgmv.py (g++ -O3 -mavx2 -mfma -fopenmp); rows are split over the
-// OpenMP threads of the process (torch's own runtime: the library links libgomp by soname).
+// adapters_core/serving/cpu_bgmv.py (g++ -O3 -mavx2 -mfma -fopenmp); the threads are the OpenMP
+// threads of the process (torch's own runtime: the library links libgomp by soname).
 #include <immintrin.h>
+#include <omp.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -232,6 +236,56 @@ inline int64_t row_width(const AfBgmvArgs* p, int64_t w) {
   return r < p->width ? r : p->width;
 }
 
+// Splits items 0..n-1 into at most `parts` contiguous ranges of about equal total cost (cost(i) >= 0,
+// here the rank columns an item multiplies): range k is [bounds[k], bounds[k + 1]). A plain static
+// split would leave one thread idle where base-model rows (cost 0) or low-rank rows cluster at one
+// end of the batch. Items stay in order, so neighbouring rows on one adapter stay on one thread, which
+// reads its weights from memory once. Empty when nothing costs anything.
+template <class Cost>
+std::vector<int64_t> split_by_cost(int64_t n, int parts, Cost cost) {
+  std::vector<int64_t> prefix(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) prefix[i + 1] = prefix[i] + cost(i);
+  const int64_t total = prefix[n];
+  if (total == 0) return {};
+  if (parts > n) parts = static_cast<int>(n);
+  std::vector<int64_t> bounds(parts + 1, 0);
+  bounds[parts] = n;
+  for (int k = 1; k < parts; ++k) {
+    const int64_t target = total * k / parts;
+    int64_t j = std::lower_bound(prefix.begin(), prefix.end(), target) - prefix.begin();
+    if (j > 0 && target - prefix[j - 1] < prefix[j] - target) --j;  // the nearer of the two ends
+    bounds[k] = std::max(j, bounds[k - 1]);
+  }
+  return bounds;
+}
+
+// One decode row: out[row] += (x[row] @ A[w][:, :r]) @ B[w][:r] with its own rank r.
+inline void decode_row(const AfBgmvArgs* p, int64_t row) {
+  const int64_t w = p->idx ? p->idx[row] : row;
+  const int64_t cols = row_width(p, w);
+  if (cols <= 0) return;
+  alignas(32) float h[kMaxWidth + 32];
+  shrink(p->x + row * p->sx, p->a + w * p->sa_row, p->in, p->sa_in, cols, h);
+  expand(h, p->b + w * p->sb_row, cols, p->outf, p->sb_r, p->out + row * p->so);
+}
+
+// Up to kTokenBlock tokens of one prefill row, from token t0.
+inline void prefill_block(const AfBgmvArgs* p, int64_t row, int64_t t0) {
+  const int64_t w = p->idx ? p->idx[row] : row;
+  const int64_t cols = row_width(p, w);
+  if (cols <= 0) return;
+  const float* x = p->x + row * p->sx + t0 * p->sx_tok;
+  const float* a = p->a + w * p->sa_row;
+  const float* b = p->b + w * p->sb_row;
+  float* out = p->out + row * p->so + t0 * p->so_tok;
+  switch (p->tokens - t0 < kTokenBlock ? p->tokens - t0 : kTokenBlock) {
+    case 1: row_tokens<1>(x, p->sx_tok, a, p->in, p->sa_in, b, cols, p->outf, p->sb_r, out, p->so_tok); break;
+    case 2: row_tokens<2>(x, p->sx_tok, a, p->in, p->sa_in, b, cols, p->outf, p->sb_r, out, p->so_tok); break;
+    case 3: row_tokens<3>(x, p->sx_tok, a, p->in, p->sa_in, b, cols, p->outf, p->sb_r, out, p->so_tok); break;
+    default: row_tokens<4>(x, p->sx_tok, a, p->in, p->sa_in, b, cols, p->outf, p->sb_r, out, p->so_tok); break;
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -244,36 +298,27 @@ int64_t af_bgmv_args_size() { return sizeof(AfBgmvArgs); }
 int af_bgmv_f32(const AfBgmvArgs* p) {
   const int64_t batch = p->batch, width = p->width, tokens = p->tokens;
   if (width < 1 || width > kMaxWidth || tokens < 1) return 1;
-  const int threads = static_cast<int>(p->threads);
-  if (tokens == 1) {  // a decode step: one streaming pass over each row's weights
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && batch > 1)
-    for (int64_t row = 0; row < batch; ++row) {
-      const int64_t w = p->idx ? p->idx[row] : row;
-      const int64_t cols = row_width(p, w);
-      if (cols <= 0) continue;
-      alignas(32) float h[kMaxWidth + 32];
-      shrink(p->x + row * p->sx, p->a + w * p->sa_row, p->in, p->sa_in, cols, h);
-      expand(h, p->b + w * p->sb_row, cols, p->outf, p->sb_r, p->out + row * p->so);
-    }
-    return 0;
-  }
-  const int64_t blocks = (tokens + kTokenBlock - 1) / kTokenBlock;
-  const int64_t items = batch * blocks;  // (row, block of tokens), a row's blocks next to each other
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && items > 1)
-  for (int64_t item = 0; item < items; ++item) {
-    const int64_t row = item / blocks, t0 = (item % blocks) * kTokenBlock;
-    const int64_t w = p->idx ? p->idx[row] : row;
-    const int64_t cols = row_width(p, w);
-    if (cols <= 0) continue;
-    const float* x = p->x + row * p->sx + t0 * p->sx_tok;
-    const float* a = p->a + w * p->sa_row;
-    const float* b = p->b + w * p->sb_row;
-    float* out = p->out + row * p->so + t0 * p->so_tok;
-    switch (tokens - t0 < kTokenBlock ? tokens - t0 : kTokenBlock) {
-      case 1: row_tokens<1>(x, p->sx_tok, a, p->in, p->sa_in, b, cols, p->outf, p->sb_r, out, p->so_tok); break;
-      case 2: row_tokens<2>(x, p->sx_tok, a, p->in, p->sa_in, b, cols, p->outf, p->sb_r, out, p->so_tok); break;
-      case 3: row_tokens<3>(x, p->sx_tok, a, p->in, p->sa_in, b, cols, p->outf, p->sb_r, out, p->so_tok); break;
-      default: row_tokens<4>(x, p->sx_tok, a, p->in, p->sa_in, b, cols, p->outf, p->sb_r, out, p->so_tok); break;
+  const int threads = p->threads > 1 ? static_cast<int>(p->threads) : 1;
+  // a decode step: one item per row (one streaming pass over its weights); a prefill: one per row and
+  // block of tokens, a row's blocks next to each other
+  const int64_t blocks = tokens == 1 ? 1 : (tokens + kTokenBlock - 1) / kTokenBlock;
+  const int64_t items = batch * blocks;
+  const std::vector<int64_t> bounds = split_by_cost(items, threads, [p, blocks](int64_t item) {
+    return row_width(p, p->idx ? p->idx[item / blocks] : item / blocks);
+  });
+  if (bounds.empty()) return 0;  // no row has anything to add
+  const int parts = static_cast<int>(bounds.size()) - 1;
+#pragma omp parallel num_threads(parts) if (parts > 1)
+  {
+    const int team = omp_get_num_threads(), me = omp_get_thread_num();
+    for (int part = me; part < parts; part += team) {  // (a smaller team than asked: parts in turn)
+      for (int64_t item = bounds[part]; item < bounds[part + 1]; ++item) {
+        if (tokens == 1) {
+          decode_row(p, item);
+        } else {
+          prefill_block(p, item / blocks, (item % blocks) * kTokenBlock);
+        }
+      }
     }
   }
   return 0;

@@ -167,6 +167,35 @@ def test_each_row_reads_only_its_own_slots_rank(kernel: Bgmv, tokens: int) -> No
 
 
 @needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_rows_split_over_threads_by_their_rank_add_every_product_once(kernel: Bgmv, threads: int,
+                                                                       tokens: int) -> None:
+    """The threads take contiguous ranges of about equal rank columns: whatever the layout (base rows
+    bunched at one end, one wide row, fewer rows than threads, no row with anything to add), every row
+    gets its product exactly once and base rows keep their output."""
+    ranks = torch.tensor([0, 4, 32, 1, 16])
+    a, b = weights(5, 40, 32, 24, seed=6)
+    for slot, rank in enumerate(ranks.tolist()):
+        a[slot, :, rank:], b[slot, rank:] = float("nan"), float("nan")
+    clean_a, clean_b = torch.nan_to_num(a, nan=0.0), torch.nan_to_num(b, nan=0.0)
+    call = kernel.prepare_bank(a, b, 32, ranks)
+    assert call is not None
+    layouts = [[0] * 12 + [1, 4, 4, 3, 1, 4], [2] + [1] * 9, [4, 0, 2], [3], [0, 0, 0, 0], [1, 2, 3, 4] * 5]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for layout in layouts:
+            slots = torch.tensor(layout)
+            x, out = torch.randn(len(layout), tokens, 40), torch.randn(len(layout), tokens, 24)
+            expected = reference(x, clean_a, clean_b, 32, out, slots)
+            call(x, out, slots, highest=max(layout))
+            torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4, msg=str(layout))
+    finally:
+        torch.set_num_threads(saved)
+
+
+@needs_kernel
 def test_slot_ranks_the_kernel_cannot_read_are_left_to_torch(kernel: Bgmv) -> None:
     a, b = weights(4, 16, 8, 12)
     assert kernel.prepare_bank(a, b, 8, torch.zeros(4, dtype=torch.int32)) is None  # int64 only
