@@ -236,6 +236,23 @@ def peft_sequential(model: Any, tokenizer: Any, requests: list[tuple[str, str]],
     return {"seconds": elapsed, "tokens": generated, "tok_s": generated / elapsed, "outputs": outputs}
 
 
+def where_greedy_parts(model: Any, tokenizer: Any, request: tuple[str, str], ours: list[int], theirs: list[int],
+                       device: str) -> dict[str, Any]:
+    """Where the server's greedy tokens first differ from ``peft``'s for one request, and by how much
+    ``peft``'s own logits preferred its token there (a near tie: rounding, not a wrong adapter)."""
+    position = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
+                    min(len(ours), len(theirs)))
+    if position >= min(len(ours), len(theirs)):
+        return {"position": position, "peft_logit_margin": None}  # one is a prefix of the other
+    adapter, prompt = request
+    model.set_adapter(adapter)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    full = torch.cat([ids, torch.tensor([theirs[:position]], dtype=ids.dtype)], dim=1).to(device)
+    with torch.inference_mode():
+        logits = model(input_ids=full).logits[0, -1].float()
+    return {"position": position, "peft_logit_margin": float(logits[theirs[position]] - logits[ours[position]])}
+
+
 def peft_mixed_batch(model: Any, tokenizer: Any, requests: list[tuple[str, str]], device: str) -> dict[str, Any]:
     tokenizer.padding_side = "left"
     batch = tokenizer([p for _, p in requests], return_tensors="pt", padding=True).to(device)
@@ -397,8 +414,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     same = 0
     seq_outputs = results["peft_sequential"][0]["outputs"]
     served = results["ours_adapters"][0]["outputs"]
+    parted = []
     for c in range(CLIENTS):
         same += int(served[(c, 0)] == seq_outputs[c])
+        if served[(c, 0)] != seq_outputs[c]:
+            parted.append(where_greedy_parts(peft_model, tokenizer, peft_requests[c], served[(c, 0)], seq_outputs[c],
+                                             device) | {"client": c})
     loads = cold_loads(model_dir, folders[:33], 8 if quick else 30, device, dtype)
     engine_alone = in_fresh_process(engine_static_batch, work, model_dir, folders, prompts[:CLIENTS], device, rounds)
 
@@ -417,6 +438,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ttft_ms": {"p50": _pct(ttft, 50) * 1e3, "p99": _pct(ttft, 99) * 1e3, "n": len(ttft)},
         "cold_load_ms": {k: statistics.median(v) * 1e3 for k, v in loads.items()},
         "greedy_outputs_equal_peft": f"{same}/{CLIENTS}",
+        "greedy_parted": parted,
         "engine_alone_tok_s": engine_alone,
     }
     pairs = {"vs_peft_sequential": ("ours_adapters", "peft_sequential"),
@@ -504,7 +526,11 @@ def report(r: dict[str, Any]) -> str:
             f"{k} {lo:.2f}-{hi:.2f}" for k, (lo, hi) in r["ratio_range"].items()),
         f"cold load medians: ours {r['cold_load_ms']['ours']:.2f} ms (of which the copy into the slot "
         f"{r['cold_load_ms']['ours_copy_only']:.2f} ms), peft {r['cold_load_ms']['peft']:.2f} ms",
-        f"greedy outputs of the server equal to peft's: {r['greedy_outputs_equal_peft']}" + (
+        f"greedy outputs of the server equal to peft's: {r['greedy_outputs_equal_peft']}" + "".join(
+            f"; client {d['client']} parts at token {d['position']}" + (
+                "" if d["peft_logit_margin"] is None else
+                f", where peft's logit for its token led the server's by {d['peft_logit_margin']:.2e}")
+            for d in r.get("greedy_parted", [])) + (
             "" if r["setup"]["dtype"] == "torch.float32" else
             " (in bfloat16 the two round differently: peft keeps LoRA weights and products in float32, the server"
             " only with ADAPTERFORGE_ADAPTER_DTYPE=float32, and their batches differ in shape; greedy tokens can"
