@@ -25,8 +25,10 @@ generates exactly the same number of tokens.
 Each load runs ``--rounds`` times, contenders interleaved in rotated order; tokens/s figures are
 medians, and each ratio is the median of its per-round ratios (the two loads of a ratio ran minutes
 apart at most, so a machine that slows down for a while moves both), as in ``bench_training.py``.
-The server's greedy tokens are compared with ``peft``'s for every 32-adapter request (all equal in
-float32; in bfloat16 the two round differently, and tokens can part where logits nearly tie).
+The server's greedy tokens are compared with ``peft``'s for every 32-adapter request (equal in
+float32 but for a rare tie: the report says where a request parts and by how much ``peft``'s own
+logits preferred its token there; in bfloat16 the two round differently, and tokens can part where
+logits nearly tie).
 ``--device cuda`` runs the GPU variant (a larger bfloat16 model, ``--spec gpu``).
 
     python bench/bench_serving.py [--quick] [--rounds N] [--device cpu|cuda] [--json results.json]
