@@ -4,10 +4,11 @@
 ``i``, where ``s(i)`` is the slot the call names for row ``i`` and ``r`` that slot's own rank on the
 layer (at most the call's width): the kernel reads each row's weights straight from the slot bank
 (:meth:`Bgmv.prepare_bank`), so nothing is gathered or copied when rows join a batch, and a row reads
-only its own adapter's rank columns (a row whose slot has nothing on the layer reads nothing). Stock torch runs a decode step as a gather of every row's weights plus two
-``bmm`` calls of 32 tiny matrices, which on a CPU costs several times what reading the weights costs;
-this kernel (``bgmv_cpu.cpp``, AVX2 + FMA) reads each row's weights once, in order, and in a prefill
-feeds each weight it loads to 4 tokens.
+only its own adapter's rank columns (a row whose slot has nothing on the layer reads nothing). Stock
+torch runs a decode step as a gather of every row's weights plus two ``bmm`` calls of 32 tiny
+matrices, which on a CPU costs several times what reading the weights costs; this kernel
+(``bgmv_cpu.cpp``, AVX2 + FMA) reads each row's weights once, in order, in a prefill feeds each weight
+it loads to 4 tokens, and splits the rows over the threads by the rank columns they multiply.
 
 The source ships with the package and is compiled on first use with the host's C++ compiler
 (``$CXX``, else ``g++`` or ``c++``; about a second) into a cache directory, keyed by the source and

@@ -20,9 +20,10 @@ make every other row pay its rank. In float32 on x86-64 CPUs, rows on different 
 compiled kernel of :mod:`adapters_core.serving.cpu_bgmv`, which reads each row's weights straight from
 the slot bank by slot id (decode steps and prefills alike: no gathered copies, nothing written when a
 row joins), and only its own slot's rank columns (``slot_ranks``): an r=8 row next to an r=64 row
-reads an r=8 adapter's weights, and a row whose adapter leaves this layer alone reads nothing. Without it, ``row_capacity`` gives the layer *row buffers* ``A_rows (rows, in, r)`` and
-``B_rows (rows, r, out)``: copies of the slot weights of each row of the running batch, written when a
-row joins, so that a decode step multiplies in place with ``bmm`` on views (on CPUs, where decode is
+reads an r=8 adapter's weights, and a row whose adapter leaves this layer alone reads nothing.
+Without it, ``row_capacity`` gives the layer *row buffers* ``A_rows (rows, in, r)`` and ``B_rows
+(rows, r, out)``: copies of the slot weights of each row of the running batch, written when a row
+joins, so that a decode step multiplies in place with ``bmm`` on views (on CPUs, where decode is
 bound by reading adapter weights, about half the cost of gathering from the bank every step); other
 forwards gather and use ``bmm``.
 :class:`SlotModuleSwap` serves ``modules_to_save``: rows whose adapter has its own copy of the module
