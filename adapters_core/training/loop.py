@@ -12,12 +12,14 @@ is the token-mean loss over all of its micro-batches, whatever their sizes.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
 import random
 import shutil
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,7 +348,34 @@ class Trainer:
                 result.last_checkpoint = self.save_checkpoint()
         result.global_step = self.position.step
         result.losses = self.position.losses
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()  # every rank done before any of them saves or tears down
         return result
+
+    def close(self) -> bool:
+        """Tear a distributed run down; call it once, last, in a script run by a launcher (the trainer is
+        unusable afterwards). Returns whether the DDP wrapper was freed (always True in one process,
+        where there is nothing to tear down).
+
+        The order matters. Every rank waits for the others; the DDP wrapper and accelerate's references
+        to it are freed while the process group is still registered; then the group is destroyed, and
+        torch joins its gloo threads with the GIL released. Freed the other way round, the wrapper's
+        reducer destroys the group and joins those threads holding the GIL, and a thread still dropping
+        a collective's tensor waits for the GIL forever: the rank hangs at exit (seen in CI). A group
+        left alive until the interpreter exits can abort the rank instead."""
+        if self.world == 1:
+            return True
+        self.accelerator.wait_for_everyone()
+        wrapper = weakref.ref(self.prepared)
+        self.prepared = self.model
+        self.accelerator.free_memory()
+        gc.collect()
+        freed = wrapper() is None
+        if not freed:
+            logger.warning("the DDP-wrapped model is still referenced outside the trainer; destroying the "
+                           "process group now can hang this process at exit")
+        self.accelerator.end_training()
+        return freed
 
     def _sum_over_processes(self, value: float) -> float:
         if self.world == 1:

@@ -32,14 +32,15 @@ def run(model_dir: str, out_dir: str) -> None:
     hp = Hyperparameters(max_steps=4, batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-2, seed=5)
     trainer = Trainer(am, "a", rows(11), collate, hp, Path(out_dir) / "run")
     result = trainer.train()
-    if trainer.accelerator.is_main_process:
+    main, world = trainer.accelerator.is_main_process, trainer.world
+    if main:
         am.save_adapter(Path(out_dir) / "adapter", "a")
+    # the process group torn down in the order that cannot hang or abort a rank at exit
+    freed = trainer.close()
+    if main:
         (Path(out_dir) / "result.json").write_text(
-            json.dumps({"losses": result.losses, "world": trainer.world, "steps": result.global_step})
+            json.dumps({"losses": result.losses, "world": world, "steps": result.global_step, "ddp_freed": freed})
         )
-    # tear the process group down before the interpreter exits: a gloo group still alive at exit can
-    # abort a rank ("terminate called without an active exception"), and torchrun then fails the run
-    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -128,6 +128,7 @@ def test_two_process_ddp_matches_single_process(tiny_llama_dir: Path, tmp_path: 
     """2 CPU processes (gloo) with the same global batch train the same adapter as 1 process."""
     import json
     import os
+    import signal
     import subprocess
     import sys
 
@@ -141,11 +142,19 @@ def test_two_process_ddp_matches_single_process(tiny_llama_dir: Path, tmp_path: 
         out = tmp_path / f"world{n}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
                str(29500 + n + os.getpid() % 1000), str(worker), str(tiny_llama_dir), str(out)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            _, stderr = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks: none left behind
+            _, stderr = proc.communicate()
+            pytest.fail(f"world {n} did not finish in 300 s: {stderr[-3000:]}")
+        assert proc.returncode == 0, stderr[-3000:]
         outs[n] = (json.loads((out / "result.json").read_text()), load_file(out / "adapter" / "adapter_model.safetensors"))
     (single, w1), (ddp, w2) = outs[1], outs[2]
     assert single["world"] == 1 and ddp["world"] == 2 and ddp["steps"] == 4
+    assert ddp["ddp_freed"]  # Trainer.close freed the DDP wrapper before destroying the group
     torch.testing.assert_close(torch.tensor(ddp["losses"]), torch.tensor(single["losses"]), rtol=1e-4, atol=1e-5)
     for key, value in w1.items():
         torch.testing.assert_close(w2[key], value, rtol=1e-4, atol=1e-5)
