@@ -22,9 +22,10 @@ generates exactly the same number of tokens.
    the 512 mix evicts and reloads slots from host memory all the time) (target: the 512 figure
    within 15% of the 8 figure).
 
-Each load runs ``--rounds`` times, contenders interleaved in rotated order; tokens/s figures are
-medians, and each ratio is the median of its per-round ratios (the two loads of a ratio ran minutes
-apart at most, so a machine that slows down for a while moves both), as in ``bench_training.py``.
+Each load runs ``--rounds`` times, contenders interleaved in rotated order, the loads a ratio
+compares back to back (in turn first and second); tokens/s figures are medians, and each ratio is
+the median of its per-round ratios (a machine that slows down for a while moves both of its loads),
+as in ``bench_training.py``.
 The server's greedy tokens are compared with ``peft``'s for every 32-adapter request (equal in
 float32 but for a rare tie: the report says where a request parts and by how much ``peft``'s own
 logits preferred its token there; in bfloat16 the two round differently, and tokens can part where
@@ -404,12 +405,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ttft": lambda: server_load(server, own, stream=True),
             **{f"mix_{n}": (lambda n=n: server_load(server, mix_plans[n])) for n in MIXES},
         }
-        keys = list(contenders)
+        # the loads a ratio compares run back to back, in turn first and second, so that the machine's
+        # drift (minutes long here) moves both alike; the groups rotate from round to round
+        groups = [("ours_adapters", "ours_base"), ("peft_sequential",), ("peft_mixed",), ("ttft",),
+                  tuple(f"mix_{n}" for n in MIXES)]
+        assert sorted(k for g in groups for k in g) == sorted(contenders)
         for r in range(rounds):
-            shift = r % len(keys)
-            for key in keys[shift:] + keys[:shift]:
-                results[key].append(contenders[key]())
-                logger.info("round %d %s: %.0f tok/s", r + 1, key, results[key][-1]["tok_s"])
+            shift = r % len(groups)
+            for group in groups[shift:] + groups[:shift]:
+                for key in (group if r % 2 == 0 else group[::-1]):
+                    results[key].append(contenders[key]())
+                    logger.info("round %d %s: %.0f tok/s", r + 1, key, results[key][-1]["tok_s"])
     finally:
         server.close()
 
