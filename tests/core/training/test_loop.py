@@ -128,10 +128,10 @@ def test_two_process_ddp_matches_single_process(tiny_llama_dir: Path, tmp_path: 
     """2 CPU processes (gloo) with the same global batch train the same adapter as 1 process."""
     import json
     import os
-    import signal
     import subprocess
     import sys
 
+    import psutil
     from safetensors.torch import load_file
 
     root = Path(__file__).resolve().parents[3]
@@ -142,12 +142,14 @@ def test_two_process_ddp_matches_single_process(tiny_llama_dir: Path, tmp_path: 
         out = tmp_path / f"world{n}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
                str(29500 + n + os.getpid() % 1000), str(worker), str(tiny_llama_dir), str(out)]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             _, stderr = proc.communicate(timeout=300)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks: none left behind
+            # the ranks run in sessions of their own: kill them by ancestry, then the launcher
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
             _, stderr = proc.communicate()
             pytest.fail(f"world {n} did not finish in 300 s: {stderr[-3000:]}")
         assert proc.returncode == 0, stderr[-3000:]
