@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("%d packages: %s", len(packages), " ".join(f"{n}=={v}" for n, v in packages.items()))
     args.dest.mkdir(parents=True, exist_ok=True)
     exclude = ROOT / ".git" / "info" / "exclude"
-    relative = args.dest.resolve().relative_to(ROOT) if args.dest.resolve().is_relative_to(ROOT) else None
-    if relative is not None and exclude.parent.is_dir():
-        pattern = f"/{relative.as_posix()}/"
-        if pattern not in exclude.read_text().splitlines() if exclude.exists() else True:
+    dest = args.dest.resolve()
+    if dest.is_relative_to(ROOT) and exclude.parent.is_dir():  # keep the wheels out of git
+        pattern = f"/{dest.relative_to(ROOT).as_posix()}/"
+        if pattern not in (exclude.read_text().splitlines() if exclude.exists() else []):
             with exclude.open("a") as f:
                 f.write(pattern + "\n")
     stale = list(args.dest.glob("*.whl"))

@@ -1,6 +1,6 @@
 // Batched LoRA product on x86-64 CPUs with AVX2 + FMA, one adapter per row, for every token t:
 //
-//     out[i, t, :] += (x[i, t, :] @ A[w(i)][:, :r(i)]) @ B[w(i)][:r(i), :]      w(i) = idx ? idx[i] : i
+//     out[i, t, :] += (x[i, t, :] @ A[w(i)][:, :r(i)]) @ B[w(i)][:r(i), :]      w(i) = idx[i]
 //
 // where r(i) = min(width, ranks[w(i)]) when the call gives each slot's rank (a row reads only its own
 // adapter's rank columns, and a row whose slot has no adapter on the layer reads nothing), else width.
@@ -217,7 +217,7 @@ struct AfBgmvArgs {
   int64_t sa_row, sa_in;
   const float* b;
   int64_t sb_row, sb_r;
-  const int64_t* idx;  // null: row i uses A[i], B[i]
+  const int64_t* idx;  // row i's slot
   const float* x;
   int64_t sx;
   float* out;
@@ -261,7 +261,7 @@ std::vector<int64_t> split_by_cost(int64_t n, int parts, Cost cost) {
 
 // One decode row: out[row] += (x[row] @ A[w][:, :r]) @ B[w][:r] with its own rank r.
 inline void decode_row(const AfBgmvArgs* p, int64_t row) {
-  const int64_t w = p->idx ? p->idx[row] : row;
+  const int64_t w = p->idx[row];
   const int64_t cols = row_width(p, w);
   if (cols <= 0) return;
   alignas(32) float h[kMaxWidth + 32];
@@ -271,7 +271,7 @@ inline void decode_row(const AfBgmvArgs* p, int64_t row) {
 
 // Up to kTokenBlock tokens of one prefill row, from token t0.
 inline void prefill_block(const AfBgmvArgs* p, int64_t row, int64_t t0) {
-  const int64_t w = p->idx ? p->idx[row] : row;
+  const int64_t w = p->idx[row];
   const int64_t cols = row_width(p, w);
   if (cols <= 0) return;
   const float* x = p->x + row * p->sx + t0 * p->sx_tok;
@@ -294,17 +294,17 @@ int64_t af_bgmv_max_width() { return kMaxWidth; }
 
 int64_t af_bgmv_args_size() { return sizeof(AfBgmvArgs); }
 
-// Returns 0, or 1 when width or tokens is out of range (nothing is written).
+// Returns 0, or 1 when width or tokens is out of range or no slot ids are given (nothing is written).
 int af_bgmv_f32(const AfBgmvArgs* p) {
   const int64_t batch = p->batch, width = p->width, tokens = p->tokens;
-  if (width < 1 || width > kMaxWidth || tokens < 1) return 1;
+  if (width < 1 || width > kMaxWidth || tokens < 1 || !p->idx) return 1;
   const int threads = p->threads > 1 ? static_cast<int>(p->threads) : 1;
   // a decode step: one item per row (one streaming pass over its weights); a prefill: one per row and
   // block of tokens, a row's blocks next to each other
   const int64_t blocks = tokens == 1 ? 1 : (tokens + kTokenBlock - 1) / kTokenBlock;
   const int64_t items = batch * blocks;
   const std::vector<int64_t> bounds = split_by_cost(items, threads, [p, blocks](int64_t item) {
-    return row_width(p, p->idx ? p->idx[item / blocks] : item / blocks);
+    return row_width(p, p->idx[item / blocks]);
   });
   if (bounds.empty()) return 0;  // no row has anything to add
   const int parts = static_cast<int>(bounds.size()) - 1;

@@ -139,7 +139,7 @@ class BankCall:
         args.out, args.so, args.so_tok = out.data_ptr(), out.stride(0), out.stride(1)
         args.threads = torch.get_num_threads()
         if self._fn(self._address):
-            raise RuntimeError(f"af_bgmv_f32 refused width {self.width}")
+            raise RuntimeError(f"af_bgmv_f32 refused its arguments (width {self.width}, {tokens} tokens)")
         return out
 
 

@@ -348,8 +348,6 @@ class Trainer:
                 result.last_checkpoint = self.save_checkpoint()
         result.global_step = self.position.step
         result.losses = self.position.losses
-        if self.world > 1:
-            self.accelerator.wait_for_everyone()  # every rank done before any of them saves or tears down
         return result
 
     def close(self) -> bool:
