@@ -55,14 +55,17 @@ class Settings(BaseSettings):
     max_queue_depth: int = Field(default=256, gt=0, description="Waiting generate requests before 429.")
     adapter_slots: int = Field(default=64, gt=0, description="Adapters resident on the device at once.")
     max_lora_rank: int = Field(default=64, gt=0, description="Largest LoRA rank the serving slots accept.")
-    adapter_dtype: Literal["auto", "float32"] = Field(
+    adapter_dtype: Literal["auto", "float32", "float16"] = Field(
         default="auto", description="Precision of the serving slots' adapter weights and LoRA products. auto: the "
         "base model's dtype; float32: as HF PEFT keeps them on a bfloat16/float16 base (adapter weights and LoRA "
-        "products in float32, each layer's output rounded to the model's dtype), at twice the slot memory.",
+        "products in float32, each layer's output rounded to the model's dtype), at twice the slot memory; "
+        "float16 (float32 base models, e.g. on CPUs): LoRA A and B stored in float16, products still in float32: "
+        "half the slot and host-cache memory and half the adapter bytes a decode step reads, at float16's rounding "
+        "of the weights (logits within about 1e-3 of HF PEFT's float32 ones, not 1e-5).",
     )
     cpu_kernels: Literal["auto", "off"] = Field(
         default="auto", description="auto: decode steps and prefills with adapters on a CPU (float32, x86-64 "
-        "with AVX2 and FMA) run the compiled LoRA kernel, built on first start with the host's C++ compiler, "
+        "with AVX2, FMA and F16C) run the compiled LoRA kernel, built on first start with the host's C++ compiler, "
         "which reads each row's adapter weights from the slots; off (or no compiler): torch's bmm, with per-row "
         "copies of the running rows' adapter weights.",
     )

@@ -31,8 +31,12 @@ float32 but for a rare tie: the report says where a request parts and by how muc
 logits preferred its token there; in bfloat16 the two round differently, and tokens can part where
 logits nearly tie).
 ``--device cuda`` runs the GPU variant (a larger bfloat16 model, ``--spec gpu``).
+``--adapter-dtype`` sets the server's ``ADAPTERFORGE_ADAPTER_DTYPE`` (default ``auto``; ``float16``
+on a float32 model: half the adapter bytes per decode step, the weights rounded to float16, which
+the greedy comparison with ``peft`` then measures).
 
-    python bench/bench_serving.py [--quick] [--rounds N] [--device cpu|cuda] [--json results.json]
+    python bench/bench_serving.py [--quick] [--rounds N] [--device cpu|cuda] [--adapter-dtype auto|float32|float16]
+                                  [--json results.json]
 """
 
 from __future__ import annotations
@@ -130,7 +134,7 @@ def make_adapters(model_dir: Path, out: Path, n: int, dtype: torch.dtype) -> lis
 class Server:
     """The real API server in a subprocess (uvicorn), on SQLite in a temporary data dir."""
 
-    def __init__(self, work: Path, model_dir: Path, device: str) -> None:
+    def __init__(self, work: Path, model_dir: Path, device: str, adapter_dtype: str) -> None:
         port = _free_port()
         self.base = f"http://127.0.0.1:{port}"
         self.env = {
@@ -138,6 +142,7 @@ class Server:
             "ADAPTERFORGE_DATA_DIR": str(work / "data"),
             "ADAPTERFORGE_BASE_MODEL": str(model_dir),
             "ADAPTERFORGE_DEVICE": device,
+            "ADAPTERFORGE_ADAPTER_DTYPE": adapter_dtype,
             "ADAPTERFORGE_RECONCILE_INTERVAL_SECONDS": "0",
             "ADAPTERFORGE_ADAPTER_SLOTS": str(SLOTS),
             "ADAPTERFORGE_MAX_BATCH_SIZE": "64",
@@ -268,7 +273,8 @@ def peft_mixed_batch(model: Any, tokenizer: Any, requests: list[tuple[str, str]]
     return {"seconds": elapsed, "tokens": generated, "tok_s": generated / elapsed}
 
 
-def cold_loads(model_dir: Path, folders: list[Path], n: int, device: str, dtype: torch.dtype) -> dict[str, list[float]]:
+def cold_loads(model_dir: Path, folders: list[Path], n: int, device: str, dtype: torch.dtype,
+               weight_dtype: torch.dtype | None) -> dict[str, list[float]]:
     """Per load, interleaved: ours = read + check + lay out + copy into a slot; peft = load_adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -279,7 +285,7 @@ def cold_loads(model_dir: Path, folders: list[Path], n: int, device: str, dtype:
     def base() -> Any:
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 
-    slotted = SlottedModel(base(), SLOTS, max_rank=64)
+    slotted = SlottedModel(base(), SLOTS, max_rank=64, weight_dtype=weight_dtype)
     peft_model = PeftModel.from_pretrained(base(), folders[0], adapter_name="first").eval()
     times: dict[str, list[float]] = {"ours": [], "peft": [], "ours_copy_only": []}
     for i in range(n):
@@ -310,7 +316,7 @@ def in_fresh_process(fn: Any, *args: Any) -> Any:
 
 
 def engine_static_batch(work: Path, model_dir: Path, folders: list[Path], prompts: list[str], device: str,
-                        rounds: int) -> dict[str, float]:
+                        rounds: int, adapter_dtype: str) -> dict[str, float]:
     """Context, not a target: the generation engine alone (no HTTP, no event loop), the 32 requests
     submitted at once, adapters already in host memory; median tokens/s over ``rounds``."""
     from adapters_core.peft_format import read_adapter
@@ -319,7 +325,8 @@ def engine_static_batch(work: Path, model_dir: Path, folders: list[Path], prompt
     from app.settings import Settings
 
     host = ServingHost.load(Settings(data_dir=work / "engine-alone", base_model=str(model_dir), device=device,
-                                     adapter_slots=SLOTS, max_batch_tokens=16384))
+                                     adapter_slots=SLOTS, max_batch_tokens=16384,
+                                     adapter_dtype=adapter_dtype))  # type: ignore[arg-type]
     params = SamplingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, temperature=0)
     ids = [host.encode_prompt(p) for p in prompts]
     out: dict[str, list[float]] = {"adapters": [], "base": []}
@@ -366,7 +373,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     folders = make_adapters(model_dir, work / "adapters", n_adapters, dtype)
     logger.info("built the model and %d adapters in %.1f s", n_adapters, time.perf_counter() - t0)
 
-    server = Server(work, model_dir, device)
+    server = Server(work, model_dir, device, args.adapter_dtype)
     try:
         t0 = time.perf_counter()
         for i, folder in enumerate(folders):
@@ -428,8 +435,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if served[(c, 0)] != seq_outputs[c]:
             parted.append(where_greedy_parts(peft_model, tokenizer, peft_requests[c], served[(c, 0)], seq_outputs[c],
                                              device) | {"client": c})
-    loads = cold_loads(model_dir, folders[:33], 8 if quick else 30, device, dtype)
-    engine_alone = in_fresh_process(engine_static_batch, work, model_dir, folders, prompts[:CLIENTS], device, rounds)
+    weight_dtype = torch.float16 if args.adapter_dtype == "float16" else None
+    loads = cold_loads(model_dir, folders[:33], 8 if quick else 30, device, dtype, weight_dtype)
+    engine_alone = in_fresh_process(engine_static_batch, work, model_dir, folders, prompts[:CLIENTS], device, rounds,
+                                    args.adapter_dtype)
 
     def med(key: str) -> float:
         return statistics.median(x["tok_s"] for x in results[key])
@@ -437,7 +446,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ttft = sorted(t for run_ in results["ttft"] for t in run_["ttft"])
     out: dict[str, Any] = {
         "machine": machine_info(device),
-        "setup": {"spec": spec.__dict__, "dtype": str(dtype), "device": device, "clients": CLIENTS,
+        "setup": {"spec": spec.__dict__, "dtype": str(dtype), "adapter_dtype": args.adapter_dtype,
+                  "device": device, "clients": CLIENTS,
                   "requests_per_client": per_client, "new_tokens": NEW_TOKENS, "rank": RANK, "slots": SLOTS,
                   "rounds": rounds, "quick": quick,
                   "params": n_params},
@@ -521,7 +531,8 @@ def report(r: dict[str, Any]) -> str:
         f"{', ' + m['gpu'] if 'gpu' in m else ''}, transformers {m['transformers']}, peft {m['peft']}",
         f"model: Llama hidden {spec['hidden_size']}, {spec['num_hidden_layers']} layers, "
         f"{spec['num_attention_heads']}/{spec['num_key_value_heads']} heads, intermediate {spec['intermediate_size']}, "
-        f"{s['params'] / 1e6:.2f}M params, {s['dtype']} on {s['device']}; LoRA r={s['rank']} all-linear; "
+        f"{s['params'] / 1e6:.2f}M params, {s['dtype']} on {s['device']}; LoRA r={s['rank']} all-linear, "
+        f"ADAPTERFORGE_ADAPTER_DTYPE={s.get('adapter_dtype', 'auto')}; "
         f"{s['clients']} clients x {s['requests_per_client']} requests x {s['new_tokens']} new tokens; "
         f"{s['slots']} slots; {s['rounds']} rounds" + (" (--quick)" if s["quick"] else ""),
         "",
@@ -555,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one round, one request per client: a smoke run")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (server and peft)")
     parser.add_argument("--spec", choices=sorted(SPECS), default=None, help="model size (default: by device)")
+    parser.add_argument("--adapter-dtype", choices=("auto", "float32", "float16"), default="auto",
+                        help="the server's ADAPTERFORGE_ADAPTER_DTYPE (default auto)")
     add_common_arguments(parser)
     return run_bench(parser.parse_args(argv), run, report, quiet_loggers=("httpx",))
 

@@ -19,11 +19,14 @@ all of them:
 * ``adapters, products skipped``: the adapter step with a stand-in kernel that leaves the output as
   it is: everything the adapter path does besides its products (routing, checks, the calls);
 * ``adapters, 8 shared by 32 rows``: rows on 8 adapters, 4 rows each, through the kernel (rows that
-  share an adapter read the same weights from the bank, so they come from memory once per step).
+  share an adapter read the same weights from the bank, so they come from memory once per step);
+* ``adapters, float16 weights`` (where the kernel is built): ``adapters`` with the kernel bound to
+  float16 copies of the banks, as a server with ``ADAPTERFORGE_ADAPTER_DTYPE=float16`` runs it (the
+  same float32 products from half the bytes).
 
 Each step appends one token to every row (the cache grows by one column per step, as in the
 server). Between the steps, outside the model: the adapter step's 28 products alone (the kernel on
-the bank, and ``bmm`` on the row buffers: the same weights), and one read of the same number of bytes
+the bank and on its float16 copy, and ``bmm`` on the row buffers: the same weights), and one read of the same number of bytes
 as a single flat tensor (the machine's streaming floor: what a perfect kernel would pay with no other
 work around it).
 
@@ -71,8 +74,9 @@ from adapters_core.tiny_models import build_tiny_llama  # noqa: E402
 PROMPT_TOKENS = 48
 TARGET = 0.85  # bench_serving's target 2
 SHARED = "adapters, 8 shared by 32 rows"
+HALF = "adapters, float16 weights"
 KINDS = ("base", "adapters", "adapters, bmm", "base + reading", "adapters, products skipped", SHARED)
-ALONE = ("products alone", "products alone, bmm", "streaming floor")
+ALONE = ("products alone", "products alone, bmm", "products alone, float16 weights", "streaming floor")
 MIXED = "adapters, r=64 in the bank"
 WIDE_ROW = "adapters, one r=64 row"
 WIDE_ROW_PADDED = "adapters, one r=64 row, every row at r=64"
@@ -128,6 +132,17 @@ class _BatchRankOnly:
         return self._kernel.prepare_bank(a, b, width)
 
 
+class _HalfWeights:
+    """The loaded kernel, bound to float16 copies of each bank: what a server with
+    ``ADAPTERFORGE_ADAPTER_DTYPE=float16`` runs (same products in float32, half the bytes read)."""
+
+    def __init__(self, kernel: Any) -> None:
+        self._kernel = kernel
+
+    def prepare_bank(self, a: torch.Tensor, b: torch.Tensor, width: int, *ranks: Any) -> Any:
+        return self._kernel.prepare_bank(a.half(), b.half(), width, *ranks)
+
+
 class _SkipCall:
     def accepts(self, x: torch.Tensor, out: torch.Tensor) -> bool:
         return True
@@ -177,7 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ids = torch.randint(5, vocab - 1, (CLIENTS, PROMPT_TOKENS), generator=gen)
     cache = new_cache()
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    times: dict[str, list[float]] = {k: [] for k in (*KINDS, *ALONE, MIXED, "base, r=64 in the bank",
+    times: dict[str, list[float]] = {k: [] for k in (*KINDS, HALF, *ALONE, MIXED, "base, r=64 in the bank",
                                                      WIDE_ROW, WIDE_ROW_PADDED,
                                                      *(f"prefill {n}, {kind}" for n in PREFILL_ROWS
                                                        for kind in PREFILL_KINDS))}
@@ -188,13 +203,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     kernel = load_bgmv()
     calls = [kernel.prepare_bank(m.a, m.b, m.a.shape[2]) for m in layers] if kernel else []
+    half_calls = [kernel.prepare_bank(m.a.half(), m.b.half(), m.a.shape[2]) for m in layers] if kernel else []
     routed = torch.tensor(slots)
+    kinds = (*KINDS, HALF) if kernel else KINDS  # (float16 weights: only the kernel reads them as they are)
 
-    def products() -> float:
-        if not calls:
+    def products(bound: list[Any]) -> float:
+        if not bound:
             return float("nan")
         t0 = time.perf_counter()
-        for call, (x, out) in zip(calls, inputs, strict=True):
+        for call, (x, out) in zip(bound, inputs, strict=True):
             call(x, out, routed, CLIENTS)
         return time.perf_counter() - t0
 
@@ -210,6 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return time.perf_counter() - t0
 
     skip = _SkipProducts()
+    half_weights = _HalfWeights(kernel) if kernel else None
     batch_rank_only = _BatchRankOnly(kernel) if kernel else None
     wide_row = [SLOTS, *slots[1:]]  # the first row on the r=64 adapter (loaded into the last slot below)
     length = PROMPT_TOKENS
@@ -221,7 +239,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             routed = shared if kind == SHARED else wide_row if kind.startswith(WIDE_ROW) else slots
         else:
             routed = [0] * CLIENTS
-        chosen = {"adapters, bmm": None, "adapters, products skipped": skip,
+        chosen = {"adapters, bmm": None, "adapters, products skipped": skip, HALF: half_weights,
                   WIDE_ROW_PADDED: batch_rank_only}.get(kind, kernel)
         if chosen is None and routed != synced and kind.startswith("adapters"):  # bmm reads the row buffers
             slotted.sync_rows(routed)
@@ -255,13 +273,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with slotted.route(slots):
             model(input_ids=ids, use_cache=True, **{cache_arg: cache})
         for _ in range(3):  # warm-up
-            for kind in KINDS:
+            for kind in kinds:
                 step(kind)
         for i in range(args.steps):
-            order = KINDS[i % len(KINDS):] + KINDS[:i % len(KINDS)]
+            order = kinds[i % len(kinds):] + kinds[:i % len(kinds)]
             for kind in order:
                 times[kind].append(step(kind))
-            times["products alone"].append(products())
+            times["products alone"].append(products(calls))
+            times["products alone, float16 weights"].append(products(half_calls))
             times["products alone, bmm"].append(products_bmm())
             times["streaming floor"].append(streaming())
         # prefills of rows on distinct adapters, as the engine runs them (a fresh cache, the last logits)
@@ -297,6 +316,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "step_ms_all": {k: [round(x * 1e3, 3) for x in v] for k, v in times.items()},
         "ratio_base_over_adapters": ms["base"] / ms["adapters"],
         "ratio_base_over_adapters_bmm": ms["base"] / ms["adapters, bmm"],
+        "ratio_base_over_adapters_float16": ms["base"] / ms[HALF] if HALF in ms else None,
         "adapter_budget_ms": ms["base"] / TARGET - ms["base"],
         "pass": {},  # a diagnostic: no target of its own
     }
@@ -319,16 +339,18 @@ def report(r: dict[str, Any]) -> str:
                         ("base + reading", "step, base + reading those weights in place"),
                         ("adapters, products skipped", "the server's path with its products skipped"),
                         (SHARED, "32 rows on 8 adapters (4 rows each), the kernel"),
+                        (HALF, "32 rows on 32 adapters, float16 weights, the kernel"),
                         (MIXED, "same, after an r=64 adapter lands in slot 64"),
                         (WIDE_ROW, "same, the first row on that r=64 adapter"),
                         (WIDE_ROW_PADDED, "same, every row multiplying 64 rank columns"),
                         ("products alone", "the 28 layers' adapter products alone, the kernel"),
                         ("products alone, bmm", "the same with torch's bmm"),
+                        ("products alone, float16 weights", "the same, the kernel on float16 weights"),
                         ("streaming floor", "reading the same bytes as one flat tensor")):
         reference = ms["base, r=64 in the bank"] if kind in (MIXED, WIDE_ROW, WIDE_ROW_PADDED) else base
         if kind not in ms:  # no kernel here: nothing to compare with
             continue
-        over = f"{ms[kind] - reference:+.2f} ms" if kind in (*KINDS, MIXED, WIDE_ROW, WIDE_ROW_PADDED) else ""
+        over = f"{ms[kind] - reference:+.2f} ms" if kind in (*KINDS, HALF, MIXED, WIDE_ROW, WIDE_ROW_PADDED) else ""
         lines.append(f"| {label:<50} | {ms[kind]:6.2f} | {over:<18} |")
     lines += [
         "",
@@ -355,6 +377,9 @@ def report(r: dict[str, Any]) -> str:
         f"{ms['streaming floor']:.2f} ms: even at that floor the step ratio would be "
         f"{base / (base + ms['streaming floor']):.3f}.",
     ]
+    if r.get("ratio_base_over_adapters_float16"):
+        lines.append(f"With float16 adapter weights (ADAPTERFORGE_ADAPTER_DTYPE=float16: half the bytes, the same "
+                     f"float32 products) base / adapters = {r['ratio_base_over_adapters_float16']:.3f}.")
     return "\n".join(lines)
 
 

@@ -7,14 +7,19 @@ layer (at most the call's width): the kernel reads each row's weights straight f
 only its own adapter's rank columns (a row whose slot has nothing on the layer reads nothing). Stock
 torch runs a decode step as a gather of every row's weights plus two ``bmm`` calls of 32 tiny
 matrices, which on a CPU costs several times what reading the weights costs; this kernel
-(``bgmv_cpu.cpp``, AVX2 + FMA) reads each row's weights once, in order, in a prefill feeds each weight
-it loads to 4 tokens, and splits the rows over the threads by the rank columns they multiply.
+(``bgmv_cpu.cpp``, AVX2 + FMA + F16C) reads each row's weights once, in order, in a prefill feeds each
+weight it loads to 4 tokens, and splits the rows over the threads by the rank columns they multiply.
+
+``x`` and ``out`` are float32; the bank's weights are float32 or float16 (half the memory, and half the
+memory traffic of a decode step), widened to float32 as they are loaded: every product and sum is a
+float32 operation, in the same order either way, so a float16 bank gives bit for bit what the float32
+kernel gives on that bank upcast (``a.float()``, ``b.float()``).
 
 The source ships with the package and is compiled on first use with the host's C++ compiler
 (``$CXX``, else ``g++`` or ``c++``; about a second) into a cache directory, keyed by the source and
 the flags, then loaded with ``ctypes``: no build step at install time (the API image compiles it
 while it is built, and keeps no compiler). Where it cannot be used (no
-compiler, not x86-64 with AVX2 and FMA, ``ADAPTERFORGE_CPU_KERNELS=off``) :func:`load_bgmv` returns
+compiler, not x86-64 with AVX2, FMA and F16C, ``ADAPTERFORGE_CPU_KERNELS=off``) :func:`load_bgmv` returns
 ``None``, logs why once, and the callers keep the stock torch path, which computes the same values.
 
 Settings: ``ADAPTERFORGE_CPU_KERNELS`` (``auto`` | ``off``, default ``auto``; ``SlottedModel(...,
@@ -43,7 +48,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("bgmv_cpu.cpp")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -68,27 +73,29 @@ class Bgmv:
         library.af_bgmv_args_size.restype = _I64
         if library.af_bgmv_args_size() != ctypes.sizeof(_Args):
             raise KernelUnavailable(f"{path} does not match this module (argument layout)")
-        self._fn = library.af_bgmv_f32
-        self._fn.argtypes = [_PTR]
-        self._fn.restype = ctypes.c_int
+        self._fns: dict[torch.dtype, Any] = {}  # by the bank's weight dtype
+        for dtype, fn in ((torch.float32, library.af_bgmv_f32), (torch.float16, library.af_bgmv_f16w)):
+            fn.argtypes = [_PTR]
+            fn.restype = ctypes.c_int
+            self._fns[dtype] = fn
         library.af_bgmv_max_width.restype = _I64
         self.max_width = int(library.af_bgmv_max_width())
 
     def prepare_bank(self, a: torch.Tensor, b: torch.Tensor, width: int,
                      ranks: torch.Tensor | None = None) -> BankCall | None:
-        """A call over the whole slot bank ``a (slots, in, ≥width)``, ``b (slots, ≥width, out)`` for rows of
-        any number of tokens, each row on the slot its call names. ``ranks``: an int64 CPU vector, each
-        slot's rank on this layer (0: nothing), read at every call: a row multiplies only
+        """A call over the whole slot bank ``a (slots, in, ≥width)``, ``b (slots, ≥width, out)``, both float32
+        or both float16, for rows of any number of tokens, each row on the slot its call names. ``ranks``: an
+        int64 CPU vector, each slot's rank on this layer (0: nothing), read at every call: a row multiplies only
         ``min(width, ranks[slot])`` rank columns (the columns past a slot's rank must hold zeros, as the
         bank's do, for the result to be what ``width`` columns give); ``None``: every row multiplies
         ``width``. ``None`` is returned where the kernel does not apply (dtype, device, layout, width):
         the caller uses torch. The tensors must outlive the call object and keep their storage (it holds
         their addresses)."""
-        return BankCall(self._fn, a, b, width, ranks) if self._fits(a, b, width, ranks) else None
+        return BankCall(self._fns[a.dtype], a, b, width, ranks) if self._fits(a, b, width, ranks) else None
 
     def _fits(self, a: torch.Tensor, b: torch.Tensor, width: int, ranks: torch.Tensor | None) -> bool:
         """Whether the kernel reads ``a``, ``b`` and ``ranks`` as they are (dtype, device, layout) at ``width``."""
-        return (a.dtype == b.dtype == torch.float32 and a.device.type == b.device.type == "cpu"
+        return (a.dtype == b.dtype and a.dtype in self._fns and a.device.type == b.device.type == "cpu"
                 and a.dim() == b.dim() == 3 and a.stride(2) == 1 and b.stride(2) == 1
                 and 1 <= width <= min(self.max_width, a.shape[2], b.shape[1]) and a.shape[0] == b.shape[0]
                 and (ranks is None or (ranks.dtype == torch.int64 and ranks.device.type == "cpu"
@@ -98,7 +105,8 @@ class Bgmv:
 class BankCall:
     """``out[i, t] += (x[i, t] @ A[slots[i]][:, :r]) @ B[slots[i]][:r]`` for rows of any number of tokens,
     read straight from the bound slot bank, with ``r`` the width or the row's slot rank; see
-    :meth:`Bgmv.prepare_bank`. Holds the kernel's argument struct for the bank, rewritten in place per call."""
+    :meth:`Bgmv.prepare_bank`. Holds the kernel's argument struct for the bank, rewritten in place per call.
+    ``fn``: the kernel's entry point for the bank's weight dtype (``af_bgmv_f32`` or ``af_bgmv_f16w``)."""
 
     def __init__(self, fn: Any, a: torch.Tensor, b: torch.Tensor, width: int,
                  ranks: torch.Tensor | None = None) -> None:
@@ -139,7 +147,7 @@ class BankCall:
         args.out, args.so, args.so_tok = out.data_ptr(), out.stride(0), out.stride(1)
         args.threads = torch.get_num_threads()
         if self._fn(self._address):
-            raise RuntimeError(f"af_bgmv_f32 refused its arguments (width {self.width}, {tokens} tokens)")
+            raise RuntimeError(f"{self._fn.__name__} refused its arguments (width {self.width}, {tokens} tokens)")
         return out
 
 
@@ -167,13 +175,15 @@ def _cpu_supported() -> str | None:
         return f"the kernel is x86-64 only (this is {platform.machine()})"
     capability = torch.backends.cpu.get_cpu_capability()
     if capability != "AVX2" and not capability.startswith("AVX512"):
-        return f"torch reports CPU capability {capability}; the kernel needs AVX2 and FMA"
+        return f"torch reports CPU capability {capability}; the kernel needs AVX2, FMA and F16C"
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
     if not re.search(r"^flags\s*:.*\bfma\b", cpuinfo, re.MULTILINE):
         return "the CPU has no FMA instructions"
+    if not re.search(r"^flags\s*:.*\bf16c\b", cpuinfo, re.MULTILINE):
+        return "the CPU has no F16C instructions (float16 conversions)"
     return None
 
 

@@ -14,7 +14,9 @@ One operation, three strategies chosen by shape::
   gather is amortised over the row's tokens).
 
 Slot 0 holds zeros (the base model), so rows without an adapter cost work but change nothing. A
-fused kernel (Triton, CUDA) can replace :func:`lora_delta` without touching its callers.
+bank stored in another dtype than ``x`` (float16 weights under float32 products) is converted as it
+is read: the dense paths convert the slot's views, the others gather and convert the rows' weights
+(``embedding_bag`` needs one dtype). A fused kernel (Triton, CUDA) can replace :func:`lora_delta` without touching its callers.
 """
 
 from __future__ import annotations
@@ -46,13 +48,13 @@ def lora_hidden(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, uniform: 
                 index: RowIndex) -> torch.Tensor:
     """``h[i] = x[i] @ A[sᵢ]`` for ``x`` of shape ``(batch, tokens, in)``: ``(batch, tokens, r)``."""
     if uniform is not None:
-        return x @ a[uniform]
+        return x @ a[uniform].to(x.dtype)
     batch, tokens, width = x.shape
-    if tokens == 1:
+    if tokens == 1 and a.dtype == x.dtype:
         flat = a.view(-1, a.shape[-1])
         h = F.embedding_bag(index.rows(width), flat, per_sample_weights=x.reshape(batch, width), mode="sum")
         return h.unsqueeze(1)
-    return torch.bmm(x, a.index_select(0, slots))
+    return torch.bmm(x, a.index_select(0, slots).to(x.dtype))
 
 
 def lora_expand(h: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, uniform: int | None,
@@ -60,12 +62,12 @@ def lora_expand(h: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, uniform: 
     """``out[i] += h[i] @ B[sᵢ]`` (in place when ``out`` is given, else a new ``(batch, tokens, out)``)."""
     batch, tokens, rank = h.shape
     if uniform is not None:
-        bu = b[uniform]
+        bu = b[uniform].to(h.dtype)
         if out is None:
             return h @ bu
         out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, rank), bu)
         return out
-    if tokens == 1:
+    if tokens == 1 and b.dtype == h.dtype:
         flat = b.view(-1, b.shape[-1])  # h may cover only the first rows of each slot's B
         delta = F.embedding_bag(index.rows(rank, b.shape[1]), flat, per_sample_weights=h.reshape(batch, rank),
                                 mode="sum")
@@ -73,7 +75,7 @@ def lora_expand(h: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, uniform: 
         if out is None:
             return delta
         return out.add_(delta)
-    gathered = b.index_select(0, slots)
+    gathered = b.index_select(0, slots).to(h.dtype)
     if out is None:
         return torch.bmm(h, gathered)
     return out.baddbmm_(h, gathered)
@@ -87,7 +89,7 @@ def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.T
     padded bank is zeros). Dense and gathering products take strided views; the single-token path,
     which reads A as flat rows, computes ``h`` whole and then reads only ``width`` rows of each B."""
     if width is not None and width < a.shape[-1]:
-        if uniform is not None or x.shape[1] > 1:
+        if uniform is not None or x.shape[1] > 1 or a.dtype != x.dtype:
             a, b = a[:, :, :width], b[:, :width]
         else:
             return lora_expand(lora_hidden(x, a, slots, uniform, index)[..., :width], b, slots, uniform, index, out)

@@ -7,6 +7,10 @@ model (slot 0 = the base model, always zero)::
     A (slots, in, r)    B (slots, r, out) pre-scaled    lora_bias (slots, out)    gain (slots, out)
     bias_delta (slots, out)  (an adapter's trained base bias minus the server's)
 
+A and B are kept in ``weight_dtype`` (by default the layer's compute ``dtype``; float16 under a
+float32 model halves the bank's memory and what a decode step reads, and every product still
+runs in float32: the CPU kernel converts as it loads, torch's paths convert what they gather).
+
 and computes, for row ``i`` with slot ``sᵢ``::
 
     y[i] = base(x[i]) + bias_delta[sᵢ] + δ[i]                               (LoRA rows)
@@ -130,7 +134,9 @@ class SlotLoraLayer(_Wrapper):
     """``base_layer`` plus per-slot LoRA buffers (see the module docstring)."""
 
     def __init__(self, base_layer: nn.Module, info: BaseLayerInfo, routing: RoutingState, num_slots: int,
-                 dtype: torch.dtype, device: torch.device, row_capacity: int = 0, kernel: Bgmv | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device, row_capacity: int = 0, kernel: Bgmv | None = None,
+                 weight_dtype: torch.dtype | None = None) -> None:
+        """``dtype``: the products' (and the small per-slot vectors'); ``weight_dtype``: A's and B's storage."""
         super().__init__()
         self.base_layer = base_layer
         self.info = info
@@ -138,6 +144,7 @@ class SlotLoraLayer(_Wrapper):
         self.num_slots = num_slots
         self.row_capacity = row_capacity if info.kind == "linear" else 0
         self.dtype, self.device = dtype, device
+        self.weight_dtype = weight_dtype or dtype
         self.a: torch.Tensor | None = None
         self.b: torch.Tensor | None = None
         self.rows_a: torch.Tensor | None = None
@@ -172,8 +179,8 @@ class SlotLoraLayer(_Wrapper):
         """Allocate (or grow) ``A``/``B`` to hold rank ``rank`` in every slot."""
         if rank <= self.rank_capacity:
             return
-        a = torch.zeros((self.num_slots, self.info.in_features, rank), dtype=self.dtype, device=self.device)
-        b = torch.zeros((self.num_slots, rank, self.info.out_features), dtype=self.dtype, device=self.device)
+        a = torch.zeros((self.num_slots, self.info.in_features, rank), dtype=self.weight_dtype, device=self.device)
+        b = torch.zeros((self.num_slots, rank, self.info.out_features), dtype=self.weight_dtype, device=self.device)
         if self.a is not None and self.b is not None:
             old = self.rank_capacity
             a[:, :, :old] = self.a
@@ -246,6 +253,14 @@ class SlotLoraLayer(_Wrapper):
         on this layer holds zeros in the bank, so its rows get zeros). ``first``: the rows are
         ``first, first + 1, ...`` (a batch joining), gathered straight into place."""
         if self.rows_a is None or self.rows_b is None or self.a is None or self.b is None:
+            return
+        if self.rows_a.dtype != self.a.dtype:  # a float16 bank: the row buffers hold the products' dtype
+            for bank, buffer in ((self.a, self.rows_a), (self.b, self.rows_b)):
+                gathered = bank.index_select(0, slots).to(buffer.dtype)
+                if first is not None:
+                    buffer[first:first + len(rows)].copy_(gathered)
+                else:
+                    buffer.index_copy_(0, rows, gathered)
             return
         if first is not None:
             end = first + len(rows)
@@ -356,7 +371,7 @@ class SlotLoraLayer(_Wrapper):
             else:
                 vocab = self.info.in_features
                 h = F.embedding(ids + (slots * vocab).unsqueeze(1), self.a.view(-1, self.a.shape[-1]))
-            return lora_expand(h, self.b, slots, uniform, index, out)
+            return lora_expand(h.to(self.dtype), self.b, slots, uniform, index, out)
         x3 = x.reshape(batch, -1, x.shape[-1])
         if x3.dtype != self.dtype:
             x3 = x3.to(self.dtype)

@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from adapters_core.errors import AdapterMismatchError, RankTooLargeError, UnknownPeftTypeError
+from adapters_core.errors import (
+    AdapterMismatchError,
+    NonFiniteWeightsError,
+    RankTooLargeError,
+    UnknownPeftTypeError,
+)
 from adapters_core.methods.lora import base_layers
 from adapters_core.methods.lora.config import LoraConfig
 from adapters_core.peft_format import KEY_PREFIX
@@ -118,7 +123,8 @@ def _lora_weights(model: SlottedModel, config: LoraConfig, name: str, remaining:
         b = _take(remaining, f"{name}.lora_B.weight", (info.out_features, rank))
     a32, b32 = a.to(torch.float32), b.to(torch.float32)
     b_scaled = b32.t().clone(memory_format=torch.contiguous_format).mul_(scaling)  # one copy, never b's storage
-    weights = SlotWeights(a=_host(a32.t(), dtype), b=_host(b_scaled, dtype))
+    weights = SlotWeights(a=_slot_weight(a32.t(), model.weight_dtype, f"{name} lora_A"),
+                          b=_slot_weight(b_scaled, model.weight_dtype, f"{name} lora_B (scaled)"))
     if config.lora_bias:
         bias = _take(remaining, f"{name}.lora_B.bias", (info.out_features,)).to(torch.float32)
         weights.lora_bias = _host(bias * scaling, dtype)
@@ -178,6 +184,18 @@ def _check_embedding_table(model: SlottedModel, key: str, value: torch.Tensor) -
             f"{KEY_PREFIX}{key} differs from this base model's embedding table: the adapter was trained with a "
             "modified vocabulary, which serving cannot apply per request"
         )
+
+
+def _slot_weight(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """:func:`_host` for A and B; in a 16-bit ``dtype``, refuses values past its range (they would be Inf)."""
+    out = _host(tensor, dtype)
+    if dtype.is_floating_point and torch.finfo(dtype).bits == 16 and not bool(torch.isfinite(out).all()):
+        largest = float(tensor.abs().max())
+        raise NonFiniteWeightsError(
+            f"{what} holds values up to {largest:.4g}, past {dtype} (largest {torch.finfo(dtype).max:.6g}), the "
+            "precision of this model's adapter slots"
+        )
+    return out
 
 
 def _host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

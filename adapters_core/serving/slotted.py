@@ -44,8 +44,10 @@ class SlottedModel:
     """A base model whose adapters live in ``num_slots`` fixed slots (ids 1..num_slots; 0 = base)."""
 
     def __init__(self, model: nn.Module, num_slots: int, *, max_rank: int = 64, dtype: torch.dtype | None = None,
-                 row_capacity: int = 0, cpu_kernels: bool = True) -> None:
-        """``row_capacity``: rows of per-row weight buffers for decode steps (see :meth:`sync_rows`), used only
+                 weight_dtype: torch.dtype | None = None, row_capacity: int = 0, cpu_kernels: bool = True) -> None:
+        """``dtype``: the LoRA products' (default: the model's); ``weight_dtype``: how the slots store LoRA A and
+        B (default ``dtype``; ``torch.float16`` under float32 products halves the slots' memory and what a
+        decode step reads, at float16's precision of the weights). ``row_capacity``: rows of per-row weight buffers for decode steps (see :meth:`sync_rows`), used only
         where the compiled CPU kernel is not (``cpu_kernels``, float32 on x86-64), since the kernel reads
         the slot bank by slot id; ``self.row_capacity`` is what was allocated (0 with the kernel)."""
         if num_slots < 1:
@@ -57,6 +59,12 @@ class SlottedModel:
         params = [p for p in model.parameters() if p.is_floating_point()]
         self.dtype = dtype or (params[0].dtype if params else torch.float32)
         self.device = params[0].device if params else torch.device("cpu")
+        self.weight_dtype = weight_dtype or self.dtype
+        if self.weight_dtype != self.dtype and (self.dtype, self.weight_dtype) != (torch.float32, torch.float16):
+            raise ConfigError(
+                f"adapter weights can be stored in float16 under float32 products, not in {self.weight_dtype} under "
+                f"{self.dtype}", field="weight_dtype",
+            )
         # float32 on a CPU: rows on different adapters run the compiled kernel, which reads the slot bank by
         # slot id, where it can be built; without it, row buffers (when asked for) let decode steps use bmm
         # in place
@@ -153,7 +161,7 @@ class SlottedModel:
             device = _device_of(self.base_module(name), self.device)
             made = self._insert(
                 name, lambda inner: SlotLoraLayer(inner, info, self.routing, self.num_slots + 1, self.dtype, device,
-                                                  self.row_capacity, self.cpu_kernel),
+                                                  self.row_capacity, self.cpu_kernel, self.weight_dtype),
                 innermost=True,
             )
             assert isinstance(made, SlotLoraLayer)

@@ -107,8 +107,15 @@ class ServingHost:
         # does); GPUs gather fast and have less memory to spare
         on_cpu = next(model.parameters()).device.type == "cpu"
         cpu_bgmv.set_cache_dir(settings.kernel_cache_dir)
+        model_dtype = next(model.parameters()).dtype
+        if settings.adapter_dtype == "float16" and model_dtype != torch.float32:
+            raise ConfigError(
+                f"ADAPTERFORGE_ADAPTER_DTYPE=float16 halves the adapter slots of a float32 base model; this one is "
+                f"{model_dtype}, whose slots are 16-bit already with auto", field="ADAPTERFORGE_ADAPTER_DTYPE",
+            )
         self.slotted = SlottedModel(model, settings.adapter_slots, max_rank=settings.max_lora_rank,
                                     dtype=torch.float32 if settings.adapter_dtype == "float32" else None,
+                                    weight_dtype=torch.float16 if settings.adapter_dtype == "float16" else None,
                                     row_capacity=settings.max_batch_size if on_cpu else 0,
                                     cpu_kernels=settings.cpu_kernels == "auto")
         if self.slotted.cpu_kernel is not None:

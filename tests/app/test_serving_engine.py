@@ -12,6 +12,7 @@ from typing import Any, BinaryIO
 import pytest
 import torch
 
+from adapters_core.errors import ConfigError
 from app.serving.engine import GenerationEngine
 from app.serving.errors import RequestTooLarge
 from app.serving.host import ServedVersion, ServingHost
@@ -263,25 +264,45 @@ def test_a_cold_adapter_read_never_stalls_running_rows(host: ServingHost, demo_m
     assert with_adapter.adapter == "slow@1" and with_adapter.token_ids != base
 
 
-@pytest.mark.parametrize("adapter_dtype,slot_dtype", [("auto", torch.bfloat16), ("float32", torch.float32)])
-def test_adapter_dtype_sets_the_slots_precision(adapter_dtype: str, slot_dtype: torch.dtype, demo_model_dir: Path,
-                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a bfloat16 base model (as GPUs load 16-bit checkpoints; CPUs load float32, simulated here by
-    casting the loaded model), ``ADAPTERFORGE_ADAPTER_DTYPE`` decides the slots' dtype: the model's own
-    (auto) or float32 (PEFT's arithmetic); the model itself stays bfloat16 either way."""
+@pytest.mark.parametrize(("adapter_dtype", "model_dtype", "slot_dtype", "weight_dtype"), [
+    ("auto", torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    ("float32", torch.bfloat16, torch.float32, torch.float32),
+    ("float16", torch.float32, torch.float32, torch.float16),
+    ("auto", torch.float32, torch.float32, torch.float32),
+])
+def test_adapter_dtype_sets_the_slots_precision(adapter_dtype: str, model_dtype: torch.dtype, slot_dtype: torch.dtype,
+                                                weight_dtype: torch.dtype, demo_model_dir: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ADAPTERFORGE_ADAPTER_DTYPE`` decides the slots' precision: on a bfloat16 base model (as GPUs load
+    16-bit checkpoints; simulated here by casting the loaded model) the model's own (auto) or float32
+    (PEFT's arithmetic); on a float32 one (CPUs) float32, or float16 storage of LoRA A and B under
+    float32 products. The model itself keeps its dtype either way."""
+    served = _host_on(model_dtype, adapter_dtype, demo_model_dir, tmp_path, monkeypatch)
+    try:
+        assert next(served.model.parameters()).dtype == model_dtype
+        assert served.slotted.dtype == slot_dtype and served.slotted.weight_dtype == weight_dtype
+    finally:
+        served.close()
+
+
+def test_float16_adapter_weights_on_a_16_bit_model_stop_the_start(demo_model_dir: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match=r"ADAPTERFORGE_ADAPTER_DTYPE=float16 .* this one is torch\.bfloat16") as info:
+        _host_on(torch.bfloat16, "float16", demo_model_dir, tmp_path, monkeypatch)
+    assert info.value.field == "ADAPTERFORGE_ADAPTER_DTYPE"
+
+
+def _host_on(model_dtype: torch.dtype, adapter_dtype: str, demo_model_dir: Path, tmp_path: Path,
+             monkeypatch: pytest.MonkeyPatch) -> ServingHost:
+    """A serving host whose loaded base model is cast to ``model_dtype``."""
     from app.serving import host as host_module
 
     load_model = host_module._load_model
 
-    def bf16_model(settings: Settings) -> tuple[Any, torch.nn.Module, Any]:
+    def cast_model(settings: Settings) -> tuple[Any, torch.nn.Module, Any]:
         source, model, tokenizer = load_model(settings)
-        return source, model.to(torch.bfloat16), tokenizer
+        return source, model.to(model_dtype), tokenizer
 
-    monkeypatch.setattr(host_module, "_load_model", bf16_model)
-    served = ServingHost.load(Settings(data_dir=tmp_path / "data", base_model=str(demo_model_dir),
-                                       adapter_dtype=adapter_dtype))  # type: ignore[arg-type]
-    try:
-        assert next(served.model.parameters()).dtype == torch.bfloat16
-        assert served.slotted.dtype == slot_dtype
-    finally:
-        served.close()
+    monkeypatch.setattr(host_module, "_load_model", cast_model)
+    return ServingHost.load(Settings(data_dir=tmp_path / "data", base_model=str(demo_model_dir),
+                                     adapter_dtype=adapter_dtype))  # type: ignore[arg-type]

@@ -41,7 +41,7 @@ def test_postgres_scheme_is_normalised() -> None:
         ("port", 0, "port"),
         ("max_upload_bytes", -1, "max_upload_bytes"),
         ("cpu_kernels", "fast", "cpu_kernels"),
-        ("adapter_dtype", "float16", "adapter_dtype"),
+        ("adapter_dtype", "bfloat16", "adapter_dtype"),
     ],
 )
 def test_bad_values_name_the_field(field: str, value: object, needle: str) -> None:

@@ -20,10 +20,17 @@ pytest.importorskip("peft", reason="peft is the test oracle")
 
 from peft import get_peft_model
 
-from adapters_core import AdapterMismatchError, ConfigError, RankTooLargeError, TargetModulesNotFoundError
+from adapters_core import (
+    AdapterMismatchError,
+    ConfigError,
+    NonFiniteWeightsError,
+    RankTooLargeError,
+    TargetModulesNotFoundError,
+)
 from adapters_core.peft_format import read_adapter
 from adapters_core.serving import SlottedModel
 from adapters_core.serving.cpu_bgmv import BankCall, load_bgmv
+from adapters_core.serving.layers import SlotLoraLayer
 from tests.conftest import load_model
 from tests.core.test_lora_conformance import (
     CASES,
@@ -428,3 +435,96 @@ def test_float32_slots_on_a_bfloat16_model_compute_lora_as_peft_does(path: str, 
                 alone_gaps[kind] += (alone[kind][position] - peft_bf16[position]).abs().mean().item()
     assert gaps["fp32"] < 0.5 * gaps["bf16"], gaps
     assert alone_gaps["fp32"] < 0.5 * alone_gaps["bf16"], alone_gaps
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_float16_slot_weights_under_float32_products(path: str, saved: dict[str, Saved], model_dirs: dict[str, Path],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SlottedModel(weight_dtype=torch.float16)`` on a float32 model (the server's
+    ``ADAPTERFORGE_ADAPTER_DTYPE=float16``) keeps LoRA A and B in half the memory and computes exactly
+    what float32 slots compute from the same weights rounded to float16: bit for bit through the compiled
+    kernel, which converts as it loads, and within float32 summation noise through torch's paths. Mixed
+    rows (LoRA, DoRA, an embedding adapter, the base model) in a prefill and a decode step; every
+    adapter's rows stay within float16's rounding of PEFT's float32 logits, greedy tokens included."""
+    from transformers import DynamicCache
+
+    names = ["llama-all-linear", "llama-dora", "llama-embed_tokens", "llama-rank-alpha-pattern", "llama-r8-qv"]
+    ids = saved[names[0]].ids
+    slots = [1, 2, 3, 4, 5, 0, 1]
+    batch_ids = ids[torch.tensor([0, 1, 2, 3, 0, 1, 2])]
+
+    def loaded(weight_dtype: torch.dtype | None, round_to_half: bool) -> SlottedModel:
+        sm = SlottedModel(load_model(model_dirs["llama"]), len(names), weight_dtype=weight_dtype,
+                          **PATHS[path])  # type: ignore[arg-type]
+        for slot, name in enumerate(names, start=1):
+            config, tensors = read_adapter(saved[name].path)
+            prepared = sm.prepare(config, tensors)
+            if round_to_half:
+                for weights in prepared.layers.values():
+                    assert weights.a is not None and weights.b is not None
+                    weights.a, weights.b = weights.a.half().float(), weights.b.half().float()
+            sm.load(slot, prepared)
+        return sm
+
+    def two_steps(sm: SlottedModel, x: torch.Tensor, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            cache = DynamicCache()
+            with sm.route(rows):
+                first = sm.model(input_ids=x, cache=cache, use_cache=True).logits[:, -1].float()
+            sm.sync_rows(rows)
+            with sm.route(rows):
+                step = sm.model(input_ids=first.argmax(-1, keepdim=True), cache=cache, use_cache=True)
+        return first, step.logits[:, -1].float()
+
+    half, rounded = loaded(torch.float16, False), loaded(None, True)
+    layers = [m for m in half.model.modules() if isinstance(m, SlotLoraLayer)]
+    assert layers and all(m.a is not None and m.a.dtype == m.b.dtype == torch.float16 for m in layers)  # type: ignore[union-attr]
+    half_bytes = sum(m.a.nbytes + m.b.nbytes for m in layers)  # type: ignore[union-attr]
+    full_bytes = sum(m.a.nbytes + m.b.nbytes for m in rounded.model.modules() if isinstance(m, SlotLoraLayer))  # type: ignore[union-attr]
+    assert 2 * half_bytes == full_bytes
+
+    want = two_steps(rounded, batch_ids, slots)
+    half_calls = []
+    kernel_call = BankCall.__call__
+
+    def recording_call(self: BankCall, *args: object) -> torch.Tensor:
+        half_calls.append(self)
+        return kernel_call(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BankCall, "__call__", recording_call)
+    got = two_steps(half, batch_ids, slots)
+    kernel = path == "kernel" and half.cpu_kernel is not None
+    assert bool(half_calls) == kernel
+    for position in range(2):
+        if kernel:
+            assert torch.equal(got[position], want[position]), position
+        else:
+            assert maxdiff(got[position], want[position]) <= ATOL, position
+    for row, slot in enumerate(slots):  # the prompt's last position against PEFT's float32 forward
+        if slot:
+            peft_logits = saved[names[slot - 1]].logits[[0, 1, 2, 3, 0, 1, 2][row], -1]
+            assert maxdiff(got[0][row], peft_logits) <= 1e-3, (row, names[slot - 1])
+            assert int(got[0][row].argmax()) == int(peft_logits.argmax())
+            assert maxdiff(got[0][row], got[0][5]) > MIN_EFFECT  # not the base row
+
+
+def test_float16_slot_weights_are_refused_where_they_do_not_fit(saved: dict[str, Saved],
+                                                                model_dirs: dict[str, Path]) -> None:
+    """float16 storage exists only under float32 products; a value float16 cannot hold (it would be Inf in
+    the slot) refuses the adapter, naming the layer, before any slot changes."""
+    from transformers import AutoModelForCausalLM
+
+    bf16 = AutoModelForCausalLM.from_pretrained(model_dirs["llama"], dtype=torch.bfloat16)
+    with pytest.raises(ConfigError, match="float16 under float32") as info:
+        SlottedModel(bf16, 2, weight_dtype=torch.float16)
+    assert info.value.field == "weight_dtype"
+    sm = SlottedModel(load_model(model_dirs["llama"]), 2, weight_dtype=torch.float16)
+    config, tensors = read_adapter(saved["llama-r8-qv"].path)
+    load_into(sm, 1, saved["llama-r8-qv"].path)
+    key = next(k for k in tensors if k.endswith("q_proj.lora_B.weight"))
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = 1e6
+    with pytest.raises(NonFiniteWeightsError, match=r"q_proj lora_B \(scaled\) holds values up to"):
+        sm.prepare(config, tensors)
+    assert maxdiff(routed_logits(sm, saved["llama-r8-qv"].ids, [1] * 4), saved["llama-r8-qv"].logits) <= 1e-3
+
