@@ -339,7 +339,7 @@ def report(r: dict[str, Any]) -> str:
                         ("base + reading", "step, base + reading those weights in place"),
                         ("adapters, products skipped", "the server's path with its products skipped"),
                         (SHARED, "32 rows on 8 adapters (4 rows each), the kernel"),
-                        (HALF, "32 rows on 32 adapters, float16 weights, the kernel"),
+                        (HALF, "32 rows on 32 adapters, float16 weights, kernel"),
                         (MIXED, "same, after an r=64 adapter lands in slot 64"),
                         (WIDE_ROW, "same, the first row on that r=64 adapter"),
                         (WIDE_ROW_PADDED, "same, every row multiplying 64 rank columns"),
