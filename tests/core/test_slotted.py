@@ -124,14 +124,18 @@ def test_mixed_rows_equal_each_row_alone(arch: str, saved: dict[str, Saved], mod
             assert maxdiff(mixed[i], mixed[0]) > MIN_EFFECT, cases[slot - 1].id
 
 
+@pytest.mark.parametrize("weights", ["float32", "float16"])
 @pytest.mark.parametrize("path", PATHS)
-def test_decode_step_rows_use_their_own_slot(path: str, saved: dict[str, Saved], model_dirs: dict[str, Path]) -> None:
+def test_decode_step_rows_use_their_own_slot(path: str, weights: str, saved: dict[str, Saved],
+                                             model_dirs: dict[str, Path]) -> None:
     """One token per row (the decode path) with a cache: mixed rows equal rows alone, whether the step
-    reads the slot bank or per-row buffers (which must follow rows that change slot, and reloaded slots)."""
+    reads the slot bank or per-row buffers (which must follow rows that change slot, and reloaded slots),
+    with the slots' weights in float32 or float16 (the row buffers then hold them widened)."""
     from transformers import DynamicCache
 
     names = ["llama-r8-qv", "llama-all-linear", "llama-dora", "llama-embed_tokens", "llama-rank-alpha-pattern"]
-    sm = SlottedModel(load_model(model_dirs["llama"]), len(names), **PATHS[path])  # type: ignore[arg-type]
+    sm = SlottedModel(load_model(model_dirs["llama"]), len(names), weight_dtype=getattr(torch, weights),
+                      **PATHS[path])  # type: ignore[arg-type]
     kernel = path == "kernel" and load_bgmv() is not None
     row_buffers = path == "torch-row-buffers" or (path == "kernel" and not kernel)
     assert sm.row_capacity == (8 if row_buffers else 0)  # the kernel needs no row buffers
@@ -158,6 +162,7 @@ def test_decode_step_rows_use_their_own_slot(path: str, saved: dict[str, Saved],
             assert maxdiff(mixed[i:i + 1], two_steps(ids[i:i + 1], [slot])) <= ATOL, (rows, i)
 
     check([1, 2, 0, 4, 2, 1])
+    check([1, 4, 0, 4, 1, 1])  # rows 1 and 4 changed slot (apart: the row buffers' scattered copy)
     check([2, 1, 0, 4, 2, 1])  # rows changed slot
     load_into(sm, 2, saved[names[4]].path)  # slot 2 reloaded with another adapter (other ranks)
     check([1, 2, 0, 4, 2, 3])
