@@ -47,9 +47,10 @@ class SlottedModel:
                  weight_dtype: torch.dtype | None = None, row_capacity: int = 0, cpu_kernels: bool = True) -> None:
         """``dtype``: the LoRA products' (default: the model's); ``weight_dtype``: how the slots store LoRA A and
         B (default ``dtype``; ``torch.float16`` under float32 products halves the slots' memory and what a
-        decode step reads, at float16's precision of the weights). ``row_capacity``: rows of per-row weight buffers for decode steps (see :meth:`sync_rows`), used only
-        where the compiled CPU kernel is not (``cpu_kernels``, float32 on x86-64), since the kernel reads
-        the slot bank by slot id; ``self.row_capacity`` is what was allocated (0 with the kernel)."""
+        decode step reads, at float16's precision of the weights). ``row_capacity``: rows of per-row weight
+        buffers for decode steps (see :meth:`sync_rows`), used only where the compiled CPU kernel is not
+        (``cpu_kernels``, float32 on x86-64), since the kernel reads the slot bank by slot id;
+        ``self.row_capacity`` is what was allocated (0 with the kernel)."""
         if num_slots < 1:
             raise ConfigError("num_slots must be at least 1", field="num_slots")
         self.model = model
