@@ -39,7 +39,9 @@ columns) and the base and adapter steps run again: the 32 r=16 rows must cost wh
 (a batch multiplies only the rank columns its own slots need). Then the first row moves to the r=64
 adapter: through the kernel, each of the other 31 rows still multiplies only its own 16 rank columns;
 the same step with the kernel told no slot ranks (every row multiplying the batch's largest rank, 64,
-as before per-row ranks) runs interleaved with it.
+as before per-row ranks) runs interleaved with it, and so do the same two with torch's ``bmm`` on the
+row buffers: in rank bands (the server without the kernel), and as one product at rank 64 (before
+rank bands).
 
 The report gives the median of each, the ratio base / adapters (the ceiling of target 2's ratio on
 this machine, before HTTP adds the same cost to both sides) and the adapter time target 2 allows
@@ -51,6 +53,7 @@ per step at that level.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import inspect
 import statistics
@@ -80,6 +83,9 @@ ALONE = ("products alone", "products alone, bmm", "products alone, float16 weigh
 MIXED = "adapters, r=64 in the bank"
 WIDE_ROW = "adapters, one r=64 row"
 WIDE_ROW_PADDED = "adapters, one r=64 row, every row at r=64"
+WIDE_ROW_BMM = "adapters, one r=64 row, bmm"
+WIDE_ROW_BMM_PADDED = "adapters, one r=64 row, bmm, every row at r=64"
+WIDE_KINDS = (MIXED, WIDE_ROW, WIDE_ROW_PADDED, WIDE_ROW_BMM, WIDE_ROW_BMM_PADDED)
 PREFILL_ROWS = (1, 8, 32)  # rows of a prefill, each on its own adapter
 PREFILL_TOKENS = 32
 PREFILL_KINDS = ("base", "kernel", "torch", "products skipped")
@@ -193,7 +199,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cache = new_cache()
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     times: dict[str, list[float]] = {k: [] for k in (*KINDS, HALF, *ALONE, MIXED, "base, r=64 in the bank",
-                                                     WIDE_ROW, WIDE_ROW_PADDED,
+                                                     WIDE_ROW, WIDE_ROW_PADDED, WIDE_ROW_BMM, WIDE_ROW_BMM_PADDED,
                                                      *(f"prefill {n}, {kind}" for n in PREFILL_ROWS
                                                        for kind in PREFILL_KINDS))}
     layers = [m for m in model.modules() if getattr(m, "rows_a", None) is not None]
@@ -240,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             routed = [0] * CLIENTS
         chosen = {"adapters, bmm": None, "adapters, products skipped": skip, HALF: half_weights,
-                  WIDE_ROW_PADDED: batch_rank_only}.get(kind, kernel)
+                  WIDE_ROW_PADDED: batch_rank_only, WIDE_ROW_BMM: None, WIDE_ROW_BMM_PADDED: None}.get(kind, kernel)
         if chosen is None and routed != synced and kind.startswith("adapters"):  # bmm reads the row buffers
             slotted.sync_rows(routed)
             synced = routed
@@ -251,6 +257,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         positions = torch.full((CLIENTS, 1), length, dtype=torch.long)
         t0 = time.perf_counter()
         with slotted.route(routed):
+            if kind == WIDE_ROW_BMM_PADDED:  # as before rank bands: one product at the batch's largest rank
+                routing = slotted.routing.current
+                assert routing is not None and routing.bands
+                slotted.routing.current = dataclasses.replace(routing, bands=())
             model(input_ids=token, attention_mask=mask, position_ids=positions, use_cache=True, **{cache_arg: cache})
         elapsed = time.perf_counter() - t0
         _use_kernel(model, kernel)
@@ -296,7 +306,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         slotted.load(SLOTS, slotted.prepare(*wide))
         slotted.sync_rows(slots)
         synced = slots
-        phase = {"base, r=64 in the bank": "base", MIXED: "adapters", WIDE_ROW: WIDE_ROW}
+        phase = {"base, r=64 in the bank": "base", MIXED: "adapters", WIDE_ROW: WIDE_ROW, WIDE_ROW_BMM: WIDE_ROW_BMM,
+                 WIDE_ROW_BMM_PADDED: WIDE_ROW_BMM_PADDED}
         if kernel:
             phase[WIDE_ROW_PADDED] = WIDE_ROW_PADDED
         labels = list(phase)
@@ -343,14 +354,16 @@ def report(r: dict[str, Any]) -> str:
                         (MIXED, "same, after an r=64 adapter lands in slot 64"),
                         (WIDE_ROW, "same, the first row on that r=64 adapter"),
                         (WIDE_ROW_PADDED, "same, every row multiplying 64 rank columns"),
+                        (WIDE_ROW_BMM, "same one r=64 row, torch's bmm in rank bands"),
+                        (WIDE_ROW_BMM_PADDED, "same with bmm, every row multiplying 64 columns"),
                         ("products alone", "the 28 layers' adapter products alone, the kernel"),
                         ("products alone, bmm", "the same with torch's bmm"),
                         ("products alone, float16 weights", "the same, the kernel on float16 weights"),
                         ("streaming floor", "reading the same bytes as one flat tensor")):
-        reference = ms["base, r=64 in the bank"] if kind in (MIXED, WIDE_ROW, WIDE_ROW_PADDED) else base
+        reference = ms["base, r=64 in the bank"] if kind in WIDE_KINDS else base
         if kind not in ms:  # no kernel here: nothing to compare with
             continue
-        over = f"{ms[kind] - reference:+.2f} ms" if kind in (*KINDS, HALF, MIXED, WIDE_ROW, WIDE_ROW_PADDED) else ""
+        over = f"{ms[kind] - reference:+.2f} ms" if kind in (*KINDS, HALF, *WIDE_KINDS) else ""
         lines.append(f"| {label:<50} | {ms[kind]:6.2f} | {over:<18} |")
     lines += [
         "",

@@ -6,7 +6,9 @@ One operation, three strategies chosen by shape::
 
 * one slot for every row: two dense GEMMs on that slot's views (no gather);
 * one token per row (decode) with per-row buffers (:func:`lora_delta_rows`): ``bmm`` on copies of
-  each row's weights kept next to the batch, written once when the row joins;
+  each row's weights kept next to the batch, written once when the row joins; rows of different
+  ranks in bands of rank columns (:func:`lora_delta_row_bands`), so that each row multiplies about
+  its own rank's columns, not the batch's largest;
 * one token per row (decode) without them: two ``embedding_bag`` calls with per-sample weights,
   which read each row's adapter straight from the slot bank without materialising a gathered
   copy (Punica's BGMV, in stock torch);
@@ -20,6 +22,9 @@ is read: the dense paths convert the slot's views, the others gather and convert
 """
 
 from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -103,3 +108,55 @@ def lora_delta_rows(x: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor,
     if out is None:
         return torch.bmm(h, b_rows)
     return out.baddbmm_(h, b_rows)
+
+
+@dataclass(frozen=True)
+class RankBand:
+    """Rank columns ``[low, high)`` of a decode step on row buffers, multiplied for ``rows`` only (the rows
+    whose adapter's rank reaches ``high``; the others hold zeros there)."""
+
+    low: int
+    high: int
+    rows: torch.Tensor  # int64 row positions, ascending
+    positions: tuple[int, ...]  # the same, as ints
+
+
+def rank_bands(row_ranks: list[int], device: torch.device) -> tuple[RankBand, ...]:
+    """The bands of a batch whose rows have ranks ``row_ranks`` (0: no adapter): the first covers every row
+    up to the smallest rank, each further one the next step up, for the rows that reach it. Empty when the
+    batch has one rank (one product covers it)."""
+    steps = sorted({r for r in row_ranks if r > 0})
+    if len(steps) < 2:
+        return ()
+    every = tuple(range(len(row_ranks)))
+    bands = [RankBand(0, steps[0], torch.arange(len(row_ranks), device=device), every)]
+    for low, high in itertools.pairwise(steps):
+        rows = tuple(i for i, r in enumerate(row_ranks) if r >= high)
+        bands.append(RankBand(low, high, torch.tensor(rows, dtype=torch.long, device=device), rows))
+    return tuple(bands)
+
+
+def lora_delta_row_bands(x: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor, bands: tuple[RankBand, ...],
+                         width: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`lora_delta_rows` for a batch of ``x.shape[0]`` rows of different ranks: the first band in place on
+    views, each further band (up to ``width`` columns) on the rows that reach it, gathered. A batch of one r=64
+    row among r=16 rows then reads 16 columns of the others' weights, not 64."""
+    batch = x.shape[0]
+    first = min(bands[0].high, width)
+    out = lora_delta_rows(x, a_rows[:batch, :, :first], b_rows[:batch, :first], out)
+    for band in bands[1:]:
+        high = min(band.high, width)
+        if band.low >= high:
+            break
+        if len(band.positions) <= _ROWS_ONE_BY_ONE:  # a few wide rows: two products each, on views
+            for i in band.positions:
+                out[i].addmm_(x[i] @ a_rows[i, :, band.low:high], b_rows[i, band.low:high])
+            continue
+        rows = band.rows
+        a = a_rows[:, :, band.low:high].index_select(0, rows)
+        b = b_rows[:, band.low:high].index_select(0, rows)
+        out.index_add_(0, rows, torch.bmm(torch.bmm(x.index_select(0, rows), a), b))
+    return out
+
+
+_ROWS_ONE_BY_ONE = 4  # a band of this many rows or fewer runs row by row (2 ops a row, against 6 gathering)

@@ -28,8 +28,9 @@ reads an r=8 adapter's weights, and a row whose adapter leaves this layer alone 
 Without it, ``row_capacity`` gives the layer *row buffers* ``A_rows (rows, in, r)`` and ``B_rows
 (rows, r, out)``: copies of the slot weights of each row of the running batch, written when a row
 joins, so that a decode step multiplies in place with ``bmm`` on views (on CPUs, where decode is
-bound by reading adapter weights, about half the cost of gathering from the bank every step); other
-forwards gather and use ``bmm``.
+bound by reading adapter weights, about half the cost of gathering from the bank every step), in bands
+of rank columns when the rows' ranks differ (``SlotRouting.bands``: each row multiplies about its own
+rank, not the batch's largest); other forwards gather and use ``bmm``.
 :class:`SlotModuleSwap` serves ``modules_to_save``: rows whose adapter has its own copy of the module
 go through that copy, grouped by slot. :class:`SlotBias` adds trained biases on modules an adapter
 does not put LoRA on. Wrappers nest as ``SlotModuleSwap(SlotBias(SlotLoraLayer(base)))``, each
@@ -50,7 +51,15 @@ from torch import nn
 from adapters_core.errors import AdapterStateError
 from adapters_core.methods.lora.base_layers import BaseLayerInfo
 from adapters_core.serving.cpu_bgmv import BankCall, Bgmv
-from adapters_core.serving.kernels import RowIndex, lora_delta, lora_delta_rows, lora_expand
+from adapters_core.serving.kernels import (
+    RankBand,
+    RowIndex,
+    lora_delta,
+    lora_delta_row_bands,
+    lora_delta_rows,
+    lora_expand,
+    rank_bands,
+)
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,10 @@ class SlotRouting:
     decode_rows: int = 0  # rows_synced with more than one slot: the batch size, else 0 (the decode hot path)
     rank: int | None = None  # the largest LoRA rank of the routed slots (None: unknown, use every column)
     highest: int = 0  # the largest routed slot id
+    # decode steps on row buffers whose rows have different ranks: every row multiplies the first
+    # ``bands[0].high`` rank columns in place, and each further band (low, high, rows) only the rows whose
+    # rank reaches ``high`` (see lora_delta_row_bands); empty: one product of the batch's largest rank
+    bands: tuple[RankBand, ...] = ()
 
     @classmethod
     def of(cls, slots: list[int], device: torch.device, *, rows_synced: bool = False,
@@ -75,7 +88,9 @@ class SlotRouting:
         uniform = next(iter(distinct)) if len(distinct) == 1 else None
         decode_rows = len(slots) if rows_synced and uniform is None else 0
         rank = None if ranks is None else max(ranks.get(s, 0) for s in distinct)
-        return cls(tensor, distinct, uniform, RowIndex(tensor), rows_synced, decode_rows, rank, max(distinct, default=0))
+        bands = rank_bands([ranks.get(s, 0) for s in slots], device) if decode_rows and ranks is not None else ()
+        return cls(tensor, distinct, uniform, RowIndex(tensor), rows_synced, decode_rows, rank, max(distinct, default=0),
+                   bands)
 
     @property
     def batch_size(self) -> int:
@@ -294,6 +309,9 @@ class SlotLoraLayer(_Wrapper):
             batch = routing.decode_rows
             if batch and self.rows_a is not None and x.shape[0] == batch and x.shape[1] == 1:
                 # a decode step without the kernel: weights already at the rows' positions in the row buffers
+                if routing.bands:  # rows of different ranks: each band of rank columns for the rows that reach it
+                    assert self.rows_b is not None
+                    return lora_delta_row_bands(x, self.rows_a, self.rows_b, routing.bands, width, out)
                 views = self._rows_for(batch, width)
                 return out.baddbmm_(torch.bmm(x, views.a), views.b)
         return self._add_adapters(x, out, routing)
@@ -387,6 +405,9 @@ class SlotLoraLayer(_Wrapper):
                 if call.accepts(x3, target):
                     return call(x3, target, slots, routing.highest)
         if routing is not None and routing.decode_rows == batch and x3.shape[1] == 1 and self.rows_a is not None:
+            if routing.bands:
+                assert self.rows_b is not None
+                return lora_delta_row_bands(x3, self.rows_a, self.rows_b, routing.bands, width, out)
             views = self._rows_for(batch, width)
             return lora_delta_rows(x3, views.a, views.b, out)
         return lora_delta(x3, self.a, self.b, slots, uniform, index, out, width=width)
