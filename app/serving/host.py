@@ -118,6 +118,8 @@ class ServingHost:
                                     weight_dtype=torch.float16 if settings.adapter_dtype == "float16" else None,
                                     row_capacity=settings.max_batch_size if on_cpu else 0,
                                     cpu_kernels=settings.cpu_kernels == "auto")
+        logger.info("serving: %d adapter slots, LoRA weights in %s, products in %s", settings.adapter_slots,
+                    self.slotted.weight_dtype, self.slotted.dtype)
         if self.slotted.cpu_kernel is not None:
             logger.info("rows on different adapters run the compiled CPU kernel %s", self.slotted.cpu_kernel.path)
         events: BankEvents | None = metrics if isinstance(metrics, BankEvents) else None
