@@ -138,9 +138,10 @@ def rank_bands(row_ranks: list[int], device: torch.device) -> tuple[RankBand, ..
 
 def lora_delta_row_bands(x: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor, bands: tuple[RankBand, ...],
                          width: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`lora_delta_rows` for a batch of ``x.shape[0]`` rows of different ranks: the first band in place on
-    views, each further band (up to ``width`` columns) on the rows that reach it, gathered. A batch of one r=64
-    row among r=16 rows then reads 16 columns of the others' weights, not 64."""
+    """:func:`lora_delta_rows` for a batch of ``x.shape[0]`` rows of different ranks (one token each): the first
+    band in place on views, each further band (up to ``width`` columns) on the rows that reach it, row by row on
+    views when they are few, else gathered. A batch of one r=64 row among r=16 rows then reads 16 columns of
+    the others' weights, not 64."""
     batch = x.shape[0]
     first = min(bands[0].high, width)
     out = lora_delta_rows(x, a_rows[:batch, :, :first], b_rows[:batch, :first], out)
