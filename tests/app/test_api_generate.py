@@ -9,6 +9,7 @@ moved aliases are served without a restart; deleted versions stop being served.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from fastapi.testclient import TestClient
 pytest.importorskip("peft", reason="peft is the test oracle")
 
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from sqlalchemy import event
 from transformers import AutoTokenizer
 
@@ -105,6 +107,21 @@ def test_float16_adapter_slots_serve_peft_greedy_tokens(tmp_path: Path, demo_mod
         refs: list[str | None] = ["a0", "a1", None, "a2"]
         body = {"prompt": PROMPTS[0], "max_new_tokens": 16, "temperature": 0, "logprobs": True}
         answers = concurrently(client, refs, body)
+        # a weight float16 cannot hold: the adapter is refused, naming the layer; nothing else changes
+        big = tmp_path / "big"
+        shutil.copytree(adapters[3], big)
+        tensors = load_file(big / "adapter_model.safetensors")
+        key = next(k for k in sorted(tensors) if "lora_B" in k)
+        tensors[key][0, 0] = 1e6
+        save_file(tensors, big / "adapter_model.safetensors")
+        upload(client, "big", big)
+        refused = generate(client, "big", prompt="x", max_new_tokens=2)
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        layer = key.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
+        assert error["code"] == "invalid_adapter" and f"{layer} lora_B (scaled)" in error["message"], error
+        assert "torch.float16" in error["message"]
+        assert greedy(client, "a0", PROMPTS[0], 16)["tokens"] == answers[0].json()["tokens"]
     for ref, response in zip(refs, answers, strict=True):
         assert response.status_code == 200, response.text
         got = response.json()
