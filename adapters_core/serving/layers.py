@@ -309,11 +309,7 @@ class SlotLoraLayer(_Wrapper):
             batch = routing.decode_rows
             if batch and self.rows_a is not None and x.shape[0] == batch and x.shape[1] == 1:
                 # a decode step without the kernel: weights already at the rows' positions in the row buffers
-                if routing.bands:  # rows of different ranks: each band of rank columns for the rows that reach it
-                    assert self.rows_b is not None
-                    return lora_delta_row_bands(x, self.rows_a, self.rows_b, routing.bands, width, out)
-                views = self._rows_for(batch, width)
-                return out.baddbmm_(torch.bmm(x, views.a), views.b)
+                return self._delta_on_rows(x, routing, batch, width, out)
         return self._add_adapters(x, out, routing)
 
     def _bank_call(self, width: int) -> BankCall | None:
@@ -333,6 +329,16 @@ class SlotLoraLayer(_Wrapper):
         capacity = self.rank_capacity
         rank = routing.rank
         return capacity if rank is None or rank >= capacity else max(rank, 1)
+
+    def _delta_on_rows(self, x: torch.Tensor, routing: SlotRouting, batch: int, width: int,
+                       out: torch.Tensor | None) -> torch.Tensor:
+        """A decode step's products on the row buffers (added to ``out``, else returned): one product of
+        ``width`` rank columns, or bands of them when the rows' ranks differ (each row about its own rank)."""
+        assert self.rows_a is not None and self.rows_b is not None
+        if routing.bands:
+            return lora_delta_row_bands(x, self.rows_a, self.rows_b, routing.bands, width, out)
+        views = self._rows_for(batch, width)
+        return lora_delta_rows(x, views.a, views.b, out)
 
     def _rows_for(self, batch: int, width: int) -> _RowViews:
         """``(batch, in, width)`` and ``(batch, width, out)`` views of the first ``batch`` row buffers' first
@@ -405,11 +411,7 @@ class SlotLoraLayer(_Wrapper):
                 if call.accepts(x3, target):
                     return call(x3, target, slots, routing.highest)
         if routing is not None and routing.decode_rows == batch and x3.shape[1] == 1 and self.rows_a is not None:
-            if routing.bands:
-                assert self.rows_b is not None
-                return lora_delta_row_bands(x3, self.rows_a, self.rows_b, routing.bands, width, out)
-            views = self._rows_for(batch, width)
-            return lora_delta_rows(x3, views.a, views.b, out)
+            return self._delta_on_rows(x3, routing, batch, width, out)
         return lora_delta(x3, self.a, self.b, slots, uniform, index, out, width=width)
 
 
