@@ -382,7 +382,8 @@ class SlotLoraLayer(_Wrapper):
                 out3.add_((gain - 1) * plain + gain * delta)
             else:
                 out3.add_(delta)
-        return out3.view(result.shape).to(result.dtype)
+        out = out3.view(result.shape)
+        return out if out.dtype == result.dtype else out.to(result.dtype)
 
     def _lora(self, x: torch.Tensor, slots: torch.Tensor, uniform: int | None, index: RowIndex,
               out: torch.Tensor | None) -> torch.Tensor:
