@@ -1,0 +1,123 @@
+"""One 32-row decode step on a GPU: the base model vs 32 adapters in slots, in time and in operator calls.
+
+The diagnostic behind ``bench_serving.py --device cuda``'s target 2 (32 adapters vs the base). On the
+GPU spec's model (bfloat16, 95M parameters) with 32 LoRA r=16 all-linear adapters in slots, after a
+prefill of 32 rows on a cache, it times decode steps of those rows routed to the base model (slot 0)
+and to their 32 adapters (best of 3 rounds), then counts the torch operators (and, on a GPU, the
+kernels) one step of each launches. A small model's decode step is bound by launching work, not by
+the GPU: the counts say what the adapter path adds. No server, no ``peft``; ~40 s on an H200.
+
+    python bench/bench_gpu_decode_step.py [--device cuda] [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+
+from bench_serving import SPECS, make_adapters  # noqa: E402
+
+from adapters_core.peft_format import read_adapter  # noqa: E402
+from adapters_core.serving import SlottedModel  # noqa: E402
+from adapters_core.serving.layers import SlotLoraLayer  # noqa: E402
+from adapters_core.tiny_models import build_tiny_llama  # noqa: E402
+
+logger = logging.getLogger("bench_gpu_decode_step")
+ROWS = 32
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers.utils import logging as hf_logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    hf_logging.disable_progress_bar()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args()
+    device = args.device
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    with tempfile.TemporaryDirectory(prefix="bench_gpu_decode_step_") as tmp:
+        work = Path(tmp)
+        build_tiny_llama(work / "model", SPECS["gpu"], seed=0)
+        folders = make_adapters(work / "model", work / "adapters", ROWS, dtype)
+        model: Any = AutoModelForCausalLM.from_pretrained(work / "model", dtype=dtype)
+        sm = SlottedModel(model.to(device).eval(), ROWS, cpu_kernels=False)
+        for slot, folder in enumerate(folders, start=1):
+            config, tensors = read_adapter(folder)
+            sm.load(slot, sm.prepare(config, tensors))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 300, (ROWS, 24), generator=gen).to(device)
+    token = torch.randint(3, 300, (ROWS, 1), generator=gen).to(device)
+
+    def steps(slots: list[int], n: int) -> float:
+        """Seconds per decode step of the 32 rows on ``slots`` (after a prefill and 3 untimed steps)."""
+        with torch.inference_mode():
+            cache = DynamicCache()
+            with sm.route(slots):
+                sm.model(input_ids=ids, past_key_values=cache, use_cache=True)
+                for _ in range(3):
+                    sm.model(input_ids=token, past_key_values=cache, use_cache=True)
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    sm.model(input_ids=token, past_key_values=cache, use_cache=True)
+                sync(device)
+        return (time.perf_counter() - t0) / n
+
+    def launches(slots: list[int]) -> tuple[int, int]:
+        """Top-level torch operators and GPU kernels of one decode step on ``slots``."""
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        with torch.inference_mode():
+            cache = DynamicCache()
+            with sm.route(slots):
+                sm.model(input_ids=ids, past_key_values=cache, use_cache=True)
+                sm.model(input_ids=token, past_key_values=cache, use_cache=True)
+                sync(device)
+                with profile(activities=activities) as prof:
+                    sm.model(input_ids=token, past_key_values=cache, use_cache=True)
+                    sync(device)
+        events = prof.events()
+        operators = sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)
+        kernels_ = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        return operators, kernels_
+
+    n_layers = sum(isinstance(m, SlotLoraLayer) for m in sm.model.modules())
+    base, own = [0] * ROWS, list(range(1, ROWS + 1))
+    times: dict[str, list[float]] = {"base": [], "adapters": []}
+    for _ in range(3):  # rounds, interleaved against drift
+        times["base"].append(steps(base, args.steps))
+        times["adapters"].append(steps(own, args.steps))
+    best = {k: min(v) * 1e3 for k, v in times.items()}
+    calls = {"base": launches(base), "adapters": launches(own)}
+    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
+    logger.info("decode step, %d rows, %s on %s (%s), best of 3 x %d steps:", ROWS, dtype, device, name, args.steps)
+    for key in ("base", "adapters"):
+        logger.info("  %-12s %7.2f ms   %4d torch operators, %4d GPU kernels per step", key, best[key],
+                    *calls[key])
+    extra = best["adapters"] - best["base"]
+    logger.info("  adapters add %.2f ms per step (%.0f us per LoRA layer); base/adapters %.2f; %d more operators",
+                extra, extra * 1e3 / n_layers, best["base"] / best["adapters"],
+                calls["adapters"][0] - calls["base"][0])
+
+if __name__ == "__main__":
+    main()
