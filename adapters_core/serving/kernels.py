@@ -35,7 +35,7 @@ class RowIndex:
 
     def __init__(self, slots: torch.Tensor) -> None:
         self.slots = slots
-        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def rows(self, width: int, stride: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat indices ``sᵢ·stride + j`` (``j < width``, row by row) into a bank viewed as ``(slots·stride, ·)``,
