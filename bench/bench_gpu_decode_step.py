@@ -4,7 +4,8 @@ The diagnostic behind ``bench_serving.py --device cuda``'s target 2 (32 adapters
 GPU spec's model (bfloat16, 95M parameters) with 32 LoRA r=16 all-linear adapters in slots, after a
 prefill of 32 rows on a cache, it times decode steps of those rows routed to the base model (slot 0)
 and to their 32 adapters (best of 3 rounds), then counts the torch operators (and, on a GPU, the
-kernels) one step of each launches. A small model's decode step is bound by launching work, not by
+kernels) one step of each launches; and the parts of the 32 adapters' cold loads into their slots
+(read, prepare on the host, copy into the slot). A small model's decode step is bound by launching work, not by
 the GPU: the counts say what the adapter path adds. No server, no ``peft``; ~40 s on an H200.
 
     python bench/bench_gpu_decode_step.py [--device cuda] [--steps 30]
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
 import tempfile
 import time
@@ -60,9 +62,17 @@ def main() -> None:
         folders = make_adapters(work / "model", work / "adapters", ROWS, dtype)
         model: Any = AutoModelForCausalLM.from_pretrained(work / "model", dtype=dtype)
         sm = SlottedModel(model.to(device).eval(), ROWS, cpu_kernels=False)
-        for slot, folder in enumerate(folders, start=1):
+        cold: dict[str, list[float]] = {"read": [], "prepare": [], "copy into the slot": []}
+        for slot, folder in enumerate(folders, start=1):  # cold loads, timed in their parts
+            t0 = time.perf_counter()
             config, tensors = read_adapter(folder)
-            sm.load(slot, sm.prepare(config, tensors))
+            t1 = time.perf_counter()
+            prepared = sm.prepare(config, tensors)
+            t2 = time.perf_counter()
+            sm.load(slot, prepared)
+            sync(device)
+            for key, seconds in zip(cold, (t1 - t0, t2 - t1, time.perf_counter() - t2), strict=True):
+                cold[key].append(seconds)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 300, (ROWS, 24), generator=gen).to(device)
     token = torch.randint(3, 300, (ROWS, 1), generator=gen).to(device)
@@ -114,6 +124,8 @@ def main() -> None:
     for key in ("base", "adapters"):
         logger.info("  %-12s %7.2f ms   %4d torch operators, %4d GPU kernels per step", key, best[key],
                     *calls[key])
+    logger.info("  cold load of one adapter (medians of %d, the first wraps the model): %s", ROWS - 1,
+                ", ".join(f"{k} {statistics.median(v[1:]) * 1e3:.2f} ms" for k, v in cold.items()))
     extra = best["adapters"] - best["base"]
     logger.info("  adapters add %.2f ms per step (%.0f us per LoRA layer); base/adapters %.2f; %d more operators",
                 extra, extra * 1e3 / n_layers, best["base"] / best["adapters"],
