@@ -107,6 +107,20 @@ def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.T
     return lora_expand(lora_hidden(x, a, slots, uniform, index), b, slots, uniform, index, out)
 
 
+def lora_delta_bank_step(x: torch.Tensor, flat_a: torch.Tensor, flat_b: torch.Tensor, index: RowIndex, width: int,
+                         out: torch.Tensor) -> torch.Tensor:
+    """A decode step's products straight from the slot bank, in as few torch calls as it takes (on a GPU
+    each is a launch, and a small model's step is bound by them): ``out[i] += (x[i] @ A[sᵢ])[:width] @
+    B[sᵢ][:width]``. ``x``: ``(batch, 1, in)``; ``flat_a``, ``flat_b``: the bank viewed as
+    ``(slots·in, capacity)`` and ``(slots·capacity, out)``; ``out``: contiguous ``(batch, 1, out)``."""
+    capacity = flat_a.shape[1]
+    h = _bag_sum(index.rows(x.shape[-1]), flat_a, x)
+    if width < capacity:
+        h = h[:, :width]
+    out.view(out.shape[0], -1).add_(_bag_sum(index.rows(width, capacity), flat_b, h))
+    return out
+
+
 def lora_delta_rows(x: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor,
                     out: torch.Tensor | None = None) -> torch.Tensor:
     """``out[i] += (x[i] @ A_rows[i]) @ B_rows[i]``: the weights already sit at the rows' positions."""

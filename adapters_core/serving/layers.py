@@ -55,6 +55,7 @@ from adapters_core.serving.kernels import (
     RankBand,
     RowIndex,
     lora_delta,
+    lora_delta_bank_step,
     lora_delta_row_bands,
     lora_delta_rows,
     lora_expand,
@@ -167,6 +168,7 @@ class SlotLoraLayer(_Wrapper):
         self._row_views: _RowViews | None = None
         self._bgmv = kernel  # the compiled CPU kernel, reading the slot bank (None: torch)
         self._bank_calls: dict[int, BankCall | None] = {}  # by rank width, over the current slot bank
+        self._flat_bank: tuple[torch.Tensor, torch.Tensor] | None = None
         self.lora_bias: torch.Tensor | None = None
         self.gain: torch.Tensor | None = None
         self.bias_delta: torch.Tensor | None = None
@@ -202,6 +204,9 @@ class SlotLoraLayer(_Wrapper):
             b[:, :old, :] = self.b
         self.a, self.b = a, b
         self._bank_calls.clear()
+        # the bank viewed flat, for single-token steps reading it by slot (only where its dtype is the products')
+        self._flat_bank = ((a.view(-1, rank), b.view(-1, self.info.out_features)) if self.weight_dtype == self.dtype
+                           and self.info.kind == "linear" else None)
         if self.row_capacity:  # the owner re-syncs every row after a layer changes shape
             shape_a, shape_b = (self.row_capacity, *a.shape[1:]), (self.row_capacity, *b.shape[1:])
             self.rows_a = torch.zeros(shape_a, dtype=self.dtype, device=self.device)
@@ -310,6 +315,10 @@ class SlotLoraLayer(_Wrapper):
             if batch and self.rows_a is not None and x.shape[0] == batch and x.shape[1] == 1:
                 # a decode step without the kernel: weights already at the rows' positions in the row buffers
                 return self._delta_on_rows(x, routing, batch, width, out)
+            if (x.shape[1] == 1 and x.shape[0] == routing.batch_size and self._flat_bank is not None
+                    and out.dtype == x.dtype and out.is_contiguous()):
+                # a decode step without the kernel or row buffers (GPUs): embedding_bag over the bank
+                return lora_delta_bank_step(x, *self._flat_bank, routing.index, width, out)
         return self._add_adapters(x, out, routing)
 
     def _bank_call(self, width: int) -> BankCall | None:
