@@ -3,7 +3,9 @@
 The diagnostic behind ``bench_serving.py --device cuda``'s target 2 (32 adapters vs the base). On the
 GPU spec's model (bfloat16, 95M parameters) with 32 LoRA r=16 all-linear adapters in slots, after a
 prefill of 32 rows on a cache, it times decode steps of those rows routed to the base model (slot 0)
-and to their 32 adapters (best of 3 rounds), then counts the torch operators (and, on a GPU, the
+and to their 32 adapters (best of 3 rounds), the adapters' products through torch's operators and,
+where it runs (CUDA devices with Triton), through the fused kernel of ``adapters_core.serving.gpu_bgmv``;
+then counts the torch operators (and, on a GPU, the
 kernels) one step of each launches; and the parts of the 32 adapters' cold loads into their slots
 (read, prepare on the host, copy into the slot). A small model's decode step is bound by launching work, not by
 the GPU: the counts say what the adapter path adds. No server, no ``peft``; ~40 s on an H200.
@@ -62,6 +64,7 @@ def main() -> None:
         folders = make_adapters(work / "model", work / "adapters", ROWS, dtype)
         model: Any = AutoModelForCausalLM.from_pretrained(work / "model", dtype=dtype)
         sm = SlottedModel(model.to(device).eval(), ROWS, cpu_kernels=False)
+        fused = sm.gpu_kernel  # the fused decode kernel, where it runs (CUDA devices with Triton)
         cold: dict[str, list[float]] = {"read": [], "prepare": [], "copy into the slot": []}
         for slot, folder in enumerate(folders, start=1):  # cold loads, timed in their parts
             t0 = time.perf_counter()
@@ -113,23 +116,36 @@ def main() -> None:
 
     n_layers = sum(isinstance(m, SlotLoraLayer) for m in sm.model.modules())
     base, own = [0] * ROWS, list(range(1, ROWS + 1))
-    times: dict[str, list[float]] = {"base": [], "adapters": []}
+    contenders = {"base": (base, None), "adapters, torch": (own, None)}
+    if fused is not None:
+        contenders["adapters, fused"] = (own, fused)
+    times: dict[str, list[float]] = {key: [] for key in contenders}
     for _ in range(3):  # rounds, interleaved against drift
-        times["base"].append(steps(base, args.steps))
-        times["adapters"].append(steps(own, args.steps))
+        for key, (slots, kernel) in contenders.items():
+            sm.use_gpu_kernel(kernel)
+            times[key].append(steps(slots, args.steps))
     best = {k: min(v) * 1e3 for k, v in times.items()}
-    calls = {"base": launches(base), "adapters": launches(own)}
+    calls = {}
+    for key, (slots, kernel) in contenders.items():
+        sm.use_gpu_kernel(kernel)
+        calls[key] = launches(slots)
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
     logger.info("decode step, %d rows, %s on %s (%s), best of 3 x %d steps:", ROWS, dtype, device, name, args.steps)
-    for key in ("base", "adapters"):
-        logger.info("  %-12s %7.2f ms   %4d torch operators, %4d GPU kernels per step", key, best[key],
+    for key in contenders:
+        logger.info("  %-16s %7.2f ms   %4d torch operators, %4d GPU kernels per step", key, best[key],
                     *calls[key])
+    if fused is None:
+        logger.info("  (no fused kernel here: it runs on CUDA devices with Triton)")
     logger.info("  cold load of one adapter (medians of %d, the first wraps the model): %s", ROWS - 1,
                 ", ".join(f"{k} {statistics.median(v[1:]) * 1e3:.2f} ms" for k, v in cold.items()))
-    extra = best["adapters"] - best["base"]
-    logger.info("  adapters add %.2f ms per step (%.0f us per LoRA layer); base/adapters %.2f; %d more operators",
-                extra, extra * 1e3 / n_layers, best["base"] / best["adapters"],
-                calls["adapters"][0] - calls["base"][0])
+    for key in contenders:
+        if key == "base":
+            continue
+        extra = best[key] - best["base"]
+        logger.info("  %s: adds %.2f ms per step (%.0f us per LoRA layer); base/adapters %.2f; %d more operators, "
+                    "%d more GPU kernels", key, extra, extra * 1e3 / n_layers, best["base"] / best[key],
+                    calls[key][0] - calls["base"][0], calls[key][1] - calls["base"][1])
+
 
 if __name__ == "__main__":
     main()

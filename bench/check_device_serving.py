@@ -7,12 +7,13 @@ steps, bfloat16 checkpoints). This script builds a tiny llama and four PEFT adap
 
 - float32: a mixed batch (four adapters and base rows, one adapter twice) through prefill and one
   decode step on a cache must give PEFT's mixed-batch ``adapter_names`` logits within ``1e-4``, with
-  the slot bank and with row buffers;
+  the slot bank through torch, with row buffers, and through the fused Triton kernel (decode steps;
+  on CUDA devices it must be there and must have run; on a CPU only with ``TRITON_INTERPRET=1``);
 - bfloat16: the same batch must stay as close to PEFT's float32 answer as PEFT's own bfloat16 model
   (mean error at most 1.5x PEFT's, largest at most 2.5x);
 
 and in both, every adapter row must differ from the base row (nothing silently served the base). It
-prints one line per check and exits 1 if any fails. No timing; ~20 s on a CPU.
+prints one line per check and exits 1 if any fails. No timing; ~20 s on a CPU (without the fused kernel).
 
     python bench/check_device_serving.py [--device cuda]
 """
@@ -35,6 +36,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
 
 from adapters_core.peft_format import read_adapter  # noqa: E402
 from adapters_core.serving import SlottedModel  # noqa: E402
+from adapters_core.serving.gpu_bgmv import KernelUnavailable, load_gpu_bgmv_or_raise  # noqa: E402
 from adapters_core.tiny_models import TinyLlamaSpec, build_tiny_llama  # noqa: E402
 
 logger = logging.getLogger("check_device_serving")
@@ -84,13 +86,17 @@ def peft_model(model_dir: Path, folders: dict[str, Path], dtype: torch.dtype, de
     return pm.eval()
 
 
+# how the mixed decode step runs its LoRA products: (row buffers, the fused kernel)
+PATHS = {"bank": (0, False), "row-buffers": (8, False), "fused": (0, True)}
+
+
 def slotted(model_dir: Path, folders: dict[str, Path], dtype: torch.dtype, device: str,
-            row_capacity: int) -> SlottedModel:
+            row_capacity: int, fused: bool) -> SlottedModel:
     from transformers import AutoModelForCausalLM
 
     model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model = model.to(device).eval()
-    sm = SlottedModel(model, len(folders), row_capacity=row_capacity)
+    sm = SlottedModel(model, len(folders), row_capacity=row_capacity, cpu_kernels=not fused, gpu_kernels=fused)
     for slot, folder in enumerate(folders.values(), start=1):
         config, tensors = read_adapter(folder)
         sm.load(slot, sm.prepare(config, tensors))
@@ -143,11 +149,25 @@ def run(device: str) -> list[tuple[str, bool, str]]:
 
         truth = two_steps(peft_call(peft_model(work / "model", folders, torch.float32, device)), ids, token)
         peft_bf16 = two_steps(peft_call(peft_model(work / "model", folders, torch.bfloat16, device)), ids, token)
-        for row_capacity in (0, 8):
-            tag = "row-buffers" if row_capacity else "bank"
+        for tag, (row_capacity, fused) in PATHS.items():
+            if fused:
+                try:
+                    interpreted = load_gpu_bgmv_or_raise().interpret
+                except KernelUnavailable as exc:
+                    check(f"{tag} kernel available", device == "cpu", str(exc))  # required on CUDA devices
+                    continue
+                if interpreted != (device == "cpu"):
+                    logger.info("SKIP %s: Triton runs kernels on %s here (a CPU needs TRITON_INTERPRET=1)", tag,
+                                "CPU tensors" if interpreted else "GPUs")
+                    continue
             for dtype in (torch.float32, torch.bfloat16):
-                sm = slotted(work / "model", folders, dtype, device, row_capacity)
+                sm = slotted(work / "model", folders, dtype, device, row_capacity, fused)
+                before = sm.gpu_kernel.launches if sm.gpu_kernel else 0
                 got = two_steps(ours_call(sm), ids, token)
+                if fused:
+                    launches = (sm.gpu_kernel.launches if sm.gpu_kernel else 0) - before
+                    check(f"{str(dtype).removeprefix('torch.')} {tag} ran", launches > 0,
+                          f"{launches} launches of the fused kernel in the decode step")
                 kind = str(dtype).removeprefix("torch.")
                 for position, label in enumerate(("prefill", "decode")):
                     ours, ref = got[position], truth[position]

@@ -18,7 +18,9 @@ One operation, three strategies chosen by shape::
 Slot 0 holds zeros (the base model), so rows without an adapter cost work but change nothing. A
 bank stored in another dtype than ``x`` (float16 weights under float32 products) is converted as it
 is read: the dense paths convert the slot's views, the others gather and convert the rows' weights
-(``embedding_bag`` needs one dtype). A fused kernel (Triton, CUDA) can replace :func:`lora_delta` without touching its callers.
+(``embedding_bag`` needs one dtype). Fused kernels take over where they can run: the compiled CPU
+kernel (:mod:`~adapters_core.serving.cpu_bgmv`) and, for GPU decode steps, Triton's
+(:mod:`~adapters_core.serving.gpu_bgmv`); these functions are what runs without them.
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ Without it, ``row_capacity`` gives the layer *row buffers* ``A_rows (rows, in, r
 joins, so that a decode step multiplies in place with ``bmm`` on views (on CPUs, where decode is
 bound by reading adapter weights, about half the cost of gathering from the bank every step), in bands
 of rank columns when the rows' ranks differ (``SlotRouting.bands``: each row multiplies about its own
-rank, not the batch's largest); other forwards gather and use ``bmm``.
+rank, not the batch's largest); other forwards gather and use ``bmm``. On CUDA devices a decode step of
+rows on different adapters is one launch of the fused Triton kernel of
+:mod:`adapters_core.serving.gpu_bgmv` per layer (``step_kernel``), reading the bank by slot id.
 :class:`SlotModuleSwap` serves ``modules_to_save``: rows whose adapter has its own copy of the module
 go through that copy, grouped by slot. :class:`SlotBias` adds trained biases on modules an adapter
 does not put LoRA on. Wrappers nest as ``SlotModuleSwap(SlotBias(SlotLoraLayer(base)))``, each
@@ -51,6 +53,7 @@ from torch import nn
 from adapters_core.errors import AdapterStateError
 from adapters_core.methods.lora.base_layers import BaseLayerInfo
 from adapters_core.serving.cpu_bgmv import BankCall, Bgmv
+from adapters_core.serving.gpu_bgmv import GpuBgmv
 from adapters_core.serving.kernels import (
     RankBand,
     RowIndex,
@@ -151,8 +154,9 @@ class SlotLoraLayer(_Wrapper):
 
     def __init__(self, base_layer: nn.Module, info: BaseLayerInfo, routing: RoutingState, num_slots: int,
                  dtype: torch.dtype, device: torch.device, row_capacity: int = 0, kernel: Bgmv | None = None,
-                 weight_dtype: torch.dtype | None = None) -> None:
-        """``dtype``: the products' (and the small per-slot vectors'); ``weight_dtype``: A's and B's storage."""
+                 weight_dtype: torch.dtype | None = None, step_kernel: GpuBgmv | None = None) -> None:
+        """``dtype``: the products' (and the small per-slot vectors'); ``weight_dtype``: A's and B's storage;
+        ``kernel``: the compiled CPU kernel; ``step_kernel``: the fused GPU kernel for decode steps."""
         super().__init__()
         self.base_layer = base_layer
         self.info = info
@@ -168,6 +172,7 @@ class SlotLoraLayer(_Wrapper):
         self._row_views: _RowViews | None = None
         self._bgmv = kernel  # the compiled CPU kernel, reading the slot bank (None: torch)
         self._bank_calls: dict[int, BankCall | None] = {}  # by rank width, over the current slot bank
+        self.step_kernel = step_kernel  # the fused GPU kernel, one launch per decode step (None: torch)
         self._flat_bank: tuple[torch.Tensor, torch.Tensor] | None = None
         self.lora_bias: torch.Tensor | None = None
         self.gain: torch.Tensor | None = None
@@ -311,6 +316,11 @@ class SlotLoraLayer(_Wrapper):
                 call = self._bank_call(width)
                 if call is not None and (x.stride(2) == 1 if plain else call.accepts(x, out)):
                     return call(x, out, routing.slots, routing.highest)
+            if (self.step_kernel is not None and x.shape[1] == 1 and x.shape[0] == routing.batch_size
+                    and self.step_kernel.accepts(x, out)):
+                # a decode step on a GPU: one launch reads each row's weights from the bank by slot
+                assert self.a is not None and self.b is not None
+                return self.step_kernel.step(x, self.a, self.b, routing.slots, width, out)
             batch = routing.decode_rows
             if batch and self.rows_a is not None and x.shape[0] == batch and x.shape[1] == 1:
                 # a decode step without the kernel: weights already at the rows' positions in the row buffers

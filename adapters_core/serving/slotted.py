@@ -31,6 +31,7 @@ from adapters_core.errors import ConfigError, TargetModulesNotFoundError, Unsupp
 from adapters_core.methods.lora import base_layers
 from adapters_core.methods.lora.config import LoraConfig
 from adapters_core.serving.cpu_bgmv import Bgmv, load_bgmv
+from adapters_core.serving.gpu_bgmv import GpuBgmv, load_gpu_bgmv, load_gpu_bgmv_or_raise
 from adapters_core.serving.layers import RoutingState, SlotBias, SlotLoraLayer, SlotModuleSwap, SlotRouting
 from adapters_core.serving.prepare import PreparedAdapter, prepare_adapter
 from adapters_core.targeting import candidate_modules, find_targets
@@ -44,13 +45,17 @@ class SlottedModel:
     """A base model whose adapters live in ``num_slots`` fixed slots (ids 1..num_slots; 0 = base)."""
 
     def __init__(self, model: nn.Module, num_slots: int, *, max_rank: int = 64, dtype: torch.dtype | None = None,
-                 weight_dtype: torch.dtype | None = None, row_capacity: int = 0, cpu_kernels: bool = True) -> None:
+                 weight_dtype: torch.dtype | None = None, row_capacity: int = 0, cpu_kernels: bool = True,
+                 gpu_kernels: bool | None = None) -> None:
         """``dtype``: the LoRA products' (default: the model's); ``weight_dtype``: how the slots store LoRA A and
         B (default ``dtype``; ``torch.float16`` under float32 products halves the slots' memory and what a
         decode step reads, at float16's precision of the weights). ``row_capacity``: rows of per-row weight
         buffers for decode steps (see :meth:`sync_rows`), used only where the compiled CPU kernel is not
         (``cpu_kernels``, float32 on x86-64), since the kernel reads the slot bank by slot id;
-        ``self.row_capacity`` is what was allocated (0 with the kernel)."""
+        ``self.row_capacity`` is what was allocated (0 with the kernel). ``gpu_kernels``: decode steps run the
+        fused Triton kernel of :mod:`~adapters_core.serving.gpu_bgmv` (None: on CUDA devices where Triton is
+        installed; True: required, and on a CPU model run by Triton's interpreter, which is how tests run it;
+        False: torch's operators)."""
         if num_slots < 1:
             raise ConfigError("num_slots must be at least 1", field="num_slots")
         self.model = model
@@ -72,6 +77,7 @@ class SlottedModel:
         self.cpu_kernel: Bgmv | None = (load_bgmv() if cpu_kernels and self.device.type == "cpu"
                                         and self.dtype == torch.float32 else None)
         self.row_capacity = row_capacity if self.cpu_kernel is None else 0
+        self.gpu_kernel: GpuBgmv | None = self._gpu_kernel(gpu_kernels)
         self.routing = RoutingState()
         self._lock = threading.Lock()  # module structure changes (wrapping) vs. walks of it
         self._lora_layers: dict[str, SlotLoraLayer] = {}
@@ -81,6 +87,24 @@ class SlottedModel:
         self._slot_ranks: dict[int, int] = {}  # slot -> largest LoRA rank of its adapter
         self._originals: dict[str, nn.Module] = {}
         self._targets: dict[str, list[str]] = {}
+
+    def _gpu_kernel(self, wanted: bool | None) -> GpuBgmv | None:
+        if wanted is None:
+            return load_gpu_bgmv() if self.device.type == "cuda" else None
+        if not wanted:
+            return None
+        kernel = load_gpu_bgmv_or_raise()
+        if kernel.interpret != (self.device.type == "cpu"):
+            where = "Triton's interpreter (TRITON_INTERPRET=1)" if kernel.interpret else "a GPU"
+            raise ConfigError(f"the GPU LoRA kernel runs on {where}, but the model is on {self.device}",
+                              field="gpu_kernels")
+        return kernel
+
+    def use_gpu_kernel(self, kernel: GpuBgmv | None) -> None:
+        """Run decode steps through ``kernel`` from now on (None: torch's operators); benchmarks time both."""
+        self.gpu_kernel = kernel
+        for layer in self._lora_layers.values():
+            layer.step_kernel = kernel
 
     # ------------------------------------------------------------------ structure
     def lora_targets(self, config: LoraConfig) -> list[str]:
@@ -162,7 +186,8 @@ class SlottedModel:
             device = _device_of(self.base_module(name), self.device)
             made = self._insert(
                 name, lambda inner: SlotLoraLayer(inner, info, self.routing, self.num_slots + 1, self.dtype, device,
-                                                  self.row_capacity, self.cpu_kernel, self.weight_dtype),
+                                                  self.row_capacity, self.cpu_kernel, self.weight_dtype,
+                                                  self.gpu_kernel),
                 innermost=True,
             )
             assert isinstance(made, SlotLoraLayer)

@@ -117,11 +117,14 @@ class ServingHost:
                                     dtype=torch.float32 if settings.adapter_dtype == "float32" else None,
                                     weight_dtype=torch.float16 if settings.adapter_dtype == "float16" else None,
                                     row_capacity=settings.max_batch_size if on_cpu else 0,
-                                    cpu_kernels=settings.cpu_kernels == "auto")
+                                    cpu_kernels=settings.cpu_kernels == "auto",
+                                    gpu_kernels=None if settings.gpu_kernels == "auto" else False)
         logger.info("serving: %d adapter slots, LoRA weights in %s, products in %s", settings.adapter_slots,
                     self.slotted.weight_dtype, self.slotted.dtype)
         if self.slotted.cpu_kernel is not None:
             logger.info("rows on different adapters run the compiled CPU kernel %s", self.slotted.cpu_kernel.path)
+        if self.slotted.gpu_kernel is not None:
+            logger.info("decode steps of rows on different adapters run the fused GPU kernel (Triton)")
         events: BankEvents | None = metrics if isinstance(metrics, BankEvents) else None
         self.bank = AdapterBank(self.slotted, host_capacity_bytes=settings.adapter_host_cache_bytes, events=events)
         config = getattr(model, "config", None)

@@ -41,6 +41,7 @@ def test_postgres_scheme_is_normalised() -> None:
         ("port", 0, "port"),
         ("max_upload_bytes", -1, "max_upload_bytes"),
         ("cpu_kernels", "fast", "cpu_kernels"),
+        ("gpu_kernels", "fast", "gpu_kernels"),
         ("adapter_dtype", "bfloat16", "adapter_dtype"),
     ],
 )

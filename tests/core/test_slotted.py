@@ -30,6 +30,7 @@ from adapters_core import (
 from adapters_core.peft_format import read_adapter
 from adapters_core.serving import SlottedModel
 from adapters_core.serving.cpu_bgmv import BankCall, load_bgmv
+from adapters_core.serving.gpu_bgmv import GpuBgmv, KernelUnavailable, load_gpu_bgmv_or_raise
 from adapters_core.serving.layers import SlotLoraLayer
 from tests.conftest import load_model
 from tests.core.test_lora_conformance import (
@@ -47,11 +48,39 @@ from tests.core.test_lora_conformance import (
 SERVABLE = [c for c in CASES if not c.modifies_base]
 ATOL = 2e-5
 # how a batch of rows on different adapters runs its LoRA products: the compiled CPU kernel reading the
-# slot bank by slot id (where it can be built here), or torch, gathering from the bank or (decode steps)
-# reading per-row buffers written when rows join
+# slot bank by slot id (where it can be built here), torch, gathering from the bank or (decode steps)
+# reading per-row buffers written when rows join, or (decode steps) the fused GPU kernel, run here by
+# Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
 PATHS = {"kernel": {"cpu_kernels": True, "row_capacity": 8},
          "torch-bank": {"cpu_kernels": False, "row_capacity": 0},
-         "torch-row-buffers": {"cpu_kernels": False, "row_capacity": 8}}
+         "torch-row-buffers": {"cpu_kernels": False, "row_capacity": 8},
+         "triton": {"cpu_kernels": False, "row_capacity": 0, "gpu_kernels": True}}
+
+
+def _triton_reason() -> str | None:
+    try:
+        return None if load_gpu_bgmv_or_raise().interpret else "Triton does not run in its interpreter here"
+    except KernelUnavailable as exc:
+        return str(exc)
+
+
+TRITON_MISSING = _triton_reason()
+PATH_IDS = [*(p for p in PATHS if p != "triton"),
+            pytest.param("triton", marks=pytest.mark.skipif(TRITON_MISSING is not None, reason=str(TRITON_MISSING)))]
+
+
+def count_step_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the rank width of every launch of the fused GPU kernel from now on."""
+    widths: list[int] = []
+    step = GpuBgmv.step
+
+    def recording_step(self: GpuBgmv, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
+                       width: int, out: torch.Tensor) -> torch.Tensor:
+        widths.append(width)
+        return step(self, x, a, b, slots, width, out)
+
+    monkeypatch.setattr(GpuBgmv, "step", recording_step)
+    return widths
 
 
 @dataclass
@@ -125,13 +154,16 @@ def test_mixed_rows_equal_each_row_alone(arch: str, saved: dict[str, Saved], mod
 
 
 @pytest.mark.parametrize("weights", ["float32", "float16"])
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATH_IDS)
 def test_decode_step_rows_use_their_own_slot(path: str, weights: str, saved: dict[str, Saved],
-                                             model_dirs: dict[str, Path]) -> None:
+                                             model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """One token per row (the decode path) with a cache: mixed rows equal rows alone, whether the step
-    reads the slot bank or per-row buffers (which must follow rows that change slot, and reloaded slots),
-    with the slots' weights in float32 or float16 (the row buffers then hold them widened)."""
+    reads the slot bank (the CPU kernel, torch, or the fused GPU kernel) or per-row buffers (which must
+    follow rows that change slot, and reloaded slots), with the slots' weights in float32 or float16 (the
+    row buffers then hold them widened; the GPU kernel widens them as it loads)."""
     from transformers import DynamicCache
+
+    launches = count_step_kernel_calls(monkeypatch)
 
     names = ["llama-r8-qv", "llama-all-linear", "llama-dora", "llama-embed_tokens", "llama-rank-alpha-pattern"]
     sm = SlottedModel(load_model(model_dirs["llama"]), len(names), weight_dtype=getattr(torch, weights),
@@ -166,6 +198,7 @@ def test_decode_step_rows_use_their_own_slot(path: str, weights: str, saved: dic
     check([2, 1, 0, 4, 2, 1])  # rows changed slot
     load_into(sm, 2, saved[names[4]].path)  # slot 2 reloaded with another adapter (other ranks)
     check([1, 2, 0, 4, 2, 3])
+    assert bool(launches) == (path == "triton")  # the GPU kernel ran the mixed decode steps, and only there
 
 
 def test_reload_and_clear_forget_the_old_adapter(saved: dict[str, Saved], model_dirs: dict[str, Path]) -> None:
@@ -209,11 +242,13 @@ def test_base_rows_are_exactly_the_base_model(saved: dict[str, Saved], model_dir
         pass
 
 
-@pytest.mark.parametrize("row_buffers", [False, True], ids=["bank", "row-buffers"])
-def test_bfloat16_model_serves_adapters_as_accurately_as_peft(row_buffers: bool, saved: dict[str, Saved],
-                                                              model_dirs: dict[str, Path]) -> None:
-    """GPU servers run bfloat16 checkpoints: slots (bf16 banks) in a mixed batch, prefill and a decode step,
-    stay as close to the float32 answer as PEFT's own bfloat16 model does."""
+@pytest.mark.parametrize("path", ["torch-bank", "torch-row-buffers", PATH_IDS[-1]])
+def test_bfloat16_model_serves_adapters_as_accurately_as_peft(path: str, saved: dict[str, Saved],
+                                                              model_dirs: dict[str, Path],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU servers run bfloat16 checkpoints: slots (bf16 banks) in a mixed batch, prefill and a decode step
+    (on the bank, on row buffers, or through the fused GPU kernel), stay as close to the float32 answer as
+    PEFT's own bfloat16 model does."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, DynamicCache
 
@@ -232,7 +267,8 @@ def test_bfloat16_model_serves_adapters_as_accurately_as_peft(row_buffers: bool,
             step = call(model, torch.full((len(ids), 1), 7), cache).logits[:, -1].float()  # type: ignore[operator]
         return first, step
 
-    sm = SlottedModel(bf16_base(), len(names), row_capacity=8 if row_buffers else 0)
+    launches = count_step_kernel_calls(monkeypatch)
+    sm = SlottedModel(bf16_base(), len(names), **PATHS[path])  # type: ignore[arg-type]
     for slot, name in enumerate(names, start=1):
         load_into(sm, slot, saved[name].path)
     slots = [1, 2, 3, 4]
@@ -269,9 +305,10 @@ def test_bfloat16_model_serves_adapters_as_accurately_as_peft(row_buffers: bool,
         assert maxdiff(got[position], truth[position]) <= 2.5 * peft_max, (position, peft_max)
         for i in range(1, len(names)):  # each row's own adapter: rows differ from one another
             assert maxdiff(got[position][i], got[position][0]) > MIN_EFFECT
+    assert bool(launches) == (path == "triton")
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATH_IDS)
 def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
         path: str, saved: dict[str, Saved], model_dirs: dict[str, Path], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -335,6 +372,7 @@ def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
         return kernel_call(self, x, out, slots, highest)
 
     monkeypatch.setattr(BankCall, "__call__", recording_call)
+    launches = count_step_kernel_calls(monkeypatch)
     kernel_calls = 0
     row_widths: set[int] = set()
     decode_shrinks: set[tuple[int, int]] = set()  # (rows, width) of the decode step's shrinks through bmm
@@ -361,8 +399,10 @@ def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
             with sm.route(rows), widths:
                 nxt = sm.model(input_ids=ids[: len(rows)], cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
             sm.sync_rows(rows)
+            launched = len(launches)
             with sm.route(rows), decode:
                 logits = sm.model(input_ids=nxt, cache=cache, use_cache=True).logits.float()
+            decode.widths.update(launches[launched:])  # the GPU kernel's launches (no torch operator to see)
         nonlocal kernel_calls, row_widths, decode_shrinks
         kernel_calls += widths.kernel_calls + decode.kernel_calls
         row_widths = widths.row_widths | decode.row_widths
@@ -395,11 +435,12 @@ def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
     sm.clear(3)
     cleared, widths_cleared = two_steps(rows)
     assert maxdiff(cleared, before) <= ATOL and widths_cleared == ({4, 8} if banded else {8})
-    # the forwards ran the compiled kernel wherever it can be built here
+    # the forwards ran the compiled kernel wherever it can be built here, the GPU kernel on its path
     assert (kernel_calls > 0) == (path == "kernel" and load_bgmv() is not None)
+    assert bool(launches) == (path == "triton")
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATH_IDS)
 def test_float32_slots_on_a_bfloat16_model_compute_lora_as_peft_does(path: str, saved: dict[str, Saved],
                                                                     model_dirs: dict[str, Path]) -> None:
     """``SlottedModel(dtype=torch.float32)`` on a bfloat16 model (the server's
@@ -462,7 +503,7 @@ def test_float32_slots_on_a_bfloat16_model_compute_lora_as_peft_does(path: str, 
     assert alone_gaps["fp32"] < 0.5 * alone_gaps["bf16"], alone_gaps
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", PATH_IDS)
 def test_float16_slot_weights_under_float32_products(path: str, saved: dict[str, Saved], model_dirs: dict[str, Path],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """``SlottedModel(weight_dtype=torch.float16)`` on a float32 model (the server's

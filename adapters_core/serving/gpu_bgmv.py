@@ -1,0 +1,107 @@
+"""A fused GPU kernel (Triton) for a decode step's LoRA product when every row may use its own adapter.
+
+``out[i] += (x[i] @ A[sᵢ][:, :w]) @ B[sᵢ][:w]`` for a batch of one token per row, read straight from
+the slot bank by slot id, in **one launch** per layer. A small model's decode step on a GPU is bound by
+launches, not arithmetic or bandwidth (docs/benchmarks.md, "Inference server on a GPU"): torch's
+best sequence for the same product (:func:`kernels.lora_delta_bank_step`) is six operators per layer,
+which more than doubled an H200's step. Each program of the grid ``(rows, ⌈out / BLOCK_N⌉)`` computes
+its row's ``h = x @ A[s][:, :w]`` in float32 (A read in ``BLOCK_K × BLOCK_R`` tiles), then its block of
+``h @ B[s][:w]``, and adds it to ``out`` in place; the few programs of a row each recompute ``h``
+(``in × w`` multiply-adds, from cache) rather than pay a second launch. Weights may be stored in
+another dtype than ``x`` (a float16 bank under float32 products): they are widened as they are
+loaded; products and sums are float32, ``out`` is rounded once, at the store.
+
+Triton ships with CUDA builds of torch; it is imported only when the kernel is first loaded. Where it
+cannot be used (no Triton, ``ADAPTERFORGE_GPU_KERNELS=off``) :func:`load_gpu_bgmv` returns ``None``,
+logs why once, and the callers keep the torch path, which computes the same values. Tests run the
+same kernel on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_TILE = 8192  # elements of the largest register tile a program holds (A's and B's)
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel cannot be used here (the message says why)."""
+
+
+class GpuBgmv:
+    """The compiled kernel; :meth:`step` launches it for one layer's decode step."""
+
+    def __init__(self, kernel: Any, interpret: bool) -> None:
+        self._kernel = kernel
+        self.interpret = interpret  # Triton's interpreter (CPU tensors, tests), not a GPU
+        self.launches = 0  # since the process started (benchmarks and checks read it)
+
+    def accepts(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Whether :meth:`step` can take this ``x`` / ``out`` pair (one token per row, same rows, on the
+        kernel's kind of device)."""
+        return (x.dim() == 3 and x.shape[1] == 1 and out.dim() == 3 and out.shape[:2] == x.shape[:2]
+                and (x.device.type == "cpu") == self.interpret and x.device == out.device)
+
+    def step(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, width: int,
+             out: torch.Tensor) -> torch.Tensor:
+        """``out[i] += (x[i] @ a[slots[i]][:, :width]) @ b[slots[i]][:width]`` in place; ``x`` ``(batch, 1, in)``,
+        ``a`` ``(slots, in, capacity)``, ``b`` ``(slots, capacity, out)`` (pre-scaled), ``out`` ``(batch, 1, out)``."""
+        batch, in_features, out_features = x.shape[0], x.shape[-1], out.shape[-1]
+        block_r = max(16, _next_power_of_2(width))  # (masked lanes past width cost nothing to speak of)
+        block_n = max(16, min(256, _TILE // block_r, _next_power_of_2(out_features)))
+        block_k = max(16, min(128, _TILE // block_r, _next_power_of_2(in_features)))
+        grid = (batch, -(-out_features // block_n))
+        self.launches += 1
+        self._kernel[grid](x, a, b, slots, out, in_features, out_features, width,
+                           x.stride(0), x.stride(2), *a.stride(), *b.stride(), out.stride(0), out.stride(2),
+                           BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_N=block_n)
+        return out
+
+
+def _next_power_of_2(value: int) -> int:
+    return 1 << max(value - 1, 0).bit_length()
+
+
+def _enabled() -> bool:
+    value = os.environ.get("ADAPTERFORGE_GPU_KERNELS", "auto").strip().lower()
+    if value not in ("auto", "off"):
+        raise KernelUnavailable(f"ADAPTERFORGE_GPU_KERNELS must be auto or off, not {value!r}")
+    return value == "auto"
+
+
+@functools.cache
+def _compiled() -> GpuBgmv:
+    try:
+        from adapters_core.serving import gpu_bgmv_source  # imports Triton
+    except ImportError as exc:
+        raise KernelUnavailable(f"Triton is not installed ({exc})") from exc
+    return GpuBgmv(gpu_bgmv_source.compile_step(), gpu_bgmv_source.interpreted())
+
+
+def load_gpu_bgmv_or_raise() -> GpuBgmv:
+    """The kernel (one per process; run by Triton's interpreter on CPU tensors where ``TRITON_INTERPRET=1``
+    was set before Triton was imported: the tests); :class:`KernelUnavailable` says why it cannot be used."""
+    if not _enabled():
+        raise KernelUnavailable("disabled by ADAPTERFORGE_GPU_KERNELS=off")
+    return _compiled()
+
+
+@functools.cache
+def load_gpu_bgmv() -> GpuBgmv | None:
+    """The kernel for CUDA devices, or ``None`` (logged once, with the reason): callers then compute the
+    same product with torch."""
+    try:
+        if not _enabled():
+            logger.info("GPU LoRA kernel switched off (ADAPTERFORGE_GPU_KERNELS=off); LoRA products use torch")
+            return None
+        return load_gpu_bgmv_or_raise()
+    except KernelUnavailable as exc:
+        logger.warning("GPU LoRA kernel not used (%s); LoRA products use torch instead", exc)
+        return None

@@ -1,0 +1,47 @@
+"""The Triton source of :mod:`adapters_core.serving.gpu_bgmv` (imported only where Triton is installed)."""
+
+import triton
+import triton.language as tl
+
+
+def bgmv_step(x_ptr, a_ptr, b_ptr, slots_ptr, out_ptr, in_features, out_features, width,  # type: ignore[no-untyped-def]
+              sx_row, sx_in, sa_slot, sa_in, sa_rank, sb_slot, sb_rank, sb_out, so_row, so_out,
+              BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: row ``program_id(0)``'s outputs ``[program_id(1) · BLOCK_N, +BLOCK_N)`` of
+    ``out[i] += (x[i] @ A[sᵢ][:, :width]) @ B[sᵢ][:width]``, products and sums in float32."""
+    row = tl.program_id(0)
+    block = tl.program_id(1)
+    slot = tl.load(slots_ptr + row).to(tl.int64)
+    rank = tl.arange(0, BLOCK_R)
+    rank_ok = rank < width
+    hidden = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for start in range(0, in_features, BLOCK_K):
+        k = start + tl.arange(0, BLOCK_K)
+        k_ok = k < in_features
+        xk = tl.load(x_ptr + row * sx_row + k * sx_in, mask=k_ok, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + slot * sa_slot + k[:, None] * sa_in + rank[None, :] * sa_rank,
+                    mask=k_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
+        hidden += tl.sum(xk[:, None] * a, axis=0)
+    n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < out_features
+    b = tl.load(b_ptr + slot * sb_slot + rank[:, None] * sb_rank + n[None, :] * sb_out,
+                mask=rank_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+    delta = tl.sum(hidden[:, None] * b, axis=0)
+    target = out_ptr + row * so_row + n * so_out
+    current = tl.load(target, mask=n_ok, other=0.0)
+    tl.store(target, (current.to(tl.float32) + delta).to(current.dtype), mask=n_ok)
+
+
+def compile_step():  # type: ignore[no-untyped-def]
+    """:func:`bgmv_step` compiled for GPUs (run by Triton's interpreter on CPU tensors where
+    ``TRITON_INTERPRET=1`` was set before Triton was imported)."""
+    return triton.jit(bgmv_step)
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``), on CPU tensors."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -1,0 +1,158 @@
+"""The fused GPU decode-step kernel (Triton), run here on CPU tensors by Triton's interpreter.
+
+Its products are checked against float64 ``bmm`` on gathered weights for shapes that take every part
+of the kernel: inputs longer than one ``BLOCK_K`` tile, outputs spanning several ``BLOCK_N`` programs,
+rank widths below the bank's capacity and not a power of two, base-model rows (slot 0), strided ``x``
+and ``out``, and weights stored in another dtype than the products'. Its availability is checked too:
+switched off, not installed, or asked for where it cannot run.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Any
+
+import pytest
+import torch
+
+from adapters_core import ConfigError
+from adapters_core.serving import SlottedModel, gpu_bgmv
+from adapters_core.serving.gpu_bgmv import GpuBgmv, KernelUnavailable, load_gpu_bgmv, load_gpu_bgmv_or_raise
+
+pytest.importorskip("triton", reason="the GPU kernel is written in Triton")
+
+
+@pytest.fixture(scope="module")
+def kernel() -> GpuBgmv:
+    loaded = load_gpu_bgmv_or_raise()
+    if not loaded.interpret:
+        pytest.skip("Triton is not in its interpreter (TRITON_INTERPRET=1 before Triton's first import)")
+    return loaded
+
+
+def reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, width: int,
+              out: torch.Tensor) -> torch.Tensor:
+    """``out + (x @ A[s][:, :width]) @ B[s][:width]`` in float64."""
+    h = torch.bmm(x.double(), a.index_select(0, slots)[:, :, :width].double())
+    return out.double() + torch.bmm(h, b.index_select(0, slots)[:, :width].double())
+
+
+def bank(slots: int, in_features: int, rank: int, out_features: int, dtype: torch.dtype,
+         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    a = torch.randn(slots, in_features, rank, generator=generator).to(dtype)
+    b = torch.randn(slots, rank, out_features, generator=generator).to(dtype)
+    a[0], b[0] = 0, 0  # slot 0: the base model
+    return a, b
+
+
+@pytest.mark.parametrize(("in_features", "out_features", "capacity", "width"), [
+    (300, 600, 16, 16),  # three BLOCK_K tiles; three BLOCK_N programs per row, the last one partial
+    (300, 600, 16, 5),  # fewer rank columns than the bank holds, not a power of two
+    (40, 24, 64, 48),  # one partial tile each way; a wide rank (smaller tiles)
+    (1, 7, 2, 1),
+])
+def test_step_adds_each_rows_own_adapter_product(kernel: GpuBgmv, in_features: int, out_features: int,
+                                                 capacity: int, width: int) -> None:
+    generator = torch.Generator().manual_seed(in_features * 1000 + width)
+    a, b = bank(5, in_features, capacity, out_features, torch.float32, generator)
+    slots = torch.tensor([3, 0, 1, 4, 3, 2])
+    x = torch.randn(len(slots), 1, in_features, generator=generator)
+    out = torch.randn(len(slots), 1, out_features, generator=generator)
+    before, launches = out.clone(), kernel.launches
+    want = reference(x, a, b, slots, width, out)
+    got = kernel.step(x, a, b, slots, width, out)
+    assert got is out and kernel.launches == launches + 1  # in place, one launch
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(got[1], before[1])  # the base row: nothing added (its slot holds zeros)
+    if width < capacity:  # the columns past ``width`` are not read: poisoning them changes nothing
+        a[:, :, width:], b[:, width:] = float("nan"), float("nan")
+        assert torch.equal(kernel.step(x, a, b, slots, width, before.clone()), got)
+
+
+def test_step_reads_strided_inputs_and_writes_strided_outputs(kernel: GpuBgmv) -> None:
+    generator = torch.Generator().manual_seed(7)
+    a, b = bank(4, 200, 8, 130, torch.float32, generator)
+    slots = torch.tensor([2, 1, 3])
+    wide_x = torch.randn(3, 1, 400, generator=generator)
+    x = wide_x[:, :, ::2]  # every other feature
+    wide_out = torch.randn(3, 2, 130, generator=generator)
+    out = wide_out[:, 1:2]  # one of two positions per row
+    untouched = wide_out[:, 0].clone()
+    want = reference(x, a, b, slots, 8, out)
+    kernel.step(x, a, b, slots, 8, out)
+    assert torch.allclose(wide_out[:, 1:2].double(), want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(wide_out[:, 0], untouched)
+
+
+@pytest.mark.parametrize(("products", "weights"), [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16),
+                                                   (torch.float16, torch.float16)])
+def test_step_widens_weights_and_rounds_once(kernel: GpuBgmv, products: torch.dtype, weights: torch.dtype) -> None:
+    """16-bit weights are widened as they are loaded and everything is summed in float32: the result is the
+    float64 answer on those weights, rounded once to ``out``'s dtype (within a few float32 roundings)."""
+    generator = torch.Generator().manual_seed(11)
+    a, b = bank(3, 256, 16, 300, weights, generator)
+    slots = torch.tensor([1, 2, 2, 0])
+    x = torch.randn(len(slots), 1, 256, generator=generator).to(products)
+    out = torch.randn(len(slots), 1, 300, generator=generator).to(products)
+    want = reference(x, a, b, slots, 16, out)
+    got = kernel.step(x, a, b, slots, 16, out.clone())
+    assert got.dtype == products
+    rounded = want.to(products).double()
+    ulp = (rounded - want).abs().max().item()  # one rounding to the output dtype, at most
+    assert (got.double() - want).abs().max().item() <= 2 * ulp + 1e-3
+
+
+def test_accepts_only_one_token_per_row_on_its_device(kernel: GpuBgmv) -> None:
+    x, out = torch.zeros(4, 1, 8), torch.zeros(4, 1, 6)
+    assert kernel.accepts(x, out)
+    assert not kernel.accepts(torch.zeros(4, 3, 8), torch.zeros(4, 3, 6))  # a prefill
+    assert not kernel.accepts(x, torch.zeros(3, 1, 6))  # other rows
+    assert not kernel.accepts(x.view(4, 8), out.view(4, 6))
+
+
+def test_switched_off_by_the_setting(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("ADAPTERFORGE_GPU_KERNELS", "off")
+    load_gpu_bgmv.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger=gpu_bgmv.__name__):
+            assert load_gpu_bgmv() is None
+        assert "ADAPTERFORGE_GPU_KERNELS=off" in caplog.text
+        with pytest.raises(KernelUnavailable, match="disabled"):
+            load_gpu_bgmv_or_raise()
+        monkeypatch.setenv("ADAPTERFORGE_GPU_KERNELS", "maybe")
+        with pytest.raises(KernelUnavailable, match="auto or off, not 'maybe'"):
+            load_gpu_bgmv_or_raise()
+    finally:
+        load_gpu_bgmv.cache_clear()
+
+
+def test_without_triton_the_reason_is_logged(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import adapters_core.serving
+
+    for name in [m for m in sys.modules if m == "triton" or m.startswith("triton.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "triton", None)  # ``import triton`` now fails
+    monkeypatch.delitem(sys.modules, "adapters_core.serving.gpu_bgmv_source", raising=False)
+    monkeypatch.delattr(adapters_core.serving, "gpu_bgmv_source", raising=False)
+    monkeypatch.setattr(gpu_bgmv, "_compiled", functools.cache(gpu_bgmv._compiled.__wrapped__))  # not yet built
+    load_gpu_bgmv.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=gpu_bgmv.__name__):
+            assert load_gpu_bgmv() is None
+        assert "Triton is not installed" in caplog.text
+    finally:
+        load_gpu_bgmv.cache_clear()
+
+
+def test_asked_for_where_it_cannot_run_is_an_error(kernel: GpuBgmv, monkeypatch: pytest.MonkeyPatch,
+                                                    tiny_llama_dir: Any) -> None:
+    from tests.conftest import load_model
+
+    model = load_model(tiny_llama_dir)
+    assert SlottedModel(model, 2, gpu_kernels=True).gpu_kernel is kernel  # the interpreter, on a CPU model
+    assert SlottedModel(model, 2).gpu_kernel is None  # by default only on CUDA devices
+    monkeypatch.setattr(kernel, "interpret", False)  # a kernel compiled for GPUs, asked for on a CPU model
+    with pytest.raises(ConfigError, match="runs on a GPU, but the model is on cpu"):
+        SlottedModel(model, 2, gpu_kernels=True)
