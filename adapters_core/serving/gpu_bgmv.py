@@ -44,24 +44,28 @@ class GpuBgmv:
         self.launches = 0  # since the process started (benchmarks and checks read it)
 
     def accepts(self, x: torch.Tensor, out: torch.Tensor) -> bool:
-        """Whether :meth:`step` can take this ``x`` / ``out`` pair (one token per row, same rows, on the
-        kernel's kind of device)."""
+        """Whether :meth:`step` can take this ``x`` / ``out`` pair: one token per row, the same rows, unit stride
+        along features, on the kernel's kind of device."""
         return (x.dim() == 3 and x.shape[1] == 1 and out.dim() == 3 and out.shape[:2] == x.shape[:2]
+                and x.stride(2) == 1 and out.stride(2) == 1
                 and (x.device.type == "cpu") == self.interpret and x.device == out.device)
 
     def step(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, width: int,
              out: torch.Tensor) -> torch.Tensor:
         """``out[i] += (x[i] @ a[slots[i]][:, :width]) @ b[slots[i]][:width]`` in place; ``x`` ``(batch, 1, in)``,
-        ``a`` ``(slots, in, capacity)``, ``b`` ``(slots, capacity, out)`` (pre-scaled), ``out`` ``(batch, 1, out)``."""
+        ``a`` ``(slots, in, capacity)``, ``b`` ``(slots, capacity, out)`` (pre-scaled, both contiguous: the slot
+        bank), ``out`` ``(batch, 1, out)`` (see :meth:`accepts`)."""
+        if not (a.is_contiguous() and b.is_contiguous() and x.stride(2) == 1 and out.stride(2) == 1):
+            raise ValueError("the fused LoRA step needs contiguous banks and unit feature strides (see accepts)")
         batch, in_features, out_features = x.shape[0], x.shape[-1], out.shape[-1]
+        capacity = a.shape[-1]
         block_r = max(16, _next_power_of_2(width))  # (masked lanes past width cost nothing to speak of)
         block_n = max(16, min(256, _TILE // block_r, _next_power_of_2(out_features)))
         block_k = max(16, min(128, _TILE // block_r, _next_power_of_2(in_features)))
         grid = (batch, -(-out_features // block_n))
         self.launches += 1
-        self._kernel[grid](x, a, b, slots, out, in_features, out_features, width,
-                           x.stride(0), x.stride(2), *a.stride(), *b.stride(), out.stride(0), out.stride(2),
-                           BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_N=block_n)
+        self._kernel[grid](x, a, b, slots, out, in_features, out_features, capacity, width, x.stride(0),
+                           out.stride(0), BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_N=block_n)
         return out
 
 

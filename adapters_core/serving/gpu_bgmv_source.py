@@ -4,30 +4,32 @@ import triton
 import triton.language as tl
 
 
-def bgmv_step(x_ptr, a_ptr, b_ptr, slots_ptr, out_ptr, in_features, out_features, width,  # type: ignore[no-untyped-def]
-              sx_row, sx_in, sa_slot, sa_in, sa_rank, sb_slot, sb_rank, sb_out, so_row, so_out,
-              BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+def bgmv_step(x_ptr, a_ptr, b_ptr, slots_ptr, out_ptr, in_features, out_features, capacity, width,  # type: ignore[no-untyped-def]
+              sx_row, so_row, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: row ``program_id(0)``'s outputs ``[program_id(1) · BLOCK_N, +BLOCK_N)`` of
-    ``out[i] += (x[i] @ A[sᵢ][:, :width]) @ B[sᵢ][:width]``, products and sums in float32."""
+    ``out[i] += (x[i] @ A[sᵢ][:, :width]) @ B[sᵢ][:width]``, products and sums in float32. The banks are
+    contiguous, ``A (slots, in_features, capacity)`` and ``B (slots, capacity, out_features)``; ``x`` and
+    ``out`` have unit stride along features (few arguments: each one costs launch time on the host)."""
     row = tl.program_id(0)
     block = tl.program_id(1)
     slot = tl.load(slots_ptr + row).to(tl.int64)
     rank = tl.arange(0, BLOCK_R)
     rank_ok = rank < width
     hidden = tl.zeros([BLOCK_R], dtype=tl.float32)
+    a_slot = a_ptr + slot * in_features * capacity
     for start in range(0, in_features, BLOCK_K):
         k = start + tl.arange(0, BLOCK_K)
         k_ok = k < in_features
-        xk = tl.load(x_ptr + row * sx_row + k * sx_in, mask=k_ok, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + slot * sa_slot + k[:, None] * sa_in + rank[None, :] * sa_rank,
-                    mask=k_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
+        xk = tl.load(x_ptr + row * sx_row + k, mask=k_ok, other=0.0).to(tl.float32)
+        a = tl.load(a_slot + k[:, None] * capacity + rank[None, :], mask=k_ok[:, None] & rank_ok[None, :],
+                    other=0.0).to(tl.float32)
         hidden += tl.sum(xk[:, None] * a, axis=0)
     n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < out_features
-    b = tl.load(b_ptr + slot * sb_slot + rank[:, None] * sb_rank + n[None, :] * sb_out,
+    b = tl.load(b_ptr + slot * capacity * out_features + rank[:, None] * out_features + n[None, :],
                 mask=rank_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     delta = tl.sum(hidden[:, None] * b, axis=0)
-    target = out_ptr + row * so_row + n * so_out
+    target = out_ptr + row * so_row + n
     current = tl.load(target, mask=n_ok, other=0.0)
     tl.store(target, (current.to(tl.float32) + delta).to(current.dtype), mask=n_ok)
 

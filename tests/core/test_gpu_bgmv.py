@@ -71,19 +71,26 @@ def test_step_adds_each_rows_own_adapter_product(kernel: GpuBgmv, in_features: i
         assert torch.equal(kernel.step(x, a, b, slots, width, before.clone()), got)
 
 
-def test_step_reads_strided_inputs_and_writes_strided_outputs(kernel: GpuBgmv) -> None:
+def test_step_reads_rows_of_wider_tensors_and_writes_into_views(kernel: GpuBgmv) -> None:
     generator = torch.Generator().manual_seed(7)
     a, b = bank(4, 200, 8, 130, torch.float32, generator)
     slots = torch.tensor([2, 1, 3])
     wide_x = torch.randn(3, 1, 400, generator=generator)
-    x = wide_x[:, :, ::2]  # every other feature
+    x = wide_x[:, :, 100:300]  # rows 400 apart
     wide_out = torch.randn(3, 2, 130, generator=generator)
     out = wide_out[:, 1:2]  # one of two positions per row
     untouched = wide_out[:, 0].clone()
+    assert kernel.accepts(x, out)
     want = reference(x, a, b, slots, 8, out)
     kernel.step(x, a, b, slots, 8, out)
     assert torch.allclose(wide_out[:, 1:2].double(), want, rtol=1e-5, atol=1e-4)
     assert torch.equal(wide_out[:, 0], untouched)
+    # features apart, or a bank that is a view, are refused (the torch path takes those)
+    assert not kernel.accepts(wide_x[:, :, ::2], out)
+    with pytest.raises(ValueError, match="unit feature strides"):
+        kernel.step(wide_x[:, :, ::2], a, b, slots, 8, out)
+    with pytest.raises(ValueError, match="contiguous banks"):
+        kernel.step(x, a[:, :, :4], b[:, :4], slots, 4, out)
 
 
 @pytest.mark.parametrize(("products", "weights"), [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16),
