@@ -13,7 +13,9 @@ loaded; products and sums are float32, ``out`` is rounded once, at the store.
 
 Triton ships with CUDA builds of torch; it is imported only when the kernel is first loaded. Where it
 cannot be used (no Triton, ``ADAPTERFORGE_GPU_KERNELS=off``) :func:`load_gpu_bgmv` returns ``None``,
-logs why once, and the callers keep the torch path, which computes the same values. Tests run the
+logs why once, and the callers keep the torch path, which computes the same values; a launch that
+fails (Triton cannot compile for this GPU) is logged, the kernel stops accepting work, and that step
+and the following ones run on torch. Tests run the
 same kernel on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py).
 """
 
@@ -42,11 +44,12 @@ class GpuBgmv:
         self._kernel = kernel
         self.interpret = interpret  # Triton's interpreter (CPU tensors, tests), not a GPU
         self.launches = 0  # since the process started (benchmarks and checks read it)
+        self.failure: str | None = None  # why a launch failed (Triton could not compile it): no longer used
 
     def accepts(self, x: torch.Tensor, out: torch.Tensor) -> bool:
         """Whether :meth:`step` can take this ``x`` / ``out`` pair: one token per row, the same rows, unit stride
         along features, on the kernel's kind of device."""
-        return (x.dim() == 3 and x.shape[1] == 1 and out.dim() == 3 and out.shape[:2] == x.shape[:2]
+        return (self.failure is None and x.dim() == 3 and x.shape[1] == 1 and out.dim() == 3 and out.shape[:2] == x.shape[:2]
                 and x.stride(2) == 1 and out.stride(2) == 1
                 and (x.device.type == "cpu") == self.interpret and x.device == out.device)
 
@@ -63,9 +66,14 @@ class GpuBgmv:
         block_n = max(16, min(256, _TILE // block_r, _next_power_of_2(out_features)))
         block_k = max(16, min(128, _TILE // block_r, _next_power_of_2(in_features)))
         grid = (batch, -(-out_features // block_n))
+        try:
+            self._kernel[grid](x, a, b, slots, out, in_features, out_features, capacity, width, x.stride(0),
+                               out.stride(0), BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_N=block_n)
+        except Exception as exc:  # a Triton that cannot compile for this GPU: serve on torch's operators
+            self.failure = f"{exc.__class__.__name__}: {exc}"
+            logger.exception("the fused GPU LoRA kernel failed to launch; decode steps use torch's operators from now on")
+            raise KernelUnavailable(self.failure) from exc
         self.launches += 1
-        self._kernel[grid](x, a, b, slots, out, in_features, out_features, capacity, width, x.stride(0),
-                           out.stride(0), BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_N=block_n)
         return out
 
 

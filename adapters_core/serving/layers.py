@@ -53,7 +53,7 @@ from torch import nn
 from adapters_core.errors import AdapterStateError
 from adapters_core.methods.lora.base_layers import BaseLayerInfo
 from adapters_core.serving.cpu_bgmv import BankCall, Bgmv
-from adapters_core.serving.gpu_bgmv import GpuBgmv
+from adapters_core.serving.gpu_bgmv import GpuBgmv, KernelUnavailable
 from adapters_core.serving.kernels import (
     RankBand,
     RowIndex,
@@ -320,7 +320,10 @@ class SlotLoraLayer(_Wrapper):
                     and self.step_kernel.accepts(x, out)):
                 # a decode step on a GPU: one launch reads each row's weights from the bank by slot
                 assert self.a is not None and self.b is not None
-                return self.step_kernel.step(x, self.a, self.b, routing.slots, width, out)
+                try:
+                    return self.step_kernel.step(x, self.a, self.b, routing.slots, width, out)
+                except KernelUnavailable:  # it could not launch (logged; it accepts nothing more): torch
+                    pass
             batch = routing.decode_rows
             if batch and self.rows_a is not None and x.shape[0] == batch and x.shape[1] == 1:
                 # a decode step without the kernel: weights already at the rows' positions in the row buffers

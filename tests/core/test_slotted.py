@@ -594,3 +594,59 @@ def test_float16_slot_weights_are_refused_where_they_do_not_fit(saved: dict[str,
         sm.prepare(config, tensors)
     assert maxdiff(routed_logits(sm, saved["llama-r8-qv"].ids, [1] * 4), saved["llama-r8-qv"].logits) <= 1e-3
 
+
+
+@pytest.mark.skipif(TRITON_MISSING is not None, reason=str(TRITON_MISSING))
+def test_a_fused_kernel_that_cannot_launch_leaves_decode_steps_to_torch(
+        saved: dict[str, Saved], model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A Triton that cannot compile for the GPU (its first launch raises) must not break serving: the step
+    that hit it and every later one compute the same products through torch, and the failure is logged
+    once."""
+    import logging
+
+    from transformers import DynamicCache
+
+    names = ["llama-r8-qv", "llama-all-linear"]
+    rows = [1, 2, 0, 1]
+    ids = saved[names[0]].ids[:1].repeat(len(rows), 1)
+
+    def loaded(**paths: object) -> SlottedModel:
+        sm = SlottedModel(load_model(model_dirs["llama"]), len(names), **paths)  # type: ignore[arg-type]
+        for slot, name in enumerate(names, start=1):
+            load_into(sm, slot, saved[name].path)
+        return sm
+
+    def decode_twice(sm: SlottedModel) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            cache = DynamicCache()
+            with sm.route(rows):
+                nxt = sm.model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            steps = []
+            for _ in range(2):
+                with sm.route(rows):
+                    steps.append(sm.model(input_ids=nxt, cache=cache, use_cache=True).logits.float())
+        return steps
+
+    want = decode_twice(loaded(**PATHS["torch-bank"]))
+    fused = loaded(**PATHS["triton"])
+    kernel = fused.gpu_kernel
+    assert kernel is not None
+
+    class CannotCompile:
+        calls = 0
+
+        def __getitem__(self, grid: object) -> object:
+            def launch(*args: object, **kwargs: object) -> None:
+                CannotCompile.calls += 1
+                raise RuntimeError("PassManager::run failed")
+            return launch
+
+    monkeypatch.setattr(kernel, "_kernel", CannotCompile())
+    monkeypatch.setattr(kernel, "failure", None)
+    with caplog.at_level(logging.ERROR, logger="adapters_core.serving.gpu_bgmv"):
+        got = decode_twice(fused)
+    for step_got, step_want in zip(got, want, strict=True):
+        assert maxdiff(step_got, step_want) <= ATOL
+    assert kernel.failure == "RuntimeError: PassManager::run failed"
+    assert CannotCompile.calls == 1 and caplog.text.count("failed to launch") == 1  # tried once, not every layer
