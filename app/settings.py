@@ -70,9 +70,9 @@ class Settings(BaseSettings):
         "copies of the running rows' adapter weights.",
     )
     gpu_kernels: Literal["auto", "off"] = Field(
-        default="auto", description="auto: decode steps whose rows use different adapters on a CUDA device run "
-        "the fused LoRA kernel (Triton, shipped with CUDA builds of torch), one launch per layer; off (or no "
-        "Triton): torch's operators, six per layer.",
+        default="auto", description="auto: decode steps with adapters on a CUDA device run the fused LoRA "
+        "kernel (Triton, shipped with CUDA builds of torch), one launch per layer; off (or no Triton): torch's "
+        "operators (six per layer when rows use different adapters).",
     )
     kernel_cache_dir: Path | None = Field(
         default=None, description="Where the compiled CPU kernel is kept; unset = $XDG_CACHE_HOME/adapterforge/kernels "

@@ -1,7 +1,8 @@
 """A fused GPU kernel (Triton) for a decode step's LoRA product when every row may use its own adapter.
 
 ``out[i] += (x[i] @ A[sᵢ][:, :w]) @ B[sᵢ][:w]`` for a batch of one token per row, read straight from
-the slot bank by slot id, in **one launch** per layer. A small model's decode step on a GPU is bound by
+the slot bank by slot id, in **one launch** per layer (rows on one adapter take it too: it replaces
+torch's few dense operators there). A small model's decode step on a GPU is bound by
 launches, not arithmetic or bandwidth (docs/benchmarks.md, "Inference server on a GPU"): torch's
 best sequence for the same product (:func:`kernels.lora_delta_bank_step`) is six operators per layer,
 which more than doubled an H200's step. Each program of the grid ``(rows, ⌈out / BLOCK_N⌉)`` computes

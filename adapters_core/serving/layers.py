@@ -306,24 +306,26 @@ class SlotLoraLayer(_Wrapper):
             out = F.linear(x, base.weight, base.bias)
         else:
             out = base(x, *args, **kwargs)
-        if (x.dim() == 3 and x.dtype == self.dtype and routing.uniform is None
-                and routing.distinct.isdisjoint(self._extra_slots) and not torch.is_grad_enabled()):
-            # the hot paths: rows on different adapters, plain LoRA (no DoRA, lora_bias or bias deltas)
+        if (x.dim() == 3 and x.dtype == self.dtype and routing.distinct.isdisjoint(self._extra_slots)
+                and not torch.is_grad_enabled()):
+            # the hot paths: plain LoRA (no DoRA, lora_bias or bias deltas) on the bank by slot id
             width = self._width(routing)
+            if (self.step_kernel is not None and x.shape[1] == 1 and x.shape[0] == routing.batch_size
+                    and self.step_kernel.accepts(x, out)):
+                # a decode step on a GPU (rows on one adapter or on many): one launch
+                assert self.a is not None and self.b is not None
+                try:
+                    return self.step_kernel.step(x, self.a, self.b, routing.slots, width, out)
+                except KernelUnavailable:  # it could not launch (logged; it accepts nothing more): torch
+                    pass
+            if routing.uniform is not None:  # one adapter for every row: two dense products, below
+                return self._add_adapters(x, out, routing)
             if self._bgmv is not None and x.shape[0] == routing.batch_size:
                 # the compiled kernel, reading each row's weights from the bank by slot (a plain Linear's
                 # output is a fresh (batch, tokens, out) tensor of x's dtype and device: only x's layout to check)
                 call = self._bank_call(width)
                 if call is not None and (x.stride(2) == 1 if plain else call.accepts(x, out)):
                     return call(x, out, routing.slots, routing.highest)
-            if (self.step_kernel is not None and x.shape[1] == 1 and x.shape[0] == routing.batch_size
-                    and self.step_kernel.accepts(x, out)):
-                # a decode step on a GPU: one launch reads each row's weights from the bank by slot
-                assert self.a is not None and self.b is not None
-                try:
-                    return self.step_kernel.step(x, self.a, self.b, routing.slots, width, out)
-                except KernelUnavailable:  # it could not launch (logged; it accepts nothing more): torch
-                    pass
             batch = routing.decode_rows
             if batch and self.rows_a is not None and x.shape[0] == batch and x.shape[1] == 1:
                 # a decode step without the kernel: weights already at the rows' positions in the row buffers

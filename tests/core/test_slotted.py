@@ -199,6 +199,10 @@ def test_decode_step_rows_use_their_own_slot(path: str, weights: str, saved: dic
     load_into(sm, 2, saved[names[4]].path)  # slot 2 reloaded with another adapter (other ranks)
     check([1, 2, 0, 4, 2, 3])
     assert bool(launches) == (path == "triton")  # the GPU kernel ran the mixed decode steps, and only there
+    if path == "triton":  # rows all on one adapter decode through it too
+        before = len(launches)
+        two_steps(ids[:3], [2, 2, 2])
+        assert len(launches) > before
 
 
 def test_reload_and_clear_forget_the_old_adapter(saved: dict[str, Saved], model_dirs: dict[str, Path]) -> None:
