@@ -50,8 +50,8 @@ class GpuBgmv:
     def accepts(self, x: torch.Tensor, out: torch.Tensor) -> bool:
         """Whether :meth:`step` can take this ``x`` / ``out`` pair: one token per row, the same rows, unit stride
         along features, on the kernel's kind of device."""
-        return (self.failure is None and x.dim() == 3 and x.shape[1] == 1 and out.dim() == 3 and out.shape[:2] == x.shape[:2]
-                and x.stride(2) == 1 and out.stride(2) == 1
+        return (self.failure is None and x.dim() == 3 and x.shape[1] == 1 and out.dim() == 3
+                and out.shape[:2] == x.shape[:2] and x.stride(2) == 1 and out.stride(2) == 1
                 and (x.device.type == "cpu") == self.interpret and x.device == out.device)
 
     def step(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, width: int,
@@ -62,20 +62,27 @@ class GpuBgmv:
         if not (a.is_contiguous() and b.is_contiguous() and x.stride(2) == 1 and out.stride(2) == 1):
             raise ValueError("the fused LoRA step needs contiguous banks and unit feature strides (see accepts)")
         batch, in_features, out_features = x.shape[0], x.shape[-1], out.shape[-1]
-        capacity = a.shape[-1]
         block_r = max(16, _next_power_of_2(width))  # (masked lanes past width cost nothing to speak of)
         block_n = max(16, min(256, _TILE // block_r, _next_power_of_2(out_features)))
         block_k = max(16, min(128, _TILE // block_r, _next_power_of_2(in_features)))
         grid = (batch, -(-out_features // block_n))
         try:
-            self._kernel[grid](x, a, b, slots, out, in_features, out_features, capacity, width, x.stride(0),
-                               out.stride(0), BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_N=block_n)
+            if x.is_cuda and x.device.index != torch.cuda.current_device():  # Triton launches on the current one
+                with torch.cuda.device(x.device):
+                    self._launch(grid, x, a, b, slots, out, width, block_k, block_r, block_n)
+            else:
+                self._launch(grid, x, a, b, slots, out, width, block_k, block_r, block_n)
         except Exception as exc:  # a Triton that cannot compile for this GPU: serve on torch's operators
             self.failure = f"{exc.__class__.__name__}: {exc}"
             logger.exception("the fused GPU LoRA kernel failed to launch; decode steps use torch's operators from now on")
             raise KernelUnavailable(self.failure) from exc
         self.launches += 1
         return out
+
+    def _launch(self, grid: tuple[int, int], x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
+                out: torch.Tensor, width: int, block_k: int, block_r: int, block_n: int) -> None:
+        self._kernel[grid](x, a, b, slots, out, x.shape[-1], out.shape[-1], a.shape[-1], width, x.stride(0),
+                           out.stride(0), BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_N=block_n)
 
 
 def _next_power_of_2(value: int) -> int:
