@@ -69,10 +69,11 @@ class Settings(BaseSettings):
         "which reads each row's adapter weights from the slots; off (or no compiler): torch's bmm, with per-row "
         "copies of the running rows' adapter weights.",
     )
-    gpu_kernels: Literal["auto", "off"] = Field(
+    gpu_kernels: Literal["auto", "on", "off"] = Field(
         default="auto", description="auto: decode steps with adapters on a CUDA device run the fused LoRA "
         "kernel (Triton, shipped with CUDA builds of torch), one launch per layer; off (or no Triton): torch's "
-        "operators (six per layer when rows use different adapters).",
+        "operators (six per layer when rows use different adapters); on: the kernel is required, and the "
+        "server refuses to start where it cannot run (no CUDA device, no Triton).",
     )
     kernel_cache_dir: Path | None = Field(
         default=None, description="Where the compiled CPU kernel is kept; unset = $XDG_CACHE_HOME/adapterforge/kernels "

@@ -91,9 +91,9 @@ def _next_power_of_2(value: int) -> int:
 
 def _enabled() -> bool:
     value = os.environ.get("ADAPTERFORGE_GPU_KERNELS", "auto").strip().lower()
-    if value not in ("auto", "off"):
-        raise KernelUnavailable(f"ADAPTERFORGE_GPU_KERNELS must be auto or off, not {value!r}")
-    return value == "auto"
+    if value not in ("auto", "on", "off"):
+        raise KernelUnavailable(f"ADAPTERFORGE_GPU_KERNELS must be auto, on or off, not {value!r}")
+    return value != "off"
 
 
 @functools.cache

@@ -31,7 +31,7 @@ from adapters_core.errors import ConfigError, TargetModulesNotFoundError, Unsupp
 from adapters_core.methods.lora import base_layers
 from adapters_core.methods.lora.config import LoraConfig
 from adapters_core.serving.cpu_bgmv import Bgmv, load_bgmv
-from adapters_core.serving.gpu_bgmv import GpuBgmv, load_gpu_bgmv, load_gpu_bgmv_or_raise
+from adapters_core.serving.gpu_bgmv import GpuBgmv, KernelUnavailable, load_gpu_bgmv, load_gpu_bgmv_or_raise
 from adapters_core.serving.layers import RoutingState, SlotBias, SlotLoraLayer, SlotModuleSwap, SlotRouting
 from adapters_core.serving.prepare import PreparedAdapter, prepare_adapter
 from adapters_core.targeting import candidate_modules, find_targets
@@ -93,7 +93,10 @@ class SlottedModel:
             return load_gpu_bgmv() if self.device.type == "cuda" else None
         if not wanted:
             return None
-        kernel = load_gpu_bgmv_or_raise()
+        try:
+            kernel = load_gpu_bgmv_or_raise()
+        except KernelUnavailable as exc:
+            raise ConfigError(f"the GPU LoRA kernel cannot be used: {exc}", field="gpu_kernels") from exc
         if kernel.interpret != (self.device.type == "cpu"):
             where = "Triton's interpreter (TRITON_INTERPRET=1)" if kernel.interpret else "a GPU"
             raise ConfigError(f"the GPU LoRA kernel runs on {where}, but the model is on {self.device}",

@@ -113,12 +113,17 @@ class ServingHost:
                 f"ADAPTERFORGE_ADAPTER_DTYPE=float16 halves the adapter slots of a float32 base model; this one is "
                 f"{model_dtype}, whose slots are 16-bit already with auto", field="ADAPTERFORGE_ADAPTER_DTYPE",
             )
-        self.slotted = SlottedModel(model, settings.adapter_slots, max_rank=settings.max_lora_rank,
-                                    dtype=torch.float32 if settings.adapter_dtype == "float32" else None,
-                                    weight_dtype=torch.float16 if settings.adapter_dtype == "float16" else None,
-                                    row_capacity=settings.max_batch_size if on_cpu else 0,
-                                    cpu_kernels=settings.cpu_kernels == "auto",
-                                    gpu_kernels=None if settings.gpu_kernels == "auto" else False)
+        try:
+            self.slotted = SlottedModel(model, settings.adapter_slots, max_rank=settings.max_lora_rank,
+                                        dtype=torch.float32 if settings.adapter_dtype == "float32" else None,
+                                        weight_dtype=torch.float16 if settings.adapter_dtype == "float16" else None,
+                                        row_capacity=settings.max_batch_size if on_cpu else 0,
+                                        cpu_kernels=settings.cpu_kernels == "auto",
+                                        gpu_kernels={"auto": None, "on": True, "off": False}[settings.gpu_kernels])
+        except ConfigError as exc:
+            if exc.field != "gpu_kernels":
+                raise
+            raise ConfigError(f"ADAPTERFORGE_GPU_KERNELS=on: {exc}", field="ADAPTERFORGE_GPU_KERNELS") from exc
         logger.info("serving: %d adapter slots, LoRA weights in %s, products in %s", settings.adapter_slots,
                     self.slotted.weight_dtype, self.slotted.dtype)
         if self.slotted.cpu_kernel is not None:

@@ -416,6 +416,38 @@ def test_cpu_kernels_off_serves_the_same_tokens_through_torch(tmp_path: Path, de
         assert max(abs(a - b) for a, b in zip(mixed[i]["logprobs"], alone[i]["logprobs"], strict=True)) <= LOGPROB_ATOL
 
 
+def _triton_interpreted() -> bool:
+    from adapters_core.serving.gpu_bgmv import KernelUnavailable, load_gpu_bgmv_or_raise
+
+    try:
+        return load_gpu_bgmv_or_raise().interpret
+    except KernelUnavailable:
+        return False
+
+
+@pytest.mark.skipif(not _triton_interpreted(), reason="needs Triton, run by its interpreter (TRITON_INTERPRET=1)")
+def test_gpu_kernels_on_serves_the_same_tokens_through_the_fused_kernel(
+        tmp_path: Path, demo_model_dir: Path, base_host: Any, adapters: list[Path], served: TestClient) -> None:
+    """``ADAPTERFORGE_GPU_KERNELS=on`` requires the fused decode kernel; here, on a CPU, Triton's interpreter runs
+    it: a mixed batch through the whole server answers what each request answers alone on the default paths
+    (tokens, and log-probabilities to 1e-4), and its decode steps were the kernel's."""
+    refs: list[str | None] = ["a0", "a1", None, "a2"]
+    body = {"prompt": PROMPTS[2], "max_new_tokens": 6, "min_new_tokens": 6, "temperature": 0, "logprobs": True}
+    alone = [generate(served, ref, **body).json() for ref in refs]
+    settings = serving_settings(tmp_path, demo_model_dir, cpu_kernels="off", gpu_kernels="on")
+    with served_app(settings, base_host) as client:
+        kernel = client.app.state.services.serving.slotted.gpu_kernel  # type: ignore[attr-defined]
+        assert kernel is not None
+        for i in range(3):
+            upload(client, f"a{i}", adapters[i])
+        launches = kernel.launches
+        mixed = [r.json() for r in concurrently(client, refs, body)]
+        assert kernel.launches > launches
+    for i, ref in enumerate(refs):
+        assert mixed[i]["tokens"] == alone[i]["tokens"], ref
+        assert max(abs(a - b) for a, b in zip(mixed[i]["logprobs"], alone[i]["logprobs"], strict=True)) <= LOGPROB_ATOL
+
+
 # --------------------------------------------------------------------------- slots, eviction, overload
 def test_more_adapters_than_slots_are_evicted_and_reloaded(tmp_path: Path, demo_model_dir: Path, base_host: Any,
                                                            adapters: list[Path], served: TestClient) -> None:

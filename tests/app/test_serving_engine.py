@@ -292,6 +292,24 @@ def test_float16_adapter_weights_on_a_16_bit_model_stop_the_start(demo_model_dir
     assert info.value.field == "ADAPTERFORGE_ADAPTER_DTYPE"
 
 
+def test_gpu_kernels_on_stops_the_start_where_the_kernel_cannot_run(demo_model_dir: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ADAPTERFORGE_GPU_KERNELS=on`` is a requirement: without Triton (or on a CPU, where only its interpreter
+    runs the kernel) the server refuses to start and says why."""
+    from adapters_core.serving import gpu_bgmv
+
+    def no_triton() -> gpu_bgmv.GpuBgmv:
+        raise gpu_bgmv.KernelUnavailable("Triton is not installed (No module named 'triton')")
+
+    monkeypatch.setattr(gpu_bgmv, "_compiled", no_triton)
+    settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'af.db'}",
+                        base_model=str(demo_model_dir), gpu_kernels="on")
+    with pytest.raises(ConfigError, match=r"ADAPTERFORGE_GPU_KERNELS=on: the GPU LoRA kernel cannot be used: "
+                                          r"Triton is not installed") as info:
+        ServingHost.load(settings)
+    assert info.value.field == "ADAPTERFORGE_GPU_KERNELS"
+
+
 def _host_on(model_dtype: torch.dtype, adapter_dtype: str, demo_model_dir: Path, tmp_path: Path,
              monkeypatch: pytest.MonkeyPatch) -> ServingHost:
     """A serving host whose loaded base model is cast to ``model_dtype``."""

@@ -129,7 +129,7 @@ def test_switched_off_by_the_setting(monkeypatch: pytest.MonkeyPatch, caplog: py
         with pytest.raises(KernelUnavailable, match="disabled"):
             load_gpu_bgmv_or_raise()
         monkeypatch.setenv("ADAPTERFORGE_GPU_KERNELS", "maybe")
-        with pytest.raises(KernelUnavailable, match="auto or off, not 'maybe'"):
+        with pytest.raises(KernelUnavailable, match="auto, on or off, not 'maybe'"):
             load_gpu_bgmv_or_raise()
     finally:
         load_gpu_bgmv.cache_clear()
