@@ -114,6 +114,33 @@ def main() -> None:
         kernels_ = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
         return operators, kernels_
 
+    def per_call(fn: Any, n: int = 300) -> float:
+        """Microseconds per call of ``fn`` over ``n`` calls, synchronized only at the end (the host's rate)."""
+        fn()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync(device)
+        return (time.perf_counter() - t0) / n * 1e6
+
+    def one_layer_costs() -> dict[str, float]:
+        """One LoRA layer's product for the 32 rows (the first q_proj), by each path: µs per call."""
+        from adapters_core.serving.kernels import RowIndex, lora_delta_bank_step
+
+        layer = next(m for m in sm.model.modules() if isinstance(m, SlotLoraLayer))
+        assert layer.a is not None and layer.b is not None and layer._flat_bank is not None
+        x = torch.randn(ROWS, 1, layer.info.in_features, device=device, dtype=dtype)
+        out = torch.zeros(ROWS, 1, layer.info.out_features, device=device, dtype=dtype)
+        slots = torch.tensor(own, device=device)
+        width, index = layer.rank_capacity, RowIndex(slots)  # (a forward's layers share its indices)
+        costs = {"torch (6 operators)": per_call(
+            lambda: lora_delta_bank_step(x, *layer._flat_bank, index, width, out))}
+        if fused is not None:
+            costs["fused (1 launch)"] = per_call(lambda: fused.step(x, layer.a, layer.b, slots, width, out))
+        costs["one torch add_, for scale"] = per_call(lambda: out.add_(1.0))
+        return costs
+
     n_layers = sum(isinstance(m, SlotLoraLayer) for m in sm.model.modules())
     base, own = [0] * ROWS, list(range(1, ROWS + 1))
     contenders = {"base": (base, None), "adapters, torch": (own, None)}
@@ -138,6 +165,8 @@ def main() -> None:
         logger.info("  (no fused kernel here: it runs on CUDA devices with Triton)")
     logger.info("  cold load of one adapter (medians of %d, the first wraps the model): %s", ROWS - 1,
                 ", ".join(f"{k} {statistics.median(v[1:]) * 1e3:.2f} ms" for k, v in cold.items()))
+    logger.info("  one LoRA layer's product, 32 rows (us per call, host rate): %s",
+                ", ".join(f"{k} {v:.1f}" for k, v in one_layer_costs().items()))
     for key in contenders:
         if key == "base":
             continue
