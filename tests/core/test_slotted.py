@@ -654,3 +654,38 @@ def test_a_fused_kernel_that_cannot_launch_leaves_decode_steps_to_torch(
         assert maxdiff(step_got, step_want) <= ATOL
     assert kernel.failure == "RuntimeError: PassManager::run failed"
     assert CannotCompile.calls == 1 and caplog.text.count("failed to launch") == 1  # tried once, not every layer
+
+
+@pytest.mark.skipif(TRITON_MISSING is not None, reason=str(TRITON_MISSING))
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fused_decode_steps_equal_torch_for_every_servable_case(arch: str, saved: dict[str, Saved],
+                                                                 model_dirs: dict[str, Path],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every LoRA variant of the conformance table (GPT-2's ``Conv1D`` layers included) in one mixed decode step
+    through the fused GPU kernel gives what torch's operators give. A layer where some row's adapter has what
+    the kernel does not take (DoRA, ``lora_bias``, trained biases) runs on torch for that step; without such
+    rows, the kernel runs every layer."""
+    from transformers import DynamicCache
+
+    def decode(cases: list[Case], paths: dict[str, object]) -> torch.Tensor:
+        rows = [0, *range(1, len(cases) + 1), 1]
+        ids = saved[cases[0].id].ids[:1].repeat(len(rows), 1)
+        sm = SlottedModel(load_model(model_dirs[arch]), len(cases), **paths)  # type: ignore[arg-type]
+        for slot, case in enumerate(cases, start=1):
+            load_into(sm, slot, saved[case.id].path)
+        with torch.inference_mode():
+            cache = DynamicCache()
+            with sm.route(rows):
+                nxt = sm.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                return sm.model(input_ids=nxt, past_key_values=cache, use_cache=True).logits.float()
+
+    every = [c for c in SERVABLE if c.arch == arch]
+    plain = [c for c in every if not (c.kw.get("use_dora") or c.kw.get("lora_bias") or c.kw.get("bias", "none") != "none")]
+    assert len(plain) >= 3
+    launches = count_step_kernel_calls(monkeypatch)
+    for cases in (every, plain):
+        want = decode(cases, PATHS["torch-bank"])
+        before = len(launches)
+        got = decode(cases, PATHS["triton"])
+        assert maxdiff(got, want) <= ATOL, [c.id for c in cases]
+    assert len(launches) > before  # the plain batch's decode step went through the kernel
