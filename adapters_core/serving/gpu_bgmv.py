@@ -45,7 +45,7 @@ class GpuBgmv:
         self._kernel = kernel
         self.interpret = interpret  # Triton's interpreter (CPU tensors, tests), not a GPU
         self.launches = 0  # since the process started (benchmarks and checks read it)
-        self.failure: str | None = None  # why a launch failed (Triton could not compile it): no longer used
+        self.failure: str | None = None  # why a launch failed (Triton could not compile it); set: not used again
 
     def accepts(self, x: torch.Tensor, out: torch.Tensor) -> bool:
         """Whether :meth:`step` can take this ``x`` / ``out`` pair: one token per row, the same rows, unit stride

@@ -1,5 +1,7 @@
 """The Triton source of :mod:`adapters_core.serving.gpu_bgmv` (imported only where Triton is installed)."""
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -45,5 +47,4 @@ def interpreted() -> bool:
     knobs = getattr(triton, "knobs", None)
     if knobs is not None:
         return bool(knobs.runtime.interpret)
-    import os
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -30,9 +30,9 @@ Without it, ``row_capacity`` gives the layer *row buffers* ``A_rows (rows, in, r
 joins, so that a decode step multiplies in place with ``bmm`` on views (on CPUs, where decode is
 bound by reading adapter weights, about half the cost of gathering from the bank every step), in bands
 of rank columns when the rows' ranks differ (``SlotRouting.bands``: each row multiplies about its own
-rank, not the batch's largest); other forwards gather and use ``bmm``. On CUDA devices a decode step of
-rows on different adapters is one launch of the fused Triton kernel of
-:mod:`adapters_core.serving.gpu_bgmv` per layer (``step_kernel``), reading the bank by slot id.
+rank, not the batch's largest); other forwards gather and use ``bmm``. On CUDA devices a decode step (rows
+on different adapters, or on one) is one launch per layer of the fused Triton kernel of
+:mod:`adapters_core.serving.gpu_bgmv` (``step_kernel``), reading the bank by slot id.
 :class:`SlotModuleSwap` serves ``modules_to_save``: rows whose adapter has its own copy of the module
 go through that copy, grouped by slot. :class:`SlotBias` adds trained biases on modules an adapter
 does not put LoRA on. Wrappers nest as ``SlotModuleSwap(SlotBias(SlotLoraLayer(base)))``, each
