@@ -170,6 +170,13 @@ class Server:
             time.sleep(0.5)
         raise RuntimeError(f"the server did not start; see {work / 'server.log'}")
 
+    def lora_kernel(self) -> str:
+        """What computed the server's LoRA products (``/readyz``): cpu, triton or torch (with the error when a
+        GPU kernel stopped being used)."""
+        serving = httpx.get(f"{self.base}/readyz", timeout=10).json()["checks"]["serving"]
+        error = serving.get("lora_kernel_error")
+        return str(serving.get("lora_kernel")) + (f" (the GPU kernel failed: {error})" if error else "")
+
     def upload(self, name: str, folder: Path) -> None:
         files = [("files", (n, (folder / n).read_bytes())) for n in ("adapter_config.json", "adapter_model.safetensors")]
         r = httpx.post(f"{self.base}/adapters", files=[("name", (None, name)), *files], timeout=60)
@@ -423,6 +430,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for key in (group if r % 2 == 0 else group[::-1]):
                     results[key].append(contenders[key]())
                     logger.info("round %d %s: %.0f tok/s", r + 1, key, results[key][-1]["tok_s"])
+        lora_kernel = server.lora_kernel()
     finally:
         server.close()
 
@@ -450,7 +458,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   "device": device, "clients": CLIENTS,
                   "requests_per_client": per_client, "new_tokens": NEW_TOKENS, "rank": RANK, "slots": SLOTS,
                   "rounds": rounds, "quick": quick,
-                  "params": n_params},
+                  "params": n_params, "server_lora_kernel": lora_kernel},
         "tok_s": {k: med(k) for k in results if k != "ttft"},
         "tok_s_all": {k: [round(x["tok_s"], 1) for x in v] for k, v in results.items()},
         "ttft_ms": {"p50": _pct(ttft, 50) * 1e3, "p99": _pct(ttft, 99) * 1e3, "n": len(ttft)},
@@ -545,6 +553,7 @@ def report(r: dict[str, Any]) -> str:
             f"{k} {lo:.2f}-{hi:.2f}" for k, (lo, hi) in r["ratio_range"].items()),
         f"cold load medians: ours {r['cold_load_ms']['ours']:.2f} ms (of which the copy into the slot "
         f"{r['cold_load_ms']['ours_copy_only']:.2f} ms), peft {r['cold_load_ms']['peft']:.2f} ms",
+        f"the server's LoRA products: {r['setup']['server_lora_kernel']} (/readyz, after the rounds)",
         f"greedy outputs of the server equal to peft's: {r['greedy_outputs_equal_peft']}" + "".join(
             f"; client {d['client']} parts at token {d['position']}" + (
                 "" if d["peft_logit_margin"] is None else

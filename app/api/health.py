@@ -42,7 +42,7 @@ def _checks(services: Services) -> dict[str, Any]:
         checks["serving"] = {"ok": True, "enabled": False}
     else:
         checks["serving"] = {"ok": serving.engine.alive, "enabled": True, "queued": serving.engine.queue_depth,
-                             "running": serving.engine.running_rows}
+                             "running": serving.engine.running_rows, **serving.lora_kernel}
     return checks
 
 

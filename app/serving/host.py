@@ -129,7 +129,7 @@ class ServingHost:
         if self.slotted.cpu_kernel is not None:
             logger.info("rows on different adapters run the compiled CPU kernel %s", self.slotted.cpu_kernel.path)
         if self.slotted.gpu_kernel is not None:
-            logger.info("decode steps of rows on different adapters run the fused GPU kernel (Triton)")
+            logger.info("decode steps with adapters run the fused GPU kernel (Triton)")
         events: BankEvents | None = metrics if isinstance(metrics, BankEvents) else None
         self.bank = AdapterBank(self.slotted, host_capacity_bytes=settings.adapter_host_cache_bytes, events=events)
         config = getattr(model, "config", None)
@@ -142,6 +142,17 @@ class ServingHost:
         self.engine = GenerationEngine(model, tokenizer, self.slotted, self.bank, self.limits,
                                        eos_ids=eos_token_ids(model, tokenizer), metrics=engine_metrics)
         self.versions = ServedVersions()
+
+    @property
+    def lora_kernel(self) -> dict[str, str]:
+        """Which code computes the LoRA products of mixed batches (``/readyz`` reports it): ``cpu`` (the
+        compiled CPU kernel), ``triton`` (the fused GPU kernel, decode steps) or ``torch``; with the reason
+        when a GPU kernel stopped being used."""
+        gpu = self.slotted.gpu_kernel
+        if gpu is not None and gpu.failure is not None:
+            return {"lora_kernel": "torch", "lora_kernel_error": gpu.failure[:300]}
+        return {"lora_kernel": "cpu" if self.slotted.cpu_kernel is not None else "triton" if gpu is not None
+                else "torch"}
 
     @classmethod
     def load(cls, settings: Settings, metrics: Any = None) -> ServingHost:

@@ -443,6 +443,7 @@ def test_gpu_kernels_on_serves_the_same_tokens_through_the_fused_kernel(
         launches = kernel.launches
         mixed = [r.json() for r in concurrently(client, refs, body)]
         assert kernel.launches > launches
+        assert client.get("/readyz").json()["checks"]["serving"]["lora_kernel"] == "triton"
     for i, ref in enumerate(refs):
         assert mixed[i]["tokens"] == alone[i]["tokens"], ref
         assert max(abs(a - b) for a, b in zip(mixed[i]["logprobs"], alone[i]["logprobs"], strict=True)) <= LOGPROB_ATOL
@@ -513,7 +514,11 @@ def test_metrics_count_requests_tokens_and_latencies(served: TestClient) -> None
         assert any(line.startswith(name) and float(line.split()[-1]) > 0 for line in text.splitlines()), name
     assert "adapterforge_generate_queue_depth" in text and "adapterforge_adapter_slots_used" in text
     ready = served.get("/readyz").json()
-    assert ready["checks"]["serving"] == {"ok": True, "enabled": True, "queued": 0, "running": 0}
+    from adapters_core.serving.cpu_bgmv import load_bgmv
+
+    kernel = "cpu" if load_bgmv() is not None else "torch"  # (the compiled CPU kernel where it builds)
+    assert ready["checks"]["serving"] == {"ok": True, "enabled": True, "queued": 0, "running": 0,
+                                          "lora_kernel": kernel}
 
 
 def test_pinned_adapters_load_at_start_and_keep_their_slot(tmp_path: Path, demo_model_dir: Path, base_host: Any,
