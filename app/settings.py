@@ -71,8 +71,9 @@ class Settings(BaseSettings):
     )
     gpu_kernels: Literal["auto", "on", "off"] = Field(
         default="auto", description="auto: decode steps with adapters on a CUDA device run the fused LoRA "
-        "kernel (Triton, shipped with CUDA builds of torch), one launch per layer; off (or no Triton): torch's "
-        "operators (six per layer when rows use different adapters); on: the kernel is required, and the "
+        "kernel (Triton, shipped with CUDA builds of torch), one launch per layer, and prefills of rows on "
+        "different adapters two; off (or no Triton): torch's operators (six or more per layer when rows use "
+        "different adapters); on: the kernel is required, and the "
         "server refuses to start where it cannot run (no CUDA device, no Triton).",
     )
     kernel_cache_dir: Path | None = Field(

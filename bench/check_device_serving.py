@@ -167,7 +167,7 @@ def run(device: str) -> list[tuple[str, bool, str]]:
                 if fused:
                     launches = (sm.gpu_kernel.launches if sm.gpu_kernel else 0) - before
                     check(f"{str(dtype).removeprefix('torch.')} {tag} ran", launches > 0,
-                          f"{launches} launches of the fused kernel in the decode step")
+                          f"{launches} launches of the fused kernels in the prefill and the decode step")
                 kind = str(dtype).removeprefix("torch.")
                 for position, label in enumerate(("prefill", "decode")):
                     ours, ref = got[position], truth[position]

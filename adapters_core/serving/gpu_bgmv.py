@@ -8,7 +8,10 @@ best sequence for the same product (:func:`kernels.lora_delta_bank_step`) is six
 which more than doubled an H200's step. Each program of the grid ``(rows, ⌈out / BLOCK_N⌉)`` computes
 its row's ``h = x @ A[s][:, :w]`` in float32 (A read in ``BLOCK_K × BLOCK_R`` tiles), then its block of
 ``h @ B[s][:w]``, and adds it to ``out`` in place; the few programs of a row each recompute ``h``
-(``in × w`` multiply-adds, from cache) rather than pay a second launch. Weights may be stored in
+(``in × w`` multiply-adds, from cache) rather than pay a second launch. A prefill of rows on different
+adapters (several tokens per row) takes two launches (SGMV): one writes every token's ``h`` to a float32
+scratch, the other multiplies it by B into ``out`` (recomputing ``h`` per block of outputs would cost
+more than a launch for hundreds of tokens). Weights may be stored in
 another dtype than ``x`` (a float16 bank under float32 products): they are widened as they are
 loaded; products and sums are float32, ``out`` is rounded once, at the store.
 
@@ -41,48 +44,67 @@ class KernelUnavailable(RuntimeError):
 class GpuBgmv:
     """The compiled kernel; :meth:`step` launches it for one layer's decode step."""
 
-    def __init__(self, kernel: Any, interpret: bool) -> None:
+    def __init__(self, kernel: Any, prefill_kernel: Any, interpret: bool) -> None:
         self._kernel = kernel
+        self._prefill_kernel = prefill_kernel
         self.interpret = interpret  # Triton's interpreter (CPU tensors, tests), not a GPU
-        self.launches = 0  # since the process started (benchmarks and checks read it)
+        self.launches = 0  # GPU kernel launches since the process started (benchmarks and checks read it)
         self.failure: str | None = None  # why a launch failed (Triton could not compile it); set: not used again
 
     def accepts(self, x: torch.Tensor, out: torch.Tensor) -> bool:
-        """Whether :meth:`step` can take this ``x`` / ``out`` pair: one token per row, the same rows, unit stride
-        along features, on the kernel's kind of device."""
-        return (self.failure is None and x.dim() == 3 and x.shape[1] == 1 and out.dim() == 3
+        """Whether :meth:`step` can take this ``x`` / ``out`` pair: ``(rows, tokens, features)`` both, the same
+        rows and tokens, unit stride along features, on the kernel's kind of device."""
+        return (self.failure is None and x.dim() == 3 and out.dim() == 3
                 and out.shape[:2] == x.shape[:2] and x.stride(2) == 1 and out.stride(2) == 1
                 and (x.device.type == "cpu") == self.interpret and x.device == out.device)
 
     def step(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, width: int,
              out: torch.Tensor) -> torch.Tensor:
-        """``out[i] += (x[i] @ a[slots[i]][:, :width]) @ b[slots[i]][:width]`` in place; ``x`` ``(batch, 1, in)``,
-        ``a`` ``(slots, in, capacity)``, ``b`` ``(slots, capacity, out)`` (pre-scaled, both contiguous: the slot
-        bank), ``out`` ``(batch, 1, out)`` (see :meth:`accepts`)."""
+        """``out[i, t] += (x[i, t] @ a[slots[i]][:, :width]) @ b[slots[i]][:width]`` in place, one launch: ``x``
+        ``(batch, tokens, in)`` (one token: a decode step; more: a prefill), ``a`` ``(slots, in, capacity)``, ``b``
+        ``(slots, capacity, out)`` (pre-scaled, both contiguous: the slot bank), ``out`` ``(batch, tokens, out)``
+        (see :meth:`accepts`)."""
         if not (a.is_contiguous() and b.is_contiguous() and x.stride(2) == 1 and out.stride(2) == 1):
             raise ValueError("the fused LoRA step needs contiguous banks and unit feature strides (see accepts)")
-        batch, in_features, out_features = x.shape[0], x.shape[-1], out.shape[-1]
-        block_r = max(16, _next_power_of_2(width))  # (masked lanes past width cost nothing to speak of)
-        block_n = max(16, min(256, _TILE // block_r, _next_power_of_2(out_features)))
-        block_k = max(16, min(128, _TILE // block_r, _next_power_of_2(in_features)))
-        grid = (batch, -(-out_features // block_n))
         try:
             if x.is_cuda and x.device.index != torch.cuda.current_device():  # Triton launches on the current one
                 with torch.cuda.device(x.device):
-                    self._launch(grid, x, a, b, slots, out, width, block_k, block_r, block_n)
+                    self._launch(x, a, b, slots, width, out)
             else:
-                self._launch(grid, x, a, b, slots, out, width, block_k, block_r, block_n)
+                self._launch(x, a, b, slots, width, out)
         except Exception as exc:  # a Triton that cannot compile for this GPU: serve on torch's operators
             self.failure = f"{exc.__class__.__name__}: {exc}"
             logger.exception("the fused GPU LoRA kernel failed to launch; decode steps use torch's operators from now on")
             raise KernelUnavailable(self.failure) from exc
-        self.launches += 1
+        self.launches += 1 if x.shape[1] == 1 else 2
         return out
 
-    def _launch(self, grid: tuple[int, int], x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor,
-                out: torch.Tensor, width: int, block_k: int, block_r: int, block_n: int) -> None:
-        self._kernel[grid](x, a, b, slots, out, x.shape[-1], out.shape[-1], a.shape[-1], width, x.stride(0),
-                           out.stride(0), BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_N=block_n)
+    def _launch(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, width: int,
+                out: torch.Tensor) -> None:
+        batch, tokens, in_features = x.shape
+        out_features, capacity = out.shape[-1], a.shape[-1]
+        block_r = max(16, _next_power_of_2(width))  # (masked lanes past width cost nothing to speak of)
+        if tokens == 1:
+            block_n = max(16, min(256, _TILE // block_r, _next_power_of_2(out_features)))
+            block_k = max(16, min(128, _TILE // block_r, _next_power_of_2(in_features)))
+            self._kernel[(batch, -(-out_features // block_n))](
+                x, a, b, slots, out, in_features, out_features, capacity, width, x.stride(0), out.stride(0),
+                BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_N=block_n)
+            return
+        # a prefill: two launches, through h (rows, tokens, width) in float32, so that no program recomputes
+        # h for its block of outputs (the decode step does; for hundreds of tokens it would cost more than a
+        # launch); tiles of block_t tokens x block_k inputs (or block_n outputs) x block_r ranks stay within _TILE
+        shrink, expand = self._prefill_kernel
+        block_t = max(2, min(16, _next_power_of_2(tokens), _TILE // (block_r * 32)))
+        block_k = max(16, min(64, _TILE // (block_t * block_r), _next_power_of_2(in_features)))
+        block_n = max(16, min(128, _TILE // (block_t * block_r), _next_power_of_2(out_features)))
+        h = torch.empty((batch, tokens, width), dtype=torch.float32, device=x.device)
+        blocks_t = -(-tokens // block_t)
+        shrink[(batch, blocks_t)](x, a, slots, h, tokens, in_features, capacity, width, x.stride(0), x.stride(1),
+                                  BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r)
+        expand[(batch, blocks_t, -(-out_features // block_n))](
+            h, b, slots, out, tokens, out_features, capacity, width, out.stride(0), out.stride(1),
+            BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n)
 
 
 def _next_power_of_2(value: int) -> int:
@@ -102,7 +124,7 @@ def _compiled() -> GpuBgmv:
         from adapters_core.serving import gpu_bgmv_source  # imports Triton
     except ImportError as exc:
         raise KernelUnavailable(f"Triton is not installed ({exc})") from exc
-    return GpuBgmv(gpu_bgmv_source.compile_step(), gpu_bgmv_source.interpreted())
+    return GpuBgmv(gpu_bgmv_source.compile_step(), gpu_bgmv_source.compile_prefill(), gpu_bgmv_source.interpreted())
 
 
 def load_gpu_bgmv_or_raise() -> GpuBgmv:

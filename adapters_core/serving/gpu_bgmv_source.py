@@ -36,10 +36,62 @@ def bgmv_step(x_ptr, a_ptr, b_ptr, slots_ptr, out_ptr, in_features, out_features
     tl.store(target, (current.to(tl.float32) + delta).to(current.dtype), mask=n_ok)
 
 
+def sgmv_shrink(x_ptr, a_ptr, slots_ptr, h_ptr, tokens, in_features, capacity, width,  # type: ignore[no-untyped-def]
+                sx_row, sx_token, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """A prefill's first half, one program per ``BLOCK_T`` tokens of row ``program_id(0)``:
+    ``h[i, t, :width] = x[i, t] @ A[sᵢ][:, :width]`` into a contiguous float32 ``h (rows, tokens, width)``."""
+    row = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < tokens
+    slot = tl.load(slots_ptr + row).to(tl.int64)
+    rank = tl.arange(0, BLOCK_R)
+    rank_ok = rank < width
+    hidden = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
+    a_slot = a_ptr + slot * in_features * capacity
+    x_row = x_ptr + row * sx_row + t[:, None] * sx_token
+    for start in range(0, in_features, BLOCK_K):
+        k = start + tl.arange(0, BLOCK_K)
+        k_ok = k < in_features
+        xk = tl.load(x_row + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        a = tl.load(a_slot + k[:, None] * capacity + rank[None, :], mask=k_ok[:, None] & rank_ok[None, :],
+                    other=0.0).to(tl.float32)
+        hidden += tl.sum(xk[:, :, None] * a[None, :, :], axis=1)
+    target = h_ptr + (row * tokens + t[:, None]) * width + rank[None, :]
+    tl.store(target, hidden, mask=t_ok[:, None] & rank_ok[None, :])
+
+
+def sgmv_expand(h_ptr, b_ptr, slots_ptr, out_ptr, tokens, out_features, capacity, width,  # type: ignore[no-untyped-def]
+                so_row, so_token, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A prefill's second half: ``out[i, t, n] += h[i, t, :width] @ B[sᵢ][:width, n]`` for ``BLOCK_T`` tokens and
+    ``BLOCK_N`` outputs of row ``program_id(0)`` per program, in float32, rounded once into ``out``."""
+    row = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < tokens
+    slot = tl.load(slots_ptr + row).to(tl.int64)
+    rank = tl.arange(0, BLOCK_R)
+    rank_ok = rank < width
+    hidden = tl.load(h_ptr + (row * tokens + t[:, None]) * width + rank[None, :],
+                     mask=t_ok[:, None] & rank_ok[None, :], other=0.0)
+    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < out_features
+    b = tl.load(b_ptr + slot * capacity * out_features + rank[:, None] * out_features + n[None, :],
+                mask=rank_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+    delta = tl.sum(hidden[:, :, None] * b[None, :, :], axis=1)
+    target = out_ptr + row * so_row + t[:, None] * so_token + n[None, :]
+    mask = t_ok[:, None] & n_ok[None, :]
+    current = tl.load(target, mask=mask, other=0.0)
+    tl.store(target, (current.to(tl.float32) + delta).to(current.dtype), mask=mask)
+
+
 def compile_step():  # type: ignore[no-untyped-def]
     """:func:`bgmv_step` compiled for GPUs (run by Triton's interpreter on CPU tensors where
     ``TRITON_INTERPRET=1`` was set before Triton was imported)."""
     return triton.jit(bgmv_step)
+
+
+def compile_prefill():  # type: ignore[no-untyped-def]
+    """:func:`sgmv_shrink` and :func:`sgmv_expand`, compiled as :func:`compile_step` compiles the step."""
+    return triton.jit(sgmv_shrink), triton.jit(sgmv_expand)
 
 
 def interpreted() -> bool:

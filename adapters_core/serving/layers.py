@@ -310,9 +310,10 @@ class SlotLoraLayer(_Wrapper):
                 and not torch.is_grad_enabled()):
             # the hot paths: plain LoRA (no DoRA, lora_bias or bias deltas) on the bank by slot id
             width = self._width(routing)
-            if (self.step_kernel is not None and x.shape[1] == 1 and x.shape[0] == routing.batch_size
-                    and self.step_kernel.accepts(x, out)):
-                # a decode step on a GPU (rows on one adapter or on many): one launch
+            if (self.step_kernel is not None and x.shape[0] == routing.batch_size
+                    and (x.shape[1] == 1 or routing.uniform is None) and self.step_kernel.accepts(x, out)):
+                # on a GPU: a decode step (rows on one adapter or on many) in one launch, a prefill of rows on
+                # different adapters in two (rows all on one adapter prefill through two dense products below)
                 assert self.a is not None and self.b is not None
                 try:
                     return self.step_kernel.step(x, self.a, self.b, routing.slots, width, out)

@@ -47,6 +47,7 @@ def bank(slots: int, in_features: int, rank: int, out_features: int, dtype: torc
     return a, b
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 37], ids=lambda t: f"{t}-tokens")  # a decode step; prefills
 @pytest.mark.parametrize(("in_features", "out_features", "capacity", "width"), [
     (300, 600, 16, 16),  # three BLOCK_K tiles; three BLOCK_N programs per row, the last one partial
     (300, 600, 16, 5),  # fewer rank columns than the bank holds, not a power of two
@@ -54,16 +55,16 @@ def bank(slots: int, in_features: int, rank: int, out_features: int, dtype: torc
     (1, 7, 2, 1),
 ])
 def test_step_adds_each_rows_own_adapter_product(kernel: GpuBgmv, in_features: int, out_features: int,
-                                                 capacity: int, width: int) -> None:
+                                                 capacity: int, width: int, tokens: int) -> None:
     generator = torch.Generator().manual_seed(in_features * 1000 + width)
     a, b = bank(5, in_features, capacity, out_features, torch.float32, generator)
     slots = torch.tensor([3, 0, 1, 4, 3, 2])
-    x = torch.randn(len(slots), 1, in_features, generator=generator)
-    out = torch.randn(len(slots), 1, out_features, generator=generator)
+    x = torch.randn(len(slots), tokens, in_features, generator=generator)
+    out = torch.randn(len(slots), tokens, out_features, generator=generator)
     before, launches = out.clone(), kernel.launches
     want = reference(x, a, b, slots, width, out)
     got = kernel.step(x, a, b, slots, width, out)
-    assert got is out and kernel.launches == launches + 1  # in place, one launch
+    assert got is out and kernel.launches == launches + (1 if tokens == 1 else 2)  # in place; a prefill: 2 launches
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)
     assert torch.equal(got[1], before[1])  # the base row: nothing added (its slot holds zeros)
     if width < capacity:  # the columns past ``width`` are not read: poisoning them changes nothing
@@ -71,38 +72,41 @@ def test_step_adds_each_rows_own_adapter_product(kernel: GpuBgmv, in_features: i
         assert torch.equal(kernel.step(x, a, b, slots, width, before.clone()), got)
 
 
-def test_step_reads_rows_of_wider_tensors_and_writes_into_views(kernel: GpuBgmv) -> None:
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_step_reads_rows_of_wider_tensors_and_writes_into_views(kernel: GpuBgmv, tokens: int) -> None:
     generator = torch.Generator().manual_seed(7)
     a, b = bank(4, 200, 8, 130, torch.float32, generator)
     slots = torch.tensor([2, 1, 3])
-    wide_x = torch.randn(3, 1, 400, generator=generator)
-    x = wide_x[:, :, 100:300]  # rows 400 apart
-    wide_out = torch.randn(3, 2, 130, generator=generator)
-    out = wide_out[:, 1:2]  # one of two positions per row
-    untouched = wide_out[:, 0].clone()
+    wide_x = torch.randn(3, 2 * tokens, 400, generator=generator)
+    x = wide_x[:, ::2, 100:300]  # rows and tokens apart
+    wide_out = torch.randn(3, tokens, 2, 130, generator=generator)
+    out = wide_out[:, :, 1]  # one of two positions per token
+    untouched = wide_out[:, :, 0].clone()
     assert kernel.accepts(x, out)
     want = reference(x, a, b, slots, 8, out)
     kernel.step(x, a, b, slots, 8, out)
-    assert torch.allclose(wide_out[:, 1:2].double(), want, rtol=1e-5, atol=1e-4)
-    assert torch.equal(wide_out[:, 0], untouched)
+    assert torch.allclose(wide_out[:, :, 1].double(), want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(wide_out[:, :, 0], untouched)
     # features apart, or a bank that is a view, are refused (the torch path takes those)
-    assert not kernel.accepts(wide_x[:, :, ::2], out)
+    assert not kernel.accepts(wide_x[:, ::2, ::2], out)
     with pytest.raises(ValueError, match="unit feature strides"):
-        kernel.step(wide_x[:, :, ::2], a, b, slots, 8, out)
+        kernel.step(wide_x[:, ::2, ::2], a, b, slots, 8, out)
     with pytest.raises(ValueError, match="contiguous banks"):
         kernel.step(x, a[:, :, :4], b[:, :4], slots, 4, out)
 
 
 @pytest.mark.parametrize(("products", "weights"), [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16),
                                                    (torch.float16, torch.float16)])
-def test_step_widens_weights_and_rounds_once(kernel: GpuBgmv, products: torch.dtype, weights: torch.dtype) -> None:
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_step_widens_weights_and_rounds_once(kernel: GpuBgmv, products: torch.dtype, weights: torch.dtype,
+                                             tokens: int) -> None:
     """16-bit weights are widened as they are loaded and everything is summed in float32: the result is the
     float64 answer on those weights, rounded once to ``out``'s dtype (within a few float32 roundings)."""
     generator = torch.Generator().manual_seed(11)
     a, b = bank(3, 256, 16, 300, weights, generator)
     slots = torch.tensor([1, 2, 2, 0])
-    x = torch.randn(len(slots), 1, 256, generator=generator).to(products)
-    out = torch.randn(len(slots), 1, 300, generator=generator).to(products)
+    x = torch.randn(len(slots), tokens, 256, generator=generator).to(products)
+    out = torch.randn(len(slots), tokens, 300, generator=generator).to(products)
     want = reference(x, a, b, slots, 16, out)
     got = kernel.step(x, a, b, slots, 16, out.clone())
     assert got.dtype == products
@@ -111,11 +115,11 @@ def test_step_widens_weights_and_rounds_once(kernel: GpuBgmv, products: torch.dt
     assert (got.double() - want).abs().max().item() <= 2 * ulp + 1e-3
 
 
-def test_accepts_only_one_token_per_row_on_its_device(kernel: GpuBgmv) -> None:
+def test_accepts_rows_of_tokens_on_its_device(kernel: GpuBgmv) -> None:
     x, out = torch.zeros(4, 1, 8), torch.zeros(4, 1, 6)
-    assert kernel.accepts(x, out)
-    assert not kernel.accepts(torch.zeros(4, 3, 8), torch.zeros(4, 3, 6))  # a prefill
+    assert kernel.accepts(x, out) and kernel.accepts(torch.zeros(4, 3, 8), torch.zeros(4, 3, 6))
     assert not kernel.accepts(x, torch.zeros(3, 1, 6))  # other rows
+    assert not kernel.accepts(x, torch.zeros(4, 2, 6))  # other tokens
     assert not kernel.accepts(x.view(4, 8), out.view(4, 6))
 
 
