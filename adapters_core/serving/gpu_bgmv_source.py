@@ -12,7 +12,7 @@ def bgmv_step(x_ptr, a_ptr, b_ptr, slots_ptr, out_ptr, in_features, out_features
     ``out[i] += (x[i] @ A[sᵢ][:, :width]) @ B[sᵢ][:width]``, products and sums in float32. The banks are
     contiguous, ``A (slots, in_features, capacity)`` and ``B (slots, capacity, out_features)``; ``x`` and
     ``out`` have unit stride along features (few arguments: each one costs launch time on the host)."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # (row offsets of a long prefill pass 2**31 elements)
     block = tl.program_id(1)
     slot = tl.load(slots_ptr + row).to(tl.int64)
     rank = tl.arange(0, BLOCK_R)
@@ -40,7 +40,7 @@ def sgmv_shrink(x_ptr, a_ptr, slots_ptr, h_ptr, tokens, in_features, capacity, w
                 sx_row, sx_token, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """A prefill's first half, one program per ``BLOCK_T`` tokens of row ``program_id(0)``:
     ``h[i, t, :width] = x[i, t] @ A[sᵢ][:, :width]`` into a contiguous float32 ``h (rows, tokens, width)``."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # (row offsets of a long prefill pass 2**31 elements)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < tokens
     slot = tl.load(slots_ptr + row).to(tl.int64)
@@ -64,7 +64,7 @@ def sgmv_expand(h_ptr, b_ptr, slots_ptr, out_ptr, tokens, out_features, capacity
                 so_row, so_token, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """A prefill's second half: ``out[i, t, n] += h[i, t, :width] @ B[sᵢ][:width, n]`` for ``BLOCK_T`` tokens and
     ``BLOCK_N`` outputs of row ``program_id(0)`` per program, in float32, rounded once into ``out``."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # (row offsets of a long prefill pass 2**31 elements)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < tokens
     slot = tl.load(slots_ptr + row).to(tl.int64)
