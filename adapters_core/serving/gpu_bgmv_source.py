@@ -36,16 +36,21 @@ def bgmv_step(x_ptr, a_ptr, b_ptr, slots_ptr, out_ptr, in_features, out_features
     tl.store(target, (current.to(tl.float32) + delta).to(current.dtype), mask=n_ok)
 
 
+@triton.jit
+def _prefill_program(slots_ptr, tokens, width, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):  # type: ignore[no-untyped-def]
+    """What a prefill program works on: its row (int64: row offsets of a long prefill pass 2**31 elements),
+    its ``BLOCK_T`` tokens and which of them exist, the row's slot, the rank lanes and which are in use."""
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rank = tl.arange(0, BLOCK_R)
+    return row, t, t < tokens, tl.load(slots_ptr + row).to(tl.int64), rank, rank < width
+
+
 def sgmv_shrink(x_ptr, a_ptr, slots_ptr, h_ptr, tokens, in_features, capacity, width,  # type: ignore[no-untyped-def]
                 sx_row, sx_token, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """A prefill's first half, one program per ``BLOCK_T`` tokens of row ``program_id(0)``:
     ``h[i, t, :width] = x[i, t] @ A[sᵢ][:, :width]`` into a contiguous float32 ``h (rows, tokens, width)``."""
-    row = tl.program_id(0).to(tl.int64)  # (row offsets of a long prefill pass 2**31 elements)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < tokens
-    slot = tl.load(slots_ptr + row).to(tl.int64)
-    rank = tl.arange(0, BLOCK_R)
-    rank_ok = rank < width
+    row, t, t_ok, slot, rank, rank_ok = _prefill_program(slots_ptr, tokens, width, BLOCK_T, BLOCK_R)
     hidden = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
     a_slot = a_ptr + slot * in_features * capacity
     x_row = x_ptr + row * sx_row + t[:, None] * sx_token
@@ -64,12 +69,7 @@ def sgmv_expand(h_ptr, b_ptr, slots_ptr, out_ptr, tokens, out_features, capacity
                 so_row, so_token, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """A prefill's second half: ``out[i, t, n] += h[i, t, :width] @ B[sᵢ][:width, n]`` for ``BLOCK_T`` tokens and
     ``BLOCK_N`` outputs of row ``program_id(0)`` per program, in float32, rounded once into ``out``."""
-    row = tl.program_id(0).to(tl.int64)  # (row offsets of a long prefill pass 2**31 elements)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < tokens
-    slot = tl.load(slots_ptr + row).to(tl.int64)
-    rank = tl.arange(0, BLOCK_R)
-    rank_ok = rank < width
+    row, t, t_ok, slot, rank, rank_ok = _prefill_program(slots_ptr, tokens, width, BLOCK_T, BLOCK_R)
     hidden = tl.load(h_ptr + (row * tokens + t[:, None]) * width + rank[None, :],
                      mask=t_ok[:, None] & rank_ok[None, :], other=0.0)
     n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
