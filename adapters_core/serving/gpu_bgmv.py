@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -79,32 +80,75 @@ class GpuBgmv:
         self.launches += 1 if x.shape[1] == 1 else 2
         return out
 
+    def warm_up(self, shapes: Iterable[tuple[int, int]], max_rank: int, *, dtype: torch.dtype,
+                weight_dtype: torch.dtype, device: torch.device) -> int:
+        """Run every variant that layers of these ``(in_features, out_features)`` shapes can launch, for ranks
+        up to ``max_rank`` (a decode step and a prefill per rank block), on scratch tensors of one slot and one
+        row: Triton compiles each on its first launch, which should happen before the server takes requests
+        (a compile in a served step stalls every row of it). Returns the launches made;
+        :class:`KernelUnavailable` if one fails (logged, and the kernel then accepts nothing)."""
+        launches = self.launches
+        slots = torch.zeros(1, dtype=torch.long, device=device)
+        block_r, top = 16, rank_block(max_rank)
+        while block_r <= top:
+            for in_features, out_features in dict.fromkeys(shapes):
+                a = torch.zeros((1, in_features, block_r), dtype=weight_dtype, device=device)
+                b = torch.zeros((1, block_r, out_features), dtype=weight_dtype, device=device)
+                for tokens in (1, 2):  # a decode step, then a prefill
+                    x = torch.zeros((1, tokens, in_features), dtype=dtype, device=device)
+                    out = torch.zeros((1, tokens, out_features), dtype=dtype, device=device)
+                    self.step(x, a, b, slots, block_r, out)
+            block_r *= 2
+        return self.launches - launches
+
     def _launch(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, width: int,
                 out: torch.Tensor) -> None:
         batch, tokens, in_features = x.shape
         out_features, capacity = out.shape[-1], a.shape[-1]
-        block_r = max(16, _next_power_of_2(width))  # (masked lanes past width cost nothing to speak of)
+        block_r = rank_block(width)
         if tokens == 1:
-            block_n = max(16, min(256, _TILE // block_r, _next_power_of_2(out_features)))
-            block_k = max(16, min(128, _TILE // block_r, _next_power_of_2(in_features)))
+            block_k, block_n = decode_blocks(in_features, out_features, block_r)
             self._kernel[(batch, -(-out_features // block_n))](
                 x, a, b, slots, out, in_features, out_features, capacity, width, x.stride(0), out.stride(0),
-                BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_N=block_n)
+                BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_N=block_n, enable_fp_fusion=True)
             return
         # a prefill: two launches, through h (rows, tokens, width) in float32, so that no program recomputes
         # h for its block of outputs (the decode step does; for hundreds of tokens it would cost more than a
-        # launch); tiles of block_t tokens x block_k inputs (or block_n outputs) x block_r ranks stay within _TILE
+        # launch)
         shrink, expand = self._prefill_kernel
-        block_t = max(2, min(16, _next_power_of_2(tokens), _TILE // (block_r * 32)))
-        block_k = max(16, min(64, _TILE // (block_t * block_r), _next_power_of_2(in_features)))
-        block_n = max(16, min(128, _TILE // (block_t * block_r), _next_power_of_2(out_features)))
+        block_t, block_k, block_n = prefill_blocks(in_features, out_features, block_r)
         h = torch.empty((batch, tokens, width), dtype=torch.float32, device=x.device)
         blocks_t = -(-tokens // block_t)
         shrink[(batch, blocks_t)](x, a, slots, h, tokens, in_features, capacity, width, x.stride(0), x.stride(1),
-                                  BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r)
+                                  BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r, enable_fp_fusion=True)
         expand[(batch, blocks_t, -(-out_features // block_n))](
             h, b, slots, out, tokens, out_features, capacity, width, out.stride(0), out.stride(1),
-            BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n)
+            BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n, enable_fp_fusion=True)
+
+
+def rank_block(width: int) -> int:
+    """The rank lanes a program holds for rank width ``width``: a power of two, at least 16 (masked lanes
+    past ``width`` cost nothing to speak of). One compiled variant per value, with the two below."""
+    return max(16, _next_power_of_2(width))
+
+
+def decode_blocks(in_features: int, out_features: int, block_r: int) -> tuple[int, int]:
+    """``(BLOCK_K, BLOCK_N)`` of a decode step's launch: A's ``BLOCK_K × BLOCK_R`` and B's ``BLOCK_R × BLOCK_N``
+    register tiles stay within ``_TILE`` elements."""
+    block_n = max(16, min(256, _TILE // block_r, _next_power_of_2(out_features)))
+    block_k = max(16, min(128, _TILE // block_r, _next_power_of_2(in_features)))
+    return block_k, block_n
+
+
+def prefill_blocks(in_features: int, out_features: int, block_r: int) -> tuple[int, int, int]:
+    """``(BLOCK_T, BLOCK_K, BLOCK_N)`` of a prefill's two launches: tiles of ``BLOCK_T`` tokens × ``BLOCK_K`` inputs
+    (or ``BLOCK_N`` outputs) × ``BLOCK_R`` ranks within ``_TILE`` elements. They do not depend on the number of
+    tokens (a short prefill masks the token lanes it lacks), so every prefill at one rank block runs the
+    same compiled variant."""
+    block_t = max(2, min(16, _TILE // (block_r * 32)))
+    block_k = max(16, min(64, _TILE // (block_t * block_r), _next_power_of_2(in_features)))
+    block_n = max(16, min(128, _TILE // (block_t * block_r), _next_power_of_2(out_features)))
+    return block_t, block_k, block_n
 
 
 def _next_power_of_2(value: int) -> int:

@@ -83,15 +83,23 @@ def sgmv_expand(h_ptr, b_ptr, slots_ptr, out_ptr, tokens, out_features, capacity
     tl.store(target, (current.to(tl.float32) + delta).to(current.dtype), mask=mask)
 
 
+# Arguments that vary from call to call without changing the code worth generating: Triton would
+# otherwise compile a variant per value class (1, a multiple of 16, other) of each, on the first call that
+# brings it, stalling every request of that step; with these left general, one variant per rank block and
+# dtype serves every call, and the server compiles them all before it takes requests (``GpuBgmv.warm_up``).
+_GENERAL = ["capacity", "width"]
+
+
 def compile_step():  # type: ignore[no-untyped-def]
     """:func:`bgmv_step` compiled for GPUs (run by Triton's interpreter on CPU tensors where
     ``TRITON_INTERPRET=1`` was set before Triton was imported)."""
-    return triton.jit(bgmv_step)
+    return triton.jit(bgmv_step, do_not_specialize=_GENERAL)
 
 
 def compile_prefill():  # type: ignore[no-untyped-def]
     """:func:`sgmv_shrink` and :func:`sgmv_expand`, compiled as :func:`compile_step` compiles the step."""
-    return triton.jit(sgmv_shrink), triton.jit(sgmv_expand)
+    general = [*_GENERAL, "tokens"]
+    return triton.jit(sgmv_shrink, do_not_specialize=general), triton.jit(sgmv_expand, do_not_specialize=general)
 
 
 def interpreted() -> bool:

@@ -109,6 +109,23 @@ class SlottedModel:
         for layer in self._lora_layers.values():
             layer.step_kernel = kernel
 
+    def warm_up_gpu_kernel(self) -> int:
+        """Compile the fused GPU kernel's variants for every linear layer an adapter could put LoRA on, up to
+        ``max_rank`` (:meth:`GpuBgmv.warm_up`): without it, the first steps on each new shape or rank block
+        would stop for Triton's compiler. Returns the launches made (0 without the kernel);
+        :class:`KernelUnavailable` if the kernel cannot launch here."""
+        kernel = self.gpu_kernel
+        if kernel is None:
+            return 0
+        shapes: dict[torch.device, dict[tuple[int, int], None]] = {}
+        for module in self.model.modules():  # (into slot wrappers too: their base layers)
+            info = base_layers.describe(module)
+            if info is not None and info.kind == "linear":
+                device = _device_of(module, self.device)
+                shapes.setdefault(device, {})[(info.in_features, info.out_features)] = None
+        return sum(kernel.warm_up(found, self.max_rank, dtype=self.dtype, weight_dtype=self.weight_dtype,
+                                  device=device) for device, found in shapes.items())
+
     # ------------------------------------------------------------------ structure
     def lora_targets(self, config: LoraConfig) -> list[str]:
         """Names of the modules ``config`` puts LoRA on (wrapping them if needed); remembered per targeting

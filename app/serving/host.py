@@ -12,6 +12,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from adapters_core.errors import (
 )
 from adapters_core.peft_format import WEIGHTS_NAME, load_weights
 from adapters_core.serving import PreparedAdapter, SlottedModel, cpu_bgmv
+from adapters_core.serving.gpu_bgmv import KernelUnavailable
 from app.base_model import BaseModelSource, resolve_base_model, resolve_device
 from app.serving.bank import AdapterBank, AdapterLease, BankEvents
 from app.serving.engine import EngineLimits, EngineMetrics, GenerationEngine
@@ -129,7 +131,7 @@ class ServingHost:
         if self.slotted.cpu_kernel is not None:
             logger.info("rows on different adapters run the compiled CPU kernel %s", self.slotted.cpu_kernel.path)
         if self.slotted.gpu_kernel is not None:
-            logger.info("decode steps with adapters run the fused GPU kernel (Triton)")
+            self._warm_up_gpu_kernel(required=settings.gpu_kernels == "on")
         events: BankEvents | None = metrics if isinstance(metrics, BankEvents) else None
         self.bank = AdapterBank(self.slotted, host_capacity_bytes=settings.adapter_host_cache_bytes, events=events)
         config = getattr(model, "config", None)
@@ -142,6 +144,21 @@ class ServingHost:
         self.engine = GenerationEngine(model, tokenizer, self.slotted, self.bank, self.limits,
                                        eos_ids=eos_token_ids(model, tokenizer), metrics=engine_metrics)
         self.versions = ServedVersions()
+
+    def _warm_up_gpu_kernel(self, *, required: bool) -> None:
+        """Compile the fused GPU kernel's variants now, before requests can stall on Triton's compiler; where
+        it cannot launch, refuse to start if it is ``required``, else log it and serve on torch's operators."""
+        started = time.perf_counter()
+        try:
+            launches = self.slotted.warm_up_gpu_kernel()
+        except KernelUnavailable as exc:
+            if required:
+                raise ConfigError(f"ADAPTERFORGE_GPU_KERNELS=on, but the fused GPU kernel cannot launch here: {exc}",
+                                  field="ADAPTERFORGE_GPU_KERNELS") from exc
+            logger.warning("the fused GPU kernel cannot launch here (%s); LoRA products use torch's operators", exc)
+            return
+        logger.info("decode steps with adapters run the fused GPU kernel (Triton): %d warm-up launches compiled "
+                    "its variants in %.1f s", launches, time.perf_counter() - started)
 
     @property
     def lora_kernel(self) -> dict[str, str]:

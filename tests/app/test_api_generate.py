@@ -435,9 +435,13 @@ def test_gpu_kernels_on_serves_the_same_tokens_through_the_fused_kernel(
     body = {"prompt": PROMPTS[2], "max_new_tokens": 6, "min_new_tokens": 6, "temperature": 0, "logprobs": True}
     alone = [generate(served, ref, **body).json() for ref in refs]
     settings = serving_settings(tmp_path, demo_model_dir, cpu_kernels="off", gpu_kernels="on")
+    from adapters_core.serving.gpu_bgmv import load_gpu_bgmv_or_raise
+
+    before_start = load_gpu_bgmv_or_raise().launches
     with served_app(settings, base_host) as client:
         kernel = client.app.state.services.serving.slotted.gpu_kernel  # type: ignore[attr-defined]
         assert kernel is not None
+        assert kernel.launches > before_start  # warmed up (its variants compiled) before taking requests
         for i in range(3):
             upload(client, f"a{i}", adapters[i])
         launches = kernel.launches

@@ -310,6 +310,45 @@ def test_gpu_kernels_on_stops_the_start_where_the_kernel_cannot_run(demo_model_d
     assert info.value.field == "ADAPTERFORGE_GPU_KERNELS"
 
 
+@pytest.mark.parametrize("setting", ["on", "auto"])
+def test_a_gpu_kernel_that_cannot_launch_is_found_at_start(setting: str, demo_model_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """The fused kernel is warmed up before the server takes requests; a Triton that cannot compile for the
+    GPU shows there. ``on`` (required): the server does not start, and says why. ``auto``: it starts, logs why,
+    serves on torch's operators, and ``/readyz`` reports it."""
+    import logging
+
+    from adapters_core.serving import SlottedModel, gpu_bgmv
+
+    class CannotCompile:
+        def __getitem__(self, grid: object) -> object:
+            def launch(*args: object, **kwargs: object) -> None:
+                raise RuntimeError("PassManager::run failed")
+            return launch
+
+    broken = gpu_bgmv.GpuBgmv(CannotCompile(), (CannotCompile(), CannotCompile()), interpret=True)
+    monkeypatch.setattr(SlottedModel, "_gpu_kernel", lambda self, wanted: broken)
+    settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'af.db'}",
+                        base_model=str(demo_model_dir), gpu_kernels=setting)  # type: ignore[arg-type]
+    if setting == "on":
+        with pytest.raises(ConfigError, match=r"ADAPTERFORGE_GPU_KERNELS=on, but the fused GPU kernel cannot launch "
+                                              r"here: RuntimeError: PassManager::run failed") as info:
+            ServingHost.load(settings)
+        assert info.value.field == "ADAPTERFORGE_GPU_KERNELS"
+        return
+    with caplog.at_level(logging.WARNING, logger="app.serving.host"):
+        started = ServingHost.load(settings)
+    try:
+        assert "the fused GPU kernel cannot launch here (RuntimeError: PassManager::run failed)" in caplog.text
+        assert started.lora_kernel == {"lora_kernel": "torch", "lora_kernel_error": "RuntimeError: PassManager::run failed"}
+        ids = started.tokenizer("Hello there", add_special_tokens=False)["input_ids"]
+        params = SamplingParams(max_new_tokens=3, min_new_tokens=3, temperature=0.0)
+        assert len(alone(started.engine, ids, params)) == 3  # it serves
+    finally:
+        started.close()
+
+
 def _host_on(model_dtype: torch.dtype, adapter_dtype: str, demo_model_dir: Path, tmp_path: Path,
              monkeypatch: pytest.MonkeyPatch) -> ServingHost:
     """A serving host whose loaded base model is cast to ``model_dtype``."""

@@ -36,6 +36,7 @@ from tests.conftest import load_model
 from tests.core.test_lora_conformance import (
     CASES,
     MIN_EFFECT,
+    QV,
     SEED,
     Case,
     logits_of,
@@ -689,3 +690,71 @@ def test_fused_decode_steps_equal_torch_for_every_servable_case(arch: str, saved
         got = decode(cases, PATHS["triton"])
         assert maxdiff(got, want) <= ATOL, [c.id for c in cases]
     assert len(launches) > before  # the plain batch's decode step went through the kernel
+
+
+class RecordingKernel:
+    """Stands in for one of the fused kernel's Triton functions: runs it, and adds each launch's compile key to
+    ``keys`` as Triton forms it (a new key is a new compile): the kernel, its tensors' dtypes and 16-byte
+    alignment, each integer argument's class (1, a multiple of 16, other) unless the kernel leaves that
+    argument general (``do_not_specialize``), and the constexprs."""
+
+    def __init__(self, jitted: object, keys: set[tuple[object, ...]]) -> None:
+        self.jitted, self.keys = jitted, keys
+        self.general = set(getattr(jitted, "kwargs", {}).get("do_not_specialize") or ())
+
+    def _key(self, args: tuple[object, ...], kwargs: dict[str, object]) -> tuple[object, ...]:
+        parts: list[object] = [getattr(self.jitted, "fn", self.jitted).__name__]  # type: ignore[attr-defined]
+        for name, value in zip(self.jitted.arg_names, args, strict=False):  # type: ignore[attr-defined]
+            if isinstance(value, torch.Tensor):
+                parts.append((name, value.dtype, value.data_ptr() % 16 == 0))
+            elif isinstance(value, int) and name not in self.general:
+                parts.append((name, "1" if value == 1 else "16k" if value % 16 == 0 else "other"))
+        return (*parts, *sorted(kwargs.items()))
+
+    def __getitem__(self, grid: object) -> object:
+        def launch(*args: object, **kwargs: object) -> object:
+            self.keys.add(self._key(args, kwargs))
+            return self.jitted[grid](*args, **kwargs)  # type: ignore[index]
+        return launch
+
+
+@pytest.mark.skipif(TRITON_MISSING is not None, reason=str(TRITON_MISSING))
+def test_gpu_kernel_warm_up_compiles_every_variant_serving_launches(
+        saved: dict[str, Saved], model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """The server warms the fused kernel up before it takes requests so that no served step stops for Triton's
+    compiler: every launch of prefills and decode steps that follow (adapters of ranks 4 to 24, rows on one
+    adapter or several, prompts of several lengths) must have a compile key the warm-up already launched."""
+    from transformers import DynamicCache
+
+    wide = _save(Case("llama-r24-qv", "llama", {"r": 24, "lora_alpha": 16, "target_modules": QV}),
+                 model_dirs["llama"], tmp_path / "r24")
+    sm = SlottedModel(load_model(model_dirs["llama"]), 4, max_rank=32, **PATHS["triton"])  # type: ignore[arg-type]
+    kernel = sm.gpu_kernel
+    assert kernel is not None
+    warm: set[tuple[object, ...]] = set()
+    served: set[tuple[object, ...]] = set()
+    shrink, expand = kernel._prefill_kernel
+    recording = GpuBgmv(RecordingKernel(kernel._kernel, warm),
+                        (RecordingKernel(shrink, warm), RecordingKernel(expand, warm)), interpret=True)
+    sm.use_gpu_kernel(recording)
+    # llama's linear layers have 4 shapes (q/o, k/v, gate/up, down) and lm_head one more; rank blocks 16 and 32;
+    # per shape and block one decode launch and two prefill launches
+    shapes = {(m.in_features, m.out_features) for m in sm.model.modules() if isinstance(m, torch.nn.Linear)}
+    assert sm.warm_up_gpu_kernel() == len(shapes) * 2 * 3 == recording.launches
+    assert {key[0] for key in warm} == {"bgmv_step", "sgmv_shrink", "sgmv_expand"}
+    for recorder in (recording._kernel, *recording._prefill_kernel):
+        recorder.keys = served
+    for slot, path in enumerate([saved["llama-all-linear"].path, saved["llama-r8-qv"].path,
+                                 saved["llama-rslora"].path, wide.path], start=1):
+        load_into(sm, slot, path)
+    ids = saved["llama-r8-qv"].ids
+    with torch.inference_mode():
+        for rows, length in (([1, 2, 0, 3], 8), ([2, 2, 0, 2], 5), ([4, 1, 2, 0], 7), ([1, 4, 4, 3], 3)):
+            cache = DynamicCache()
+            with sm.route(rows):
+                nxt = sm.model(input_ids=ids[:, :length], cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            for _ in range(2):
+                with sm.route(rows):
+                    nxt = sm.model(input_ids=nxt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    assert {key[0] for key in served} == {"bgmv_step", "sgmv_shrink", "sgmv_expand"}
+    assert served <= warm, sorted(map(str, served - warm))
