@@ -10,8 +10,12 @@ switched off, not installed, or asked for where it cannot run.
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -113,6 +117,38 @@ def test_step_widens_weights_and_rounds_once(kernel: GpuBgmv, products: torch.dt
     rounded = want.to(products).double()
     ulp = (rounded - want).abs().max().item()  # one rounding to the output dtype, at most
     assert (got.double() - want).abs().max().item() <= 2 * ulp + 1e-3
+
+
+def _cuda_codegen_reason() -> str | None:
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError as exc:
+        return f"Triton has no CUDA backend here ({exc})"
+    return None
+
+
+@pytest.mark.skipif(_cuda_codegen_reason() is not None, reason=str(_cuda_codegen_reason()))
+@pytest.mark.parametrize(("arch", "pairs"), [
+    (90, ["bfloat16:bfloat16", "float16:float16", "float32:float32", "float32:float16"]),  # Hopper: each pair served
+    (80, ["bfloat16:bfloat16"]),  # Ampere
+], ids=["sm_90", "sm_80"])
+def test_every_variant_compiles_for_cuda_gpus(arch: int, pairs: list[str], tmp_path: Path) -> None:
+    """The interpreter runs the kernels' Python semantics, not Triton's GPU code generation: every variant the
+    server launches (rank blocks 16 to 128, products:weights dtype pairs) must compile to a cubin for real
+    GPUs, here, without one (tests/core/compile_for_cuda.py, in a process without ``TRITON_INTERPRET``, with
+    an empty Triton cache)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), TRITON_DEFAULT_FP_FUSION="1")
+    args = [sys.executable, str(Path(__file__).with_name("compile_for_cuda.py")), f"--arch={arch}",
+            *(f"--pair={p}" for p in pairs), *(f"--block={b}" for b in (16, 32, 64, 128))]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).parents[2])
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    errors = [r for r in records if "error" in r]
+    assert done.returncode == 0 and not errors, (errors or done.stderr[-3000:])
+    assert len(records) == len(pairs) * 4 * 3  # dtype pairs x rank blocks x kernels
+    assert {r["kernel"] for r in records} == {"bgmv_step", "sgmv_shrink", "sgmv_expand"}
+    assert all(r["arch"] == arch and r["cubin_bytes"] > 0 for r in records)
 
 
 def test_accepts_rows_of_tokens_on_its_device(kernel: GpuBgmv) -> None:
