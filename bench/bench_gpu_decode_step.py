@@ -6,8 +6,9 @@ prefill of 32 rows on a cache, it times decode steps of those rows routed to the
 and to their 32 adapters (best of 3 rounds), the adapters' products through torch's operators and,
 where it runs (CUDA devices with Triton), through the fused kernel of ``adapters_core.serving.gpu_bgmv``;
 then counts the torch operators (and, on a GPU, the
-kernels) one step of each launches; and the parts of the 32 adapters' cold loads into their slots
-(read, prepare on the host, copy into the slot). A small model's decode step is bound by launching work, not by
+kernels) one step of each launches; the fused kernel's warm-up at start (every compiled variant, into
+an empty Triton cache, then again compiled); and the parts of the 32 adapters' cold loads into their
+slots (read, prepare on the host, copy into the slot). A small model's decode step is bound by launching work, not by
 the GPU: the counts say what the adapter path adds. No server, no ``peft``; ~40 s on an H200.
 
     python bench/bench_gpu_decode_step.py [--device cuda] [--steps 30]
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -63,8 +65,16 @@ def main() -> None:
         build_tiny_llama(work / "model", SPECS["gpu"], seed=0)
         folders = make_adapters(work / "model", work / "adapters", ROWS, dtype)
         model: Any = AutoModelForCausalLM.from_pretrained(work / "model", dtype=dtype)
+        # Triton compiles into an empty cache, as on a fresh server (the compiled variants stay in it)
+        os.environ["TRITON_CACHE_DIR"] = str(work / "triton-cache")
         sm = SlottedModel(model.to(device).eval(), ROWS, cpu_kernels=False)
         fused = sm.gpu_kernel  # the fused decode kernel, where it runs (CUDA devices with Triton)
+        warm_up: list[tuple[int, float]] = []  # (launches, seconds): the server's start, cold then compiled
+        for _ in range(2 if fused is not None else 0):
+            t0 = time.perf_counter()
+            made = sm.warm_up_gpu_kernel()
+            sync(device)
+            warm_up.append((made, time.perf_counter() - t0))
         cold: dict[str, list[float]] = {"read": [], "prepare": [], "copy into the slot": []}
         for slot, folder in enumerate(folders, start=1):  # cold loads, timed in their parts
             t0 = time.perf_counter()
@@ -163,6 +173,10 @@ def main() -> None:
                     *calls[key])
     if fused is None:
         logger.info("  (no fused kernel here: it runs on CUDA devices with Triton)")
+    if warm_up:
+        logger.info("  the fused kernel's warm-up at start (every variant up to max_rank %d): %d launches, %.2f s "
+                    "with an empty Triton cache, %.3f s once compiled", sm.max_rank, warm_up[0][0], warm_up[0][1],
+                    warm_up[1][1])
     logger.info("  cold load of one adapter (medians of %d, the first wraps the model): %s", ROWS - 1,
                 ", ".join(f"{k} {statistics.median(v[1:]) * 1e3:.2f} ms" for k, v in cold.items()))
     logger.info("  one LoRA layer's product, 32 rows (us per call, host rate): %s",
