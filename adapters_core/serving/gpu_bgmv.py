@@ -107,23 +107,24 @@ class GpuBgmv:
         out_features, capacity = out.shape[-1], a.shape[-1]
         block_r = rank_block(width)
         if tokens == 1:
-            block_k, block_n = decode_blocks(in_features, out_features, block_r)
+            block_k, block_n, warps = decode_blocks(in_features, out_features, block_r)
             self._kernel[(batch, -(-out_features // block_n))](
                 x, a, b, slots, out, in_features, out_features, capacity, width, x.stride(0), out.stride(0),
-                BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_N=block_n, enable_fp_fusion=True)
+                BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps, enable_fp_fusion=True)
             return
         # a prefill: two launches, through h (rows, tokens, width) in float32, so that no program recomputes
         # h for its block of outputs (the decode step does; for hundreds of tokens it would cost more than a
         # launch)
         shrink, expand = self._prefill_kernel
-        block_t, block_k, block_n = prefill_blocks(in_features, out_features, block_r)
+        block_t, block_k, block_n, warps = prefill_blocks(in_features, out_features, block_r)
         h = torch.empty((batch, tokens, width), dtype=torch.float32, device=x.device)
         blocks_t = -(-tokens // block_t)
         shrink[(batch, blocks_t)](x, a, slots, h, tokens, in_features, capacity, width, x.stride(0), x.stride(1),
-                                  BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r, enable_fp_fusion=True)
+                                  BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps,
+                                  enable_fp_fusion=True)
         expand[(batch, blocks_t, -(-out_features // block_n))](
             h, b, slots, out, tokens, out_features, capacity, width, out.stride(0), out.stride(1),
-            BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n, enable_fp_fusion=True)
+            BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps, enable_fp_fusion=True)
 
 
 def rank_block(width: int) -> int:
@@ -132,23 +133,29 @@ def rank_block(width: int) -> int:
     return max(16, _next_power_of_2(width))
 
 
-def decode_blocks(in_features: int, out_features: int, block_r: int) -> tuple[int, int]:
-    """``(BLOCK_K, BLOCK_N)`` of a decode step's launch: A's ``BLOCK_K × BLOCK_R`` and B's ``BLOCK_R × BLOCK_N``
-    register tiles stay within ``_TILE`` elements."""
+def decode_blocks(in_features: int, out_features: int, block_r: int) -> tuple[int, int, int]:
+    """``(BLOCK_K, BLOCK_N, num_warps)`` of a decode step's launch: A's ``BLOCK_K × BLOCK_R`` and B's
+    ``BLOCK_R × BLOCK_N`` register tiles stay within ``_TILE`` elements."""
     block_n = max(16, min(256, _TILE // block_r, _next_power_of_2(out_features)))
     block_k = max(16, min(128, _TILE // block_r, _next_power_of_2(in_features)))
-    return block_k, block_n
+    return block_k, block_n, _warps(max(block_k, block_n) * block_r)
 
 
-def prefill_blocks(in_features: int, out_features: int, block_r: int) -> tuple[int, int, int]:
-    """``(BLOCK_T, BLOCK_K, BLOCK_N)`` of a prefill's two launches: tiles of ``BLOCK_T`` tokens × ``BLOCK_K`` inputs
-    (or ``BLOCK_N`` outputs) × ``BLOCK_R`` ranks within ``_TILE`` elements. They do not depend on the number of
-    tokens (a short prefill masks the token lanes it lacks), so every prefill at one rank block runs the
-    same compiled variant."""
+def prefill_blocks(in_features: int, out_features: int, block_r: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_T, BLOCK_K, BLOCK_N, num_warps)`` of a prefill's two launches: tiles of ``BLOCK_T`` tokens ×
+    ``BLOCK_K`` inputs (or ``BLOCK_N`` outputs) × ``BLOCK_R`` ranks within ``_TILE`` elements. They do not depend
+    on the number of tokens (a short prefill masks the token lanes it lacks), so every prefill at one rank
+    block runs the same compiled variant."""
     block_t = max(2, min(16, _TILE // (block_r * 32)))
     block_k = max(16, min(64, _TILE // (block_t * block_r), _next_power_of_2(in_features)))
     block_n = max(16, min(128, _TILE // (block_t * block_r), _next_power_of_2(out_features)))
-    return block_t, block_k, block_n
+    return block_t, block_k, block_n, 4  # Triton's default (8 warps made ptxas spill a few bytes here)
+
+
+def _warps(tile: int) -> int:
+    """Warps per decode program for a largest register tile of ``tile`` elements: 8 for a full ``_TILE`` (with
+    4, ptxas spilled 200-312 bytes per thread in float16 at rank block 128 on sm_80 and sm_90), else 4."""
+    return 8 if tile >= _TILE else 4
 
 
 def _next_power_of_2(value: int) -> int:

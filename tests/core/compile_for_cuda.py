@@ -38,21 +38,21 @@ def _signature(kernel: Any, pointers: dict[str, str]) -> dict[str, str]:
             for name in params}
 
 
-def variants(dtype: str, weight_dtype: str, block_r: int) -> list[tuple[Any, dict[str, str], dict[str, int]]]:
-    """``(kernel, signature, constexprs)`` of the decode step and the prefill's two kernels, as launched for
+def variants(dtype: str, weight_dtype: str, block_r: int) -> list[tuple[Any, dict[str, str], dict[str, int], int]]:
+    """``(kernel, signature, constexprs, num_warps)`` of the decode step and the prefill's two kernels, as launched for
     products in ``dtype`` over a bank of ``weight_dtype`` at rank block ``block_r``."""
     x, w = _TYPES[dtype], _TYPES[weight_dtype]
     step = gpu_bgmv_source.compile_step()
     shrink, expand = gpu_bgmv_source.compile_prefill()
-    block_k, block_n = decode_blocks(IN_FEATURES, OUT_FEATURES, block_r)
-    block_t, prefill_k, prefill_n = prefill_blocks(IN_FEATURES, OUT_FEATURES, block_r)
+    block_k, block_n, warps = decode_blocks(IN_FEATURES, OUT_FEATURES, block_r)
+    block_t, prefill_k, prefill_n, prefill_warps = prefill_blocks(IN_FEATURES, OUT_FEATURES, block_r)
     return [
         (step, _signature(step, {"x_ptr": x, "a_ptr": w, "b_ptr": w, "slots_ptr": "i64", "out_ptr": x}),
-         {"BLOCK_K": block_k, "BLOCK_R": block_r, "BLOCK_N": block_n}),
+         {"BLOCK_K": block_k, "BLOCK_R": block_r, "BLOCK_N": block_n}, warps),
         (shrink, _signature(shrink, {"x_ptr": x, "a_ptr": w, "slots_ptr": "i64", "h_ptr": "fp32"}),
-         {"BLOCK_T": block_t, "BLOCK_K": prefill_k, "BLOCK_R": block_r}),
+         {"BLOCK_T": block_t, "BLOCK_K": prefill_k, "BLOCK_R": block_r}, prefill_warps),
         (expand, _signature(expand, {"h_ptr": "fp32", "b_ptr": w, "slots_ptr": "i64", "out_ptr": x}),
-         {"BLOCK_T": block_t, "BLOCK_R": block_r, "BLOCK_N": prefill_n}),
+         {"BLOCK_T": block_t, "BLOCK_R": block_r, "BLOCK_N": prefill_n}, prefill_warps),
     ]
 
 
@@ -70,14 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         for pair in args.pair:
             dtype, weight_dtype = pair.split(":")
             for block_r in args.block:
-                for kernel, signature, constexprs in variants(dtype, weight_dtype, block_r):
+                for kernel, signature, constexprs, warps in variants(dtype, weight_dtype, block_r):
                     started = time.perf_counter()
                     record: dict[str, Any] = {"kernel": kernel.fn.__name__, "arch": arch, "dtype": dtype,
-                                              "weight_dtype": weight_dtype, **constexprs}
+                                              "weight_dtype": weight_dtype, **constexprs, "num_warps": warps}
                     try:
                         compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
                                                   target=GPUTarget("cuda", arch, 32),
-                                                  options={"enable_fp_fusion": True})
+                                                  options={"num_warps": warps, "enable_fp_fusion": True})
                         record["cubin_bytes"] = len(compiled.asm["cubin"])
                     except Exception as exc:  # reported, and the run fails
                         record["error"] = f"{exc.__class__.__name__}: {exc}"[:2000]
