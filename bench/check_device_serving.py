@@ -8,7 +8,9 @@ steps, bfloat16 checkpoints). This script builds a tiny llama and four PEFT adap
 - float32: a mixed batch (four adapters and base rows, one adapter twice) through prefill and one
   decode step on a cache must give PEFT's mixed-batch ``adapter_names`` logits within ``1e-4``, with
   the slot bank through torch, with row buffers, and through the fused Triton kernel (decode steps;
-  on CUDA devices it must be there and must have run; on a CPU only with ``TRITON_INTERPRET=1``);
+  on CUDA devices it must be there and must have run; on a CPU only with ``TRITON_INTERPRET=1``).
+  The fused path is warmed up first, as the server does; on a GPU the steps after it must compile no
+  variant the warm-up did not (counted in Triton's JIT caches);
 - bfloat16: the same batch must stay as close to PEFT's float32 answer as PEFT's own bfloat16 model
   (mean error at most 1.5x PEFT's, largest at most 2.5x);
 
@@ -106,6 +108,25 @@ def slotted(model_dir: Path, folders: dict[str, Path], dtype: torch.dtype, devic
 Call = Callable[[torch.Tensor, Any], Any]
 
 
+def compiled_variants(sm: SlottedModel) -> int | None:
+    """How many variants Triton has compiled for the fused kernels in this process, from its JIT caches (None
+    in its interpreter, without the kernel, or where a Triton version keeps them otherwise)."""
+    kernel = sm.gpu_kernel
+    if kernel is None:
+        return None
+    shrink, expand = kernel._prefill_kernel
+    total = 0
+    for jitted in (kernel._kernel, shrink, expand):
+        caches = getattr(jitted, "device_caches", None)
+        if not isinstance(caches, dict):
+            return None
+        try:
+            total += sum(len(entry[0]) for entry in caches.values())
+        except (TypeError, IndexError, KeyError):
+            return None
+    return total
+
+
 def two_steps(call: Call, ids: torch.Tensor, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every prefill logit, and the logits of one decode step on the cache (fed ``token`` per row)."""
     from transformers import DynamicCache
@@ -162,12 +183,19 @@ def run(device: str) -> list[tuple[str, bool, str]]:
                     continue
             for dtype in (torch.float32, torch.bfloat16):
                 sm = slotted(work / "model", folders, dtype, device, row_capacity, fused)
+                if fused:  # as the server does before it takes requests
+                    sm.warm_up_gpu_kernel()
+                compiled = compiled_variants(sm)
                 before = sm.gpu_kernel.launches if sm.gpu_kernel else 0
                 got = two_steps(ours_call(sm), ids, token)
                 if fused:
                     launches = (sm.gpu_kernel.launches if sm.gpu_kernel else 0) - before
                     check(f"{str(dtype).removeprefix('torch.')} {tag} ran", launches > 0,
                           f"{launches} launches of the fused kernels in the prefill and the decode step")
+                    after = compiled_variants(sm)
+                    if compiled is not None and after is not None:  # (Triton's interpreter compiles nothing)
+                        check(f"{str(dtype).removeprefix('torch.')} {tag} warm-up covered", after == compiled,
+                              f"{compiled} variants compiled by the warm-up, {after - compiled} more by the steps")
                 kind = str(dtype).removeprefix("torch.")
                 for position, label in enumerate(("prefill", "decode")):
                     ours, ref = got[position], truth[position]
