@@ -77,7 +77,7 @@ class SlottedModel:
         self.cpu_kernel: Bgmv | None = (load_bgmv() if cpu_kernels and self.device.type == "cpu"
                                         and self.dtype == torch.float32 else None)
         self.row_capacity = row_capacity if self.cpu_kernel is None else 0
-        self.gpu_kernel: GpuBgmv | None = self._gpu_kernel(gpu_kernels)
+        self.gpu_kernel: GpuBgmv | None = self._gpu_kernel(gpu_kernels, params[0].dtype if params else self.dtype)
         self.routing = RoutingState()
         self._lock = threading.Lock()  # module structure changes (wrapping) vs. walks of it
         self._lora_layers: dict[str, SlotLoraLayer] = {}
@@ -88,11 +88,18 @@ class SlottedModel:
         self._originals: dict[str, nn.Module] = {}
         self._targets: dict[str, list[str]] = {}
 
-    def _gpu_kernel(self, wanted: bool | None) -> GpuBgmv | None:
-        if wanted is None:
-            return load_gpu_bgmv() if self.device.type == "cuda" else None
-        if not wanted:
+    def _gpu_kernel(self, wanted: bool | None, model_dtype: torch.dtype) -> GpuBgmv | None:
+        if wanted is False or (wanted is None and self.device.type != "cuda"):
             return None
+        if self.dtype != model_dtype:  # the layers take the kernel only for products in the activations' dtype
+            why = (f"the fused GPU LoRA kernel serves slots whose products are in the model's dtype ({model_dtype}), "
+                   f"not {self.dtype}")
+            if wanted:
+                raise ConfigError(why, field="gpu_kernels")
+            logger.info("%s: LoRA products use torch", why)
+            return None
+        if wanted is None:
+            return load_gpu_bgmv()
         try:
             kernel = load_gpu_bgmv_or_raise()
         except KernelUnavailable as exc:

@@ -200,6 +200,10 @@ def test_asked_for_where_it_cannot_run_is_an_error(kernel: GpuBgmv, monkeypatch:
     model = load_model(tiny_llama_dir)
     assert SlottedModel(model, 2, gpu_kernels=True).gpu_kernel is kernel  # the interpreter, on a CPU model
     assert SlottedModel(model, 2).gpu_kernel is None  # by default only on CUDA devices
+    # float32 products on a bfloat16 model (ADAPTERFORGE_ADAPTER_DTYPE=float32) run on torch: the kernel is refused
+    # rather than held unused (``/readyz`` would name it)
+    with pytest.raises(ConfigError, match=r"products are in the model's dtype \(torch.bfloat16\), not torch.float32"):
+        SlottedModel(load_model(tiny_llama_dir).to(torch.bfloat16), 2, dtype=torch.float32, gpu_kernels=True)
     monkeypatch.setattr(kernel, "interpret", False)  # a kernel compiled for GPUs, asked for on a CPU model
     with pytest.raises(ConfigError, match="runs on a GPU, but the model is on cpu"):
         SlottedModel(model, 2, gpu_kernels=True)

@@ -445,7 +445,8 @@ def test_a_higher_rank_adapter_in_another_slot_costs_other_rows_nothing(
     assert bool(launches) == (path == "triton")
 
 
-@pytest.mark.parametrize("path", PATH_IDS)
+@pytest.mark.parametrize("path", [p for p in PATHS if p != "triton"])  # (the GPU kernel refuses float32 products on a
+# bfloat16 model: tests/core/test_gpu_bgmv.py)
 def test_float32_slots_on_a_bfloat16_model_compute_lora_as_peft_does(path: str, saved: dict[str, Saved],
                                                                     model_dirs: dict[str, Path]) -> None:
     """``SlottedModel(dtype=torch.float32)`` on a bfloat16 model (the server's
