@@ -328,7 +328,7 @@ def test_a_gpu_kernel_that_cannot_launch_is_found_at_start(setting: str, demo_mo
             return launch
 
     broken = gpu_bgmv.GpuBgmv(CannotCompile(), (CannotCompile(), CannotCompile()), interpret=True)
-    monkeypatch.setattr(SlottedModel, "_gpu_kernel", lambda self, wanted: broken)
+    monkeypatch.setattr(SlottedModel, "_gpu_kernel", lambda self, wanted, model_dtype: broken)
     settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'af.db'}",
                         base_model=str(demo_model_dir), gpu_kernels=setting)  # type: ignore[arg-type]
     if setting == "on":
