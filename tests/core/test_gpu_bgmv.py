@@ -4,7 +4,8 @@ Its products are checked against float64 ``bmm`` on gathered weights for shapes 
 of the kernel: inputs longer than one ``BLOCK_K`` tile, outputs spanning several ``BLOCK_N`` programs,
 rank widths below the bank's capacity and not a power of two, base-model rows (slot 0), strided ``x``
 and ``out``, and weights stored in another dtype than the products'. Its availability is checked too:
-switched off, not installed, or asked for where it cannot run.
+switched off, not installed, or asked for where it cannot run. And, since the interpreter skips
+Triton's GPU code generation, every variant is compiled to a cubin for sm_90 and sm_80.
 """
 
 from __future__ import annotations
