@@ -74,7 +74,8 @@ class Settings(BaseSettings):
         "kernel (Triton, shipped with CUDA builds of torch), one launch per layer, and prefills of rows on "
         "different adapters two; off (or no Triton): torch's operators (six or more per layer when rows use "
         "different adapters); on: the kernel is required, and the "
-        "server refuses to start where it cannot run (no CUDA device, no Triton).",
+        "server refuses to start where it cannot run (no CUDA device, no Triton, a Triton that cannot compile it "
+        "for this GPU, or float32 adapter products on a 16-bit model); every variant is compiled at start.",
     )
     kernel_cache_dir: Path | None = Field(
         default=None, description="Where the compiled CPU kernel is kept; unset = $XDG_CACHE_HOME/adapterforge/kernels "

@@ -88,10 +88,11 @@ class GpuBgmv:
         (a compile in a served step stalls every row of it). Returns the launches made;
         :class:`KernelUnavailable` if one fails (logged, and the kernel then accepts nothing)."""
         launches = self.launches
+        distinct = list(dict.fromkeys(shapes))  # (read once: ``shapes`` may be a one-pass iterable)
         slots = torch.zeros(1, dtype=torch.long, device=device)
         block_r, top = 16, rank_block(max_rank)
         while block_r <= top:
-            for in_features, out_features in dict.fromkeys(shapes):
+            for in_features, out_features in distinct:
                 a = torch.zeros((1, in_features, block_r), dtype=weight_dtype, device=device)
                 b = torch.zeros((1, block_r, out_features), dtype=weight_dtype, device=device)
                 for tokens in (1, 2):  # a decode step, then a prefill
