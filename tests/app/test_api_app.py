@@ -42,6 +42,19 @@ def test_unknown_routes_and_methods_use_the_error_shape(client: TestClient) -> N
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
 
 
+def test_unknown_query_parameters_are_refused_naming_the_parameter(client: TestClient) -> None:
+    typo = client.get("/adapters", params={"limt": 1})
+    assert typo.status_code == 422, typo.text
+    error = typo.json()["error"]
+    assert error["param"] == "limt"
+    assert "`limt`" in error["message"] and "`limit`" in error["message"]  # names what the route takes
+    assert client.get("/adapters", params={"limit": 1}).status_code == 200
+    aliased = client.get("/adapters/x/versions/1/download", params={"archive_format": "zip"})
+    assert aliased.status_code == 422 and aliased.json()["error"]["param"] == "archive_format"  # the name is `format`
+    assert client.get("/healthz", params={"verbose": 1}).status_code == 422
+    assert client.get("/healthz").status_code == 200
+
+
 def test_api_keys_when_configured(api_settings: Settings, base_host: Any) -> None:
     from tests.app.conftest import RecordingQueue
 
@@ -52,3 +65,4 @@ def test_api_keys_when_configured(api_settings: Settings, base_host: Any) -> Non
         assert denied.status_code == 401 and denied.json()["error"]["code"] == "unauthorized"
         assert c.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert c.get("/metrics", headers={"Authorization": "Bearer sekrit"}).status_code == 200
+        assert c.get("/adapters", params={"limt": 1}).status_code == 401  # the key before anything else

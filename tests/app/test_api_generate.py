@@ -362,6 +362,13 @@ def test_bad_requests_answer_4xx_naming_the_field(served: TestClient, adapter: s
         assert error["param"] == param
 
 
+def test_a_misspelt_adapter_parameter_is_refused_not_served_by_the_base_model(served: TestClient) -> None:
+    response = served.post("/generate", params={"adaptor": "a0"}, json={"prompt": "x", "max_new_tokens": 2})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == "adaptor"
+    assert "`adapter`" in response.json()["error"]["message"]
+
+
 def test_adapter_made_for_another_base_model_is_refused(served: TestClient, adapters: list[Path]) -> None:
     services = served.app.state.services
     files = upload(served, "other-base", adapters[0])["files"]
