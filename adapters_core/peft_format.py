@@ -8,11 +8,13 @@ A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (met
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -21,6 +23,7 @@ from safetensors.torch import save_file
 
 from adapters_core.config import CONFIG_NAME, AdapterConfig, load_config
 from adapters_core.errors import AdapterFormatError, NonFiniteWeightsError, UnsafeCheckpointError
+from adapters_core.safetensors_views import tensor_views
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +37,8 @@ def read_adapter_weights(directory: str | Path, *, allow_pickle: bool = False) -
     d = Path(directory)
     st = d / WEIGHTS_NAME
     if st.exists():
-        return load_weights(st.read_bytes(), str(st))
+        with st.open("rb") as f:
+            return load_weights(read_into_buffer(f), str(st))
     if (d / PICKLE_WEIGHTS_NAME).exists():
         if not allow_pickle:
             raise UnsafeCheckpointError(
@@ -50,14 +54,32 @@ def read_adapter_weights(directory: str | Path, *, allow_pickle: bool = False) -
     raise AdapterFormatError(f"no {WEIGHTS_NAME} in {d}")
 
 
-def load_weights(data: bytes, source: str) -> dict[str, torch.Tensor]:
+def read_into_buffer(f: BinaryIO) -> bytearray:
+    """The rest of the binary file ``f`` in a writable buffer, read once (what :func:`load_weights` views
+    without copying)."""
+    try:
+        start = f.tell()
+        size = os.fstat(f.fileno()).st_size - start
+    except (AttributeError, OSError, io.UnsupportedOperation):  # not a file on disk
+        return bytearray(f.read())
+    buffer = bytearray(size)
+    read = f.readinto(buffer)  # type: ignore[attr-defined]
+    if read != size or f.read(1):  # the file changed size while it was read: read it whole again
+        f.seek(start)
+        return bytearray(f.read())
+    return buffer
+
+
+def load_weights(data: bytes | bytearray, source: str) -> dict[str, torch.Tensor]:
     """The tensors of the safetensors file ``data`` (from ``source``, named in errors), checked for NaN/Inf.
 
     Reading the bytes and checking them whole is what makes a cold adapter load cheap: one NumPy pass
     over each run of same-dtype tensors in the file (an adapter is one run) instead of one per tensor.
+    A ``bytearray`` is not copied: the tensors are views of it (:mod:`adapters_core.safetensors_views`).
     """
+    views = tensor_views(data) if isinstance(data, bytearray) else None
     try:
-        tensors = load_safetensors_bytes(data)
+        tensors = views if views is not None else load_safetensors_bytes(bytes(data))
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise AdapterFormatError(f"{source} is not a valid safetensors file: {exc}") from exc
     if not _proven_finite(data):
@@ -71,7 +93,7 @@ _SAFETENSORS_FLOATS: dict[str, tuple[str, int | None]] = {
 }
 
 
-def _proven_finite(data: bytes) -> bool:
+def _proven_finite(data: bytes | bytearray) -> bool:
     """Whether every float in the (already validated) safetensors file ``data`` is finite, checked one
     contiguous run of same-dtype tensors at a time; ``False`` also where this cannot tell (a float
     format NumPy does not read, such as 8-bit floats: the caller then checks tensor by tensor)."""

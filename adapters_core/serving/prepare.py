@@ -208,8 +208,10 @@ def _slot_weight(tensor: torch.Tensor, scaling: float | None, dtype: torch.dtype
 
 
 def _host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A contiguous host copy in ``dtype`` (pinned when CUDA is present, so slot loads copy asynchronously)."""
-    out = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+    """A contiguous host copy in ``dtype`` (pinned when CUDA is present, so slot loads copy asynchronously),
+    always its own memory: the file's tensors can be views of its whole buffer, which the host tier must
+    not keep alive (nor miscount)."""
+    out = tensor.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
     if torch.cuda.is_available():
         out = out.pin_memory()
     return out

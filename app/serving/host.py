@@ -30,7 +30,7 @@ from adapters_core.errors import (
     UnknownPeftTypeError,
     UnsupportedModuleError,
 )
-from adapters_core.peft_format import WEIGHTS_NAME, load_weights
+from adapters_core.peft_format import WEIGHTS_NAME, load_weights, read_into_buffer
 from adapters_core.serving import PreparedAdapter, SlottedModel, cpu_bgmv
 from adapters_core.serving.gpu_bgmv import KernelUnavailable
 from app.base_model import BaseModelSource, resolve_base_model, resolve_device
@@ -93,7 +93,7 @@ class AdapterFiles:
     """A version's files as read from the store (no torch work done on them yet)."""
 
     config: dict[str, Any]
-    weights: bytes
+    weights: bytearray  # the safetensors file; the tensors read from it are views of this buffer
 
 
 class ServingHost:
@@ -230,7 +230,7 @@ class ServingHost:
         try:
             config = _read_config(store, version)
             with store.open(_sha(version, WEIGHTS_NAME)) as f:
-                return AdapterFiles(config, f.read())
+                return AdapterFiles(config, read_into_buffer(f))
         except (ArtifactNotFound, FileNotFoundError) as exc:
             raise ServingError(f"the stored files of {version.ref} are missing from the artifact store: {exc}") from exc
 

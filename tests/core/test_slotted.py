@@ -128,7 +128,15 @@ def routed_logits(sm: SlottedModel, ids: torch.Tensor, slots: list[int]) -> torc
 def test_slot_gives_peft_logits(case: Case, saved: dict[str, Saved], model_dirs: dict[str, Path]) -> None:
     s = saved[case.id]
     sm = slotted(model_dirs[case.arch])
-    load_into(sm, 2, s.path)
+    config, tensors = read_adapter(s.path)
+    low = min(t.data_ptr() for t in tensors.values())
+    high = max(t.data_ptr() + t.nbytes for t in tensors.values())
+    assert high - low == sum(t.nbytes for t in tensors.values())  # the file's tensors are views of one buffer ...
+    prepared = sm.prepare(config, tensors)
+    held = [t for w in prepared.layers.values() for t in w.tensors()] + list(prepared.biases.values())
+    held += [t for state in prepared.swaps.values() for t in state.values()]
+    assert not [t for t in held if low <= t.data_ptr() < high]  # ... which the host tier must not keep
+    sm.load(2, prepared)
     assert maxdiff(s.logits, s.base_logits) > MIN_EFFECT
     got = routed_logits(sm, s.ids, [2] * len(s.ids))
     assert maxdiff(got, s.logits) <= ATOL
