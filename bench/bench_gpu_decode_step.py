@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import statistics
 import sys
@@ -46,6 +47,22 @@ ROWS = 32
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def host_allocation_costs(prepared: Any) -> dict[str, Any]:
+    """Seconds to allocate ``prepared``'s host tensors again, pageable and pinned (what prepare allocates
+    when CUDA is present), each round's tensors kept alive, so that pinned memory cannot come from
+    torch's cache of freed pinned blocks: the case of a server whose host tier holds earlier adapters."""
+    shapes = [(tuple(t.shape), t.dtype) for w in prepared.layers.values() for t in w.tensors()]
+    out: dict[str, Any] = {"count": (len(shapes), sum(math.prod(s) * d.itemsize for s, d in shapes) / 1e6)}
+    for pinned in (False, True):
+        held, times = [], []
+        for _ in range(8):
+            t0 = time.perf_counter()
+            held.append([torch.empty(shape, dtype=dtype, pin_memory=pinned) for shape, dtype in shapes])
+            times.append(time.perf_counter() - t0)
+        out["pinned" if pinned else "pageable"] = statistics.median(times)
+    return out
 
 
 def main() -> None:
@@ -86,6 +103,7 @@ def main() -> None:
             sync(device)
             for key, seconds in zip(cold, (t1 - t0, t2 - t1, time.perf_counter() - t2), strict=True):
                 cold[key].append(seconds)
+        allocation = host_allocation_costs(prepared) if device.startswith("cuda") else {}
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 300, (ROWS, 24), generator=gen).to(device)
     token = torch.randint(3, 300, (ROWS, 1), generator=gen).to(device)
@@ -179,6 +197,10 @@ def main() -> None:
                     warm_up[1][1])
     logger.info("  cold load of one adapter (medians of %d, the first wraps the model): %s", ROWS - 1,
                 ", ".join(f"{k} {statistics.median(v[1:]) * 1e3:.2f} ms" for k, v in cold.items()))
+    if allocation:
+        logger.info("  allocating one adapter's host buffers as prepare does (%d tensors, %.1f MB; the earlier "
+                    "ones kept, as the host tier keeps them; medians of 8): %s", *allocation["count"],
+                    ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in allocation.items() if k != "count"))
     logger.info("  one LoRA layer's product, 32 rows (us per call, host rate): %s",
                 ", ".join(f"{k} {v:.1f}" for k, v in one_layer_costs().items()))
     for key in contenders:
