@@ -39,7 +39,8 @@ Fine-tuning as a service: upload a JSONL dataset, `POST /jobs` to train a PEFT a
 server's base model, browse every adapter version with its lineage, upload and download adapters in
 the HF PEFT format, and generate with any of them (`POST /generate?adapter=name`, or the
 OpenAI-compatible `/v1` routes) on the one resident base model. Errors always have the shape
-`{"error": {"code", "message", "param"}}`.
+`{"error": {"code", "message", "param"}}`; unknown body fields and query parameters are refused (422
+naming them), never ignored.
 """
 
 
