@@ -210,8 +210,7 @@ def _slot_weight(tensor: torch.Tensor, scaling: float | None, dtype: torch.dtype
 def _host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A contiguous host copy in ``dtype`` (pinned when CUDA is present, so slot loads copy asynchronously),
     always its own memory: the file's tensors can be views of its whole buffer, which the host tier must
-    not keep alive (nor miscount)."""
-    out = tensor.detach().to(device="cpu", dtype=dtype, copy=True).contiguous()
-    if torch.cuda.is_available():
-        out = out.pin_memory()
+    not keep alive (nor miscount). One copy, straight into the (pinned) result."""
+    out = torch.empty(tuple(tensor.shape), dtype=dtype, pin_memory=torch.cuda.is_available())
+    out.copy_(tensor.detach())
     return out
