@@ -84,7 +84,8 @@ class Settings(BaseSettings):
     adapter_host_cache_bytes: int = Field(
         default=4 * 1024**3, gt=0, description="Host memory for adapters read from the store and laid out for the "
         "slots, whether or not they are in a slot too (least recently used first out; adapters in use or pinned "
-        "stay). Page-locked where CUDA is present, where the allocator's rounding pins up to about 1.2-2x this."
+        "stay). Page-locked where CUDA is present, counted as the pinned allocator holds it (each block rounded up "
+        "to a power of two)."
     )
     pinned_adapters: list[str] = Field(
         default_factory=list, description="Adapter refs (`name`, `name@3`, `name@prod`) loaded at start and never "

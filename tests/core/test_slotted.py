@@ -29,9 +29,11 @@ from adapters_core import (
 )
 from adapters_core.peft_format import read_adapter
 from adapters_core.serving import SlottedModel
+from adapters_core.serving import prepare as prepare_module
 from adapters_core.serving.cpu_bgmv import BankCall, load_bgmv
 from adapters_core.serving.gpu_bgmv import GpuBgmv, KernelUnavailable, load_gpu_bgmv_or_raise
 from adapters_core.serving.layers import SlotLoraLayer
+from adapters_core.serving.prepare import held_bytes
 from tests.conftest import load_model
 from tests.core.test_lora_conformance import (
     CASES,
@@ -222,6 +224,23 @@ def test_reload_and_clear_forget_the_old_adapter(saved: dict[str, Saved], model_
     assert maxdiff(routed_logits(sm, narrow.ids, [1] * 4), narrow.logits) <= ATOL
     sm.clear(1)
     assert maxdiff(routed_logits(sm, narrow.ids, [1] * 4), narrow.base_logits) <= ATOL
+
+
+def test_host_bytes_count_pinned_tensors_as_the_pinned_allocator_holds_them(
+        saved: dict[str, Saved], model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    models = {arch: slotted(path) for arch, path in model_dirs.items()}
+    prepared = [models[s.case.arch].prepare(*read_adapter(s.path)) for s in saved.values()]
+    sizes = [[t.nbytes for w in p.layers.values() for t in w.tensors()]
+             + [t.nbytes for state in p.swaps.values() for t in state.values()]
+             + [t.nbytes for t in p.biases.values()] for p in prepared]
+    assert [p.nbytes for p in prepared] == [sum(n) for n in sizes]  # pageable (no CUDA here): their own bytes
+    monkeypatch.setattr(prepare_module, "_is_pinned", lambda tensor: True)
+    rounded = [sum(1 << (b - 1).bit_length() for b in n) for n in sizes]
+    assert [p.nbytes for p in prepared] == rounded
+    assert any(r > sum(n) for r, n in zip(rounded, sizes, strict=True))  # some shape here is not a power of two
+    assert held_bytes(2816 * 16 * 2, pinned=True) == 128 * 1024  # a GPU bench weight: 88 KiB holds 128
+    assert held_bytes(2816 * 16 * 2, pinned=False) == 2816 * 16 * 2
+    assert held_bytes(32 * 1024, pinned=True) == 32 * 1024
 
 
 def test_rank_above_the_limit_is_refused(saved: dict[str, Saved], model_dirs: dict[str, Path]) -> None:
