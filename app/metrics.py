@@ -48,7 +48,7 @@ class ServingMetrics(EngineMetrics, BankEvents):
                              registry=registry, buckets=_LATENCY_BUCKETS)
         self.queue_depth = Gauge("adapterforge_generate_queue_depth", "Generation requests waiting", registry=registry)
         self.running_rows = Gauge("adapterforge_generate_running", "Requests in the running batch", registry=registry)
-        self.cache = Counter("adapterforge_adapter_cache", "Adapter lookups and evictions by tier (device, host)",
+        self.cache = Counter("adapterforge_adapter_cache", "Adapter lookups (one per request per tier) and evictions, by tier (device, host)",
                              ["tier", "event"], registry=registry)
         self.slots = Gauge("adapterforge_adapter_slots_used", "Device adapter slots holding an adapter",
                            registry=registry)

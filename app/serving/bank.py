@@ -100,7 +100,7 @@ class AdapterBank:
                 entry.leases += 1
                 if entry.prepared is not None or entry.slot is not None:
                     self._touch_host(entry)
-                    self.events.hit("device" if entry.slot is not None else "host")
+                    self.events.hit("host")  # not read from the store; `acquire` counts the device tier
                     return AdapterLease(entry)
                 if owner:
                     entry.loading.clear()

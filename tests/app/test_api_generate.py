@@ -480,6 +480,21 @@ def test_more_adapters_than_slots_are_evicted_and_reloaded(tmp_path: Path, demo_
     assert _metric(metrics, "adapterforge_adapter_cache_total", tier="host", event="miss") >= 6
 
 
+def test_cache_metrics_count_one_lookup_per_request_in_each_tier(tmp_path: Path, demo_model_dir: Path,
+                                                                  base_host: Any, adapters: list[Path]) -> None:
+    """The first request reads its adapter from the store (a miss in both tiers); the next ones find it
+    in host memory and in a slot: one hit per tier per request, not two."""
+    with served_app(serving_settings(tmp_path, demo_model_dir), base_host) as client:
+        upload(client, "a0", adapters[0])
+        for _ in range(3):
+            greedy(client, "a0", PROMPTS[0], n=2)
+        greedy(client, None, PROMPTS[0], n=2)  # the base model looks nothing up
+        metrics = client.get("/metrics").text
+    counts = {(tier, event): _metric(metrics, "adapterforge_adapter_cache_total", tier=tier, event=event)
+              for tier in ("host", "device") for event in ("hit", "miss")}
+    assert counts == {("host", "hit"): 2, ("host", "miss"): 1, ("device", "hit"): 2, ("device", "miss"): 1}
+
+
 def _metric(text: str, name: str, **labels: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
