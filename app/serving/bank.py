@@ -11,7 +11,7 @@ Two bounded LRU tiers over the artifact store (vLLM's LoRA manager, S-LoRA):
 (the engine thread, between forwards) gives the lease a device slot, loading into a free slot or
 the least recently used idle one, or answers ``None`` while every slot is busy; ``release`` ends
 the lease. ``evict`` forgets a version (deleted from the registry): its host copy goes at once,
-its slot as soon as no running row uses it. Keys are registry version ids, so a new version or a
+its slot once no request holds it (requests accepted before still run on it). Keys are registry version ids, so a new version or a
 moved alias is simply another key: nothing needs a restart.
 """
 
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from adapters_core.serving import PreparedAdapter, SlottedModel
-from app.serving.errors import NoFreeSlot
+from app.serving.errors import AdapterNotFound, NoFreeSlot
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class AdapterBank:
             entry.leases -= 1
             if lease.slot is not None:
                 entry.running -= 1
-            if entry.evicted and not entry.running and entry.slot is not None:
+            if entry.evicted and not entry.leases and entry.slot is not None:
                 self._to_clear.append(entry.slot)
             self._shrink_host()
 
@@ -192,7 +192,9 @@ class AdapterBank:
                             f"{entry.ref} cannot be loaded", param="adapter",
                         )
                     return None
-                assert entry.prepared is not None, "a leased entry keeps its host copy"
+                if entry.prepared is None:  # cannot happen while leases keep evicted slots; never lose the slot
+                    self._free.append(slot)
+                    raise AdapterNotFound(f"{entry.ref} was deleted", param="adapter")
                 self.events.miss("device")
                 try:
                     self.slotted.load(slot, entry.prepared)
@@ -214,8 +216,8 @@ class AdapterBank:
             if not holder.running and not holder.leases and not holder.pinned:
                 del self._slots[slot]
                 holder.slot = None
-                if holder.prepared is None and not holder.leases:
-                    self._entries.pop(holder.key, None)
+                if holder.prepared is None and not holder.leases and self._entries.get(holder.key) is holder:
+                    del self._entries[holder.key]
                 self.events.evicted("device")
                 return slot
         return None
@@ -226,8 +228,8 @@ class AdapterBank:
             pending, self._to_clear = self._to_clear, []
             for slot in pending:
                 entry = self._slots.get(slot)
-                if entry is None or not entry.evicted or entry.running:
-                    continue
+                if entry is None or not entry.evicted or entry.leases:
+                    continue  # requests accepted before the eviction still run on it; the last release re-queues
                 del self._slots[slot]
                 entry.slot = None
                 self.slotted.clear(slot)
@@ -246,7 +248,7 @@ class AdapterBank:
             if self._host.pop(key, None) is not None:
                 self._host_bytes -= entry.nbytes
             entry.prepared = None if not entry.leases else entry.prepared
-            if entry.slot is not None and not entry.running:
+            if entry.slot is not None and not entry.leases:
                 self._to_clear.append(entry.slot)
             return True
 

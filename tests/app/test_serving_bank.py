@@ -75,7 +75,7 @@ def test_fetch_reads_once_then_hits_host_and_device() -> None:
     bank.release(lease)
     again = bank.fetch("a", "a@1", lambda: loads.append(1) or Prepared("a"))
     assert bank.acquire(again) == slot and len(loads) == 1 and recorder.loads == 1
-    assert events.counts == {"host.miss": 1, "device.miss": 1, "device.hit": 2}
+    assert events.counts == {"host.miss": 1, "device.miss": 1, "host.hit": 1, "device.hit": 1}  # one lookup per tier
 
 
 def test_least_recently_used_idle_slot_is_taken() -> None:
@@ -173,6 +173,23 @@ def test_evicting_a_running_version_clears_its_slot_after_its_rows_finish() -> N
     bank.sweep()
     assert idle_slot not in recorder.held
     assert run(bank, "b") is not None  # a new version under that key loads afresh
+
+
+def test_a_request_waiting_on_a_deleted_version_still_runs_and_no_slot_is_lost() -> None:
+    """The version sits in a slot with its host copy dropped; a request leases it and waits; the version is
+    deleted and the engine sweeps. The request was accepted before the delete: it runs on the slot, which is
+    cleared after it, and the slot serves other adapters afterwards."""
+    bank, recorder, _ = make(slots=1, capacity=50)  # host memory smaller than one adapter
+    assert run(bank, "a") == 1 and bank.where("a") == "device"
+    waiting = bank.fetch("a", "a@1", lambda: Prepared("a"))
+    assert bank.evict("a")
+    bank.sweep()
+    assert bank.acquire(waiting) == 1 and recorder.held == {1: "a"}
+    bank.release(waiting)
+    bank.sweep()
+    assert recorder.held == {}
+    for key in ("b", "c"):
+        assert run(bank, key) == 1 and recorder.held == {1: key}
 
 
 def test_a_failed_slot_load_gives_the_slot_back() -> None:
