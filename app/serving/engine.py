@@ -32,7 +32,14 @@ from transformers import DynamicCache
 
 from adapters_core.serving import SlottedModel
 from app.serving.bank import AdapterBank, AdapterLease
-from app.serving.errors import NoFreeSlot, QueueFull, RequestTooLarge, ServingError, ServingUnavailable
+from app.serving.errors import (
+    NoFreeSlot,
+    NonFiniteScores,
+    QueueFull,
+    RequestTooLarge,
+    ServingError,
+    ServingUnavailable,
+)
 from app.serving.kv import BatchKV, append_step, concat, new_cache, select
 from app.serving.sampling import RowSampling, SamplingParams, sample
 from app.serving.text import TextTracker
@@ -198,6 +205,7 @@ class _Row:
     first_token_at: float | None = None
     last_token_at: float = 0.0
     finish_reason: str | None = None
+    error: ServingError | None = None  # answered instead of a result when the row retires
 
 
 class GenerationEngine:
@@ -508,6 +516,10 @@ class GenerationEngine:
                          self.eos_ids)
         now = time.perf_counter()
         for i, row in enumerate(rows):
+            if i in sampled.failed:  # this row only: the others' logits and cache rows are their own
+                row.error = _non_finite(row)
+                row.finish_reason = "error"
+                continue
             token = sampled.tokens[i]
             row.generated.append(token)
             row.last_token = token
@@ -567,6 +579,10 @@ class GenerationEngine:
     def _answer(self, row: _Row) -> None:
         request = row.request
         self._release(request)
+        if row.error is not None:
+            logger.error("request on %s failed: %s", request.adapter or "the base model", row.error)
+            request.handle.deliver(row.error)
+            return
         params = request.params
         reason = row.finish_reason or "length"
         if row.text is not None:
@@ -591,6 +607,14 @@ class GenerationEngine:
             prompt_tokens=len(request.prompt_ids), adapter=request.adapter, time_to_first_token=ttft,
         ))
 
+
+def _non_finite(row: _Row) -> NonFiniteScores:
+    where = f"adapter {row.request.adapter}" if row.request.adapter else "the base model"
+    return NonFiniteScores(
+        f"generation failed: the model's next-token scores (on {where}) were not finite (NaN or infinity) "
+        f"after {len(row.generated)} generated tokens (an overflow or a NaN in the model's or the adapter's "
+        "arithmetic); no token can be drawn from them"
+    )
 
 
 def _fill_holes(finished: list[bool]) -> list[int]:

@@ -1,6 +1,7 @@
 """Typed serving errors, each knowing the HTTP answer it becomes::
 
-    ServingError
+    ServingError                500  a generation failed (the model, a device)
+    ├── NonFiniteScores         500  one request's next-token scores were NaN or infinite (the others go on)
     ├── AdapterNotFound         404  the adapter reference names nothing live in the registry
     ├── IncompatibleBaseModel   422  the adapter was made for another base model (keys, shapes, targets, name)
     ├── AdapterNotServable      422  a method or file content serving cannot apply per request
@@ -26,6 +27,10 @@ class ServingError(Exception):
         self.param = param
         if retry_after is not None:
             self.retry_after = retry_after
+
+
+class NonFiniteScores(ServingError):
+    """The model's next-token scores for one request were not finite (an overflow in the model or its adapter)."""
 
 
 class AdapterNotFound(ServingError):

@@ -6,6 +6,12 @@ One call picks the next token of every row, each with its own settings: greedy r
 own ``torch.Generator`` (seeded by the request's ``seed``), so a seeded request draws the same tokens
 whatever else shares its batch. ``min_new_tokens`` masks the end-of-sequence tokens until reached.
 
+Temperature scales each row's logits after subtracting the row's largest one,
+``(logits - max) / max(temperature, tiny)``, so the scores stay finite at any positive temperature and
+a tiny one tends to greedy (the arg-max, or an even draw among tied maxima). A row whose logits are
+not finite (a NaN, ``+inf``, or nothing above ``-inf``: an overflow in the model or its adapter) picks
+no token: it is reported in :attr:`Sampled.failed` and the other rows are sampled as usual.
+
 Log-probabilities are those of the model's raw distribution (``log_softmax`` of the logits, before
 temperature, top-k, top-p or masking), as HF ``generate(output_logits=True)`` reports them.
 """
@@ -57,16 +63,28 @@ class RowSampling:
 
 @dataclass
 class Sampled:
-    """The step's choices: ``tokens[i]``, its raw log-probability and, when asked, the top alternatives."""
+    """The step's choices: ``tokens[i]``, its raw log-probability and, when asked, the top alternatives.
+    Rows in ``failed`` had logits that were not finite: their entries mean nothing."""
 
     tokens: list[int]
     logprobs: list[float] | None
     top: list[list[tuple[int, float]]] | None
+    failed: frozenset[int] = frozenset()
+
+
+def non_finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``(batch,)`` mask of the rows of ``logits`` no token can be drawn from: a NaN, ``+inf``, or every
+    entry ``-inf``."""
+    return logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | logits.isneginf().all(dim=-1)
 
 
 def sample(logits: torch.Tensor, rows: Sequence[RowSampling], eos_ids: Sequence[int]) -> Sampled:
     """Next token of every row of ``logits`` ``(batch, vocab)`` (see the module docstring)."""
     logits = logits.float()
+    bad = non_finite_rows(logits)
+    failed = frozenset(int(i) for i in bad.nonzero().flatten().tolist())
+    if failed:  # neutral scores, so the other rows' arithmetic runs as usual
+        logits = logits.masked_fill(bad.unsqueeze(1), 0.0)
     want_logprobs = any(r.params.logprobs or r.params.top_logprobs for r in rows)
     raw = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     blocked = [i for i, r in enumerate(rows) if r.generated < r.params.min_new_tokens]
@@ -87,17 +105,19 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSampling], eos_ids: Sequence[
             values, ids = raw.topk(k, dim=-1)
             top = [list(zip(ids[i, : r.params.top_logprobs].tolist(), values[i, : r.params.top_logprobs].tolist(),
                             strict=True)) for i, r in enumerate(rows)]
-    return Sampled(token_list, logprobs, top)
+    return Sampled(token_list, logprobs, top, failed)
 
 
 def _draw(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
     """Sample one token per row with temperature, top-k and top-p applied.
 
     The filtered scores go back to vocabulary order before drawing, so a row's draw depends only on
-    its own logits, settings and generator, never on which other rows share the batch.
+    its own logits, settings and generator, never on which other rows share the batch. Every row has
+    a finite largest logit (see :func:`non_finite_rows`); scaling relative to it keeps the scores finite.
     """
     temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype, device=logits.device)
-    scores = logits / temps.unsqueeze(1)
+    temps = temps.clamp(min=torch.finfo(logits.dtype).tiny)  # 1e-50 is 0 in float32: 0/0 would be NaN
+    scores = (logits - logits.max(dim=-1, keepdim=True).values) / temps.unsqueeze(1)
     vocab = scores.shape[-1]
     nucleus = any(r.params.top_p < 1.0 for r in rows)
     if nucleus or any(r.params.top_k for r in rows):

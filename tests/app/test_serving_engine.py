@@ -94,6 +94,73 @@ def test_min_new_tokens_masks_end_of_sequence_and_logprobs_stay_raw() -> None:
     assert sample(logits, [free], eos_ids=[1]).tokens == [1]
 
 
+
+def test_a_tiny_temperature_is_greedy_and_leaves_the_rows_beside_it_alone(host: ServingHost) -> None:
+    """temperature=1e-50 (0 once in float32) used to make NaN probabilities and fail every row of the batch."""
+    engine = host.engine
+    greedy = SamplingParams(max_new_tokens=40, min_new_tokens=40, temperature=0)
+    ids, other = host.encode_prompt("The quick brown fox"), host.encode_prompt("hello there")
+    want, want_other = alone(engine, ids, greedy), alone(engine, other, SamplingParams(max_new_tokens=5, temperature=0))
+    running = engine.submit(ids, greedy)
+    while engine.running_rows == 0:
+        time.sleep(0.001)
+    for temperature in (1e-50, 1e-30):
+        tiny = engine.submit(other, SamplingParams(max_new_tokens=5, temperature=temperature, seed=3))
+        assert tiny.wait(60).token_ids == want_other  # the arg-max, as the temperature tends to 0
+    assert running.wait(60).token_ids == want
+
+
+def test_sampler_leaves_out_only_the_rows_whose_logits_are_not_finite() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0]]).repeat(5, 1)
+    logits[1, 0] = float("nan")
+    logits[2, 2] = float("inf")
+    logits[3] = float("-inf")
+    state = rows(SamplingParams(temperature=0), SamplingParams(temperature=0), SamplingParams(seed=1),
+                 SamplingParams(top_p=0.5, seed=2), SamplingParams(temperature=1e-40, seed=4, logprobs=True))
+    out = sample(logits, state, eos_ids=[])
+    assert out.failed == {1, 2, 3}
+    assert [out.tokens[0], out.tokens[4]] == [1, 1]
+
+
+def test_a_row_with_non_finite_scores_fails_alone_and_the_batch_goes_on(host: ServingHost) -> None:
+    """A NaN or +inf in one request's logits (an fp16 overflow on its adapter) fails that request with a
+    clear error; the other rows keep decoding and answer what they answer alone."""
+    from app.serving.errors import NonFiniteScores
+
+    engine = host.engine
+    original = engine._forward
+    marker = 7  # max_new_tokens of the request whose logits turn bad
+    bad = {"value": float("nan")}
+
+    def corrupting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        logits = original(*args, **kwargs)
+        if kwargs.get("last_only") is False and len(engine._rows) == logits.shape[0]:
+            logits = logits.clone()
+            for i, row in enumerate(engine._rows):
+                if row.request.params.max_new_tokens == marker and len(row.generated) >= 2:
+                    logits[i, 5] = bad["value"]
+        return logits
+
+    ids, other = host.encode_prompt("The quick brown fox"), host.encode_prompt("hello there")
+    greedy = SamplingParams(max_new_tokens=60, min_new_tokens=60, temperature=0)
+    want = alone(engine, ids, greedy)
+    engine._forward = corrupting  # type: ignore[method-assign]
+    try:
+        for value in (float("nan"), float("inf")):
+            bad["value"] = value
+            running = engine.submit(ids, greedy)
+            while engine.running_rows == 0:
+                time.sleep(0.001)
+            for stream in (False, True):
+                victim = engine.submit(other, SamplingParams(max_new_tokens=marker, temperature=0), stream=stream)
+                with pytest.raises(NonFiniteScores, match="not finite") as info:
+                    victim.wait(60)
+                assert info.value.status == 500
+            assert running.wait(60).token_ids == want
+    finally:
+        engine._forward = original  # type: ignore[method-assign]
+
+
 class CharTokenizer:
     """Decodes ids as characters (id 0 = an incomplete UTF-8 byte)."""
 
