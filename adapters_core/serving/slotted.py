@@ -83,7 +83,8 @@ class SlottedModel:
         self._lora_layers: dict[str, SlotLoraLayer] = {}
         self._swaps: dict[str, SlotModuleSwap] = {}
         self._biases: dict[str, SlotBias] = {}
-        self._slot_modules: dict[int, set[str]] = {}
+        self._slot_lora: dict[int, set[str]] = {}  # slot -> its LoRA layers (what row syncs copy)
+        self._slot_parts: dict[int, set[tuple[str, str]]] = {}  # slot -> (wrapper table, module name) it wrote
         self._slot_ranks: dict[int, int] = {}  # slot -> largest LoRA rank of its adapter
         self._originals: dict[str, nn.Module] = {}
         self._targets: dict[str, list[str]] = {}
@@ -155,8 +156,8 @@ class SlottedModel:
         if not wanted:
             return []
         with self._lock:
-            found = [n for n, m in candidate_modules(self.model, _WRAPPERS)
-                     if n and not isinstance(m, SlotLoraLayer) and any(n == w or n.endswith("." + w) for w in wanted)]
+            found = [n for n, _ in candidate_modules(self.model, _WRAPPERS)  # (a module under LoRA too: the
+                     if n and any(n == w or n.endswith("." + w) for w in wanted)]  # copy is swapped in around it)
             missing = [w for w in wanted if not any(f == w or f.endswith("." + w) for f in found)]
             if missing:
                 raise TargetModulesNotFoundError(f"modules_to_save {missing} matched no module of the base model")
@@ -262,10 +263,11 @@ class SlottedModel:
     def load(self, slot: int, prepared: PreparedAdapter) -> None:
         """Copy ``prepared`` into ``slot``, replacing what the slot held. Call between forwards."""
         self._check_slot(slot)
-        previous = self._slot_modules.get(slot, set())
-        wanted = set(prepared.layers) | set(prepared.swaps) | set(prepared.biases)
-        for name in previous - wanted:
-            self._clear_module(name, slot)
+        # by wrapper, not by name: a module can hold LoRA for one adapter and a bias or a full copy for another
+        wanted = ({("lora", n) for n in prepared.layers} | {("swap", n) for n in prepared.swaps}
+                  | {("bias", n) for n in prepared.biases})
+        for part in self._slot_parts.get(slot, set()) - wanted:
+            self._clear_part(part, slot)
         capacities = [layer.rank_capacity for layer in self._lora_layers.values()]
         for name, weights in prepared.layers.items():
             self._lora_layers[name].write(slot, weights)
@@ -276,14 +278,16 @@ class SlottedModel:
             self._swaps[name].write(slot, state)
         for name, delta in prepared.biases.items():
             self._biases[name].write(slot, delta)
-        self._slot_modules[slot] = wanted
+        self._slot_parts[slot] = wanted
+        self._slot_lora[slot] = set(prepared.layers)
         self._slot_ranks[slot] = prepared.rank
 
     def clear(self, slot: int) -> None:
         """Empty ``slot``: its rows get the base model. Call between forwards."""
         self._check_slot(slot)
-        for name in self._slot_modules.pop(slot, set()):
-            self._clear_module(name, slot)
+        for part in self._slot_parts.pop(slot, set()):
+            self._clear_part(part, slot)
+        self._slot_lora.pop(slot, None)
         self._slot_ranks.pop(slot, None)
         self._forget_rows(slot)
 
@@ -303,7 +307,7 @@ class SlottedModel:
             if before == slot:
                 continue
             names = (self._lora_layers.keys() if before < 0 else
-                     self._slot_modules.get(slot, set()) | self._slot_modules.get(before, set()))
+                     self._slot_lora.get(slot, set()) | self._slot_lora.get(before, set()))
             for name in names:
                 rows, new_slots = changes.setdefault(name, ([], []))
                 rows.append(i)
@@ -324,10 +328,11 @@ class SlottedModel:
                 layer.sync_rows(index(rows), index(new_slots), rows[0] if consecutive else None)
         self._synced = synced
 
-    def _clear_module(self, name: str, slot: int) -> None:
-        for table in (self._lora_layers, self._swaps, self._biases):
-            if name in table:
-                table[name].clear(slot)
+    def _clear_part(self, part: tuple[str, str], slot: int) -> None:
+        kind, name = part
+        table: dict[str, SlotLoraLayer] | dict[str, SlotModuleSwap] | dict[str, SlotBias] = (
+            self._lora_layers if kind == "lora" else self._swaps if kind == "swap" else self._biases)
+        table[name].clear(slot)
 
     def _check_slot(self, slot: int) -> None:
         if not 1 <= slot <= self.num_slots:

@@ -226,6 +226,31 @@ def test_reload_and_clear_forget_the_old_adapter(saved: dict[str, Saved], model_
     assert maxdiff(routed_logits(sm, narrow.ids, [1] * 4), narrow.base_logits) <= ATOL
 
 
+LM_HEAD_LORA = Case("llama-lm_head-lora", "llama", {"r": 4, "target_modules": ["q_proj", "lm_head"]})
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ("gpt2-bias-all", "gpt2-all-linear"),  # trained biases (on c_fc, ...), then LoRA on those modules
+    ("gpt2-all-linear", "gpt2-bias-all"),  # LoRA on c_fc, then only a trained bias there
+    ("llama-modules-to-save", LM_HEAD_LORA.id),  # a full copy of lm_head, then LoRA on lm_head
+    (LM_HEAD_LORA.id, "llama-modules-to-save"),
+])
+def test_a_reused_slot_serves_only_the_new_adapter_whatever_the_old_one_put_on_its_modules(
+        first: str, second: str, saved: dict[str, Saved], model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """One module can carry LoRA for one adapter and a trained bias or a full copy for another: loading the
+    second into the first's slot must clear the first's part, and either may come first in the process."""
+    extra = {LM_HEAD_LORA.id: _save(LM_HEAD_LORA, model_dirs["llama"], tmp_path / "lm_head")}
+    old, new = (saved.get(i) or extra[i] for i in (first, second))
+    sm = slotted(model_dirs[new.case.arch], num_slots=2)
+    load_into(sm, 1, old.path)
+    load_into(sm, 1, new.path)
+    load_into(sm, 2, old.path)
+    assert maxdiff(new.logits, new.base_logits) > MIN_EFFECT
+    assert maxdiff(routed_logits(sm, new.ids, [1] * len(new.ids)), new.logits) <= ATOL
+    mixed = routed_logits(sm, new.ids, [1, 2, 1, 2])  # (the two cases of an arch share their inputs)
+    assert maxdiff(mixed[0::2], new.logits[0::2]) <= ATOL and maxdiff(mixed[1::2], old.logits[1::2]) <= ATOL
+
+
 def test_host_bytes_count_pinned_tensors_as_the_pinned_allocator_holds_them(
         saved: dict[str, Saved], model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     models = {arch: slotted(path) for arch, path in model_dirs.items()}
