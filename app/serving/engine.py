@@ -453,7 +453,7 @@ class GenerationEngine:
                         continue
                     slot = acquired
                 params = request.params
-                tracker = None
+                tracker = None  # read at every step only where needed; otherwise once, when answered
                 if request.handle.stream or params.stop:
                     tracker = TextTracker(self.tokenizer, request.prompt_ids, params.stop)
                 admitted.append(_Row(request, slot, params.generator(self.device), tracker))
@@ -585,19 +585,19 @@ class GenerationEngine:
             return
         params = request.params
         reason = row.finish_reason or "length"
-        if row.text is not None:
-            text = row.text.finish()
-            if request.handle.stream and reason != "cancelled":
-                tail = row.text.delta(final=True)
-                new_tokens = row.generated[row.streamed_tokens:]
-                if tail or new_tokens:
-                    request.handle.deliver(StreamDelta(
-                        tail, new_tokens,
-                        row.logprobs[row.streamed_tokens:] if params.logprobs else None,
-                        row.top[row.streamed_tokens:] if params.top_logprobs else None,
-                    ))
-        else:
-            text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        if row.text is None:  # read once now, the way a stream reads it (text after the prompt's)
+            row.text = TextTracker(self.tokenizer, request.prompt_ids)
+            row.text.update(row.generated)
+        text = row.text.finish()
+        if request.handle.stream and reason != "cancelled":
+            tail = row.text.delta(final=True)
+            new_tokens = row.generated[row.streamed_tokens:]
+            if tail or new_tokens:
+                request.handle.deliver(StreamDelta(
+                    tail, new_tokens,
+                    row.logprobs[row.streamed_tokens:] if params.logprobs else None,
+                    row.top[row.streamed_tokens:] if params.top_logprobs else None,
+                ))
         ttft = None if row.first_token_at is None else row.first_token_at - request.submitted
         self.metrics.finished(request.adapter, reason, len(request.prompt_ids), len(row.generated))
         request.handle.deliver(GenerationResult(

@@ -36,6 +36,36 @@ def peft_adapter(base_dir: Path, out: Path, *, seed: int, r: int = 8, target_mod
     return out
 
 
+def sentencepiece_style_model(out: Path, seed: int = 0) -> Path:
+    """A tiny seeded Llama whose tokenizer decodes as Llama-2's and Mistral's do (Metaspace: ``▁`` marks a
+    space, and a decode drops the space ``▁`` gives its first token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from adapters_core.tiny_models import _CORPUS, CHAT_TEMPLATE, SPECIAL_TOKENS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS,
+                                                                     show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
+                                   pad_token="<|pad|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    ids = {t: fast.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    eos = [ids["<|eos|>"], ids["<|im_end|>"]]
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=ids["<|bos|>"], eos_token_id=eos, pad_token_id=ids["<|pad|>"])
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=ids["<|bos|>"], eos_token_id=eos,
+                                               pad_token_id=ids["<|pad|>"])
+    model.save_pretrained(out)
+    return out
+
+
 def upload(client: TestClient, name: str, folder: Path) -> Any:
     files = [("files", (n, (folder / n).read_bytes())) for n in ("adapter_config.json", "adapter_model.safetensors")]
     response = client.post("/adapters", files=[("name", (None, name)), *files])

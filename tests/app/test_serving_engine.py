@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -20,7 +21,7 @@ from app.serving.sampling import RowSampling, SamplingParams, sample
 from app.serving.text import TextTracker
 from app.settings import Settings
 from app.storage import LocalArtifactStore
-from tests.app.serving_helpers import peft_adapter
+from tests.app.serving_helpers import peft_adapter, sentencepiece_style_model
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +223,39 @@ def test_text_tracker_streams_exactly_the_whole_decode_at_constant_cost_per_toke
         assert final == whole[len(context_text):], trial
         assert "".join(pieces) == final, trial
         assert counting.decoded <= 12 * (len(ids) + len(context)), (trial, counting.decoded)
+
+
+def test_text_is_the_same_streamed_or_not_with_a_sentencepiece_style_tokenizer(tmp_path: Path) -> None:
+    """With Llama-2/Mistral-style decoding, the text of the same tokens used to lose its leading space
+    unless the request streamed or had a stop string."""
+    from app.serving.engine import StreamDelta
+
+    served = ServingHost.load(Settings(data_dir=tmp_path / "data", base_model=str(
+        sentencepiece_style_model(tmp_path / "sp-model"))))
+    try:
+        engine, tokenizer = served.engine, served.tokenizer
+        ids = served.encode_prompt("The capital of France is")
+        params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=1)
+        plain = engine.submit(ids, params).wait(60)
+        assert tokenizer.convert_ids_to_tokens(plain.token_ids[0]).startswith("▁")  # a word after a space
+        with_stop = engine.submit(ids, SamplingParams(max_new_tokens=8, temperature=1.0, seed=1, stop=("@@@",)))
+
+        async def streamed() -> tuple[str, str]:
+            pieces = []
+            async for item in engine.submit(ids, params, loop=asyncio.get_running_loop(), stream=True).events():
+                if isinstance(item, StreamDelta):
+                    pieces.append(item.text)
+                else:
+                    return "".join(pieces), item.text
+            raise AssertionError("no result")
+
+        joined, result_text = asyncio.run(streamed())
+        whole = tokenizer.decode(ids + plain.token_ids, skip_special_tokens=True)
+        prompt_text = tokenizer.decode(ids, skip_special_tokens=True)
+        assert plain.text.startswith(" ") and whole == prompt_text + plain.text
+        assert with_stop.wait(60).text == joined == result_text == plain.text
+    finally:
+        served.close()
 
 
 def test_engine_answers_every_queued_request_when_stopped(demo_model_dir: Path, tmp_path: Path) -> None:
