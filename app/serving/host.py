@@ -49,7 +49,7 @@ from app.storage import ArtifactNotFound, LocalArtifactStore
 logger = logging.getLogger(__name__)
 
 # initialisations that rewrite the base weights: their files only make sense on that rewritten base
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 @dataclass(frozen=True)

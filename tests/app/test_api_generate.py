@@ -380,6 +380,21 @@ def test_adapter_made_for_another_base_model_is_refused(served: TestClient, adap
     assert "some/other-model" in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga"])
+def test_adapter_whose_init_rewrote_the_base_is_refused(init: str, served: TestClient, adapters: list[Path],
+                                                        tmp_path: Path) -> None:
+    """Its weights only fit the base as its initialisation rewrote it: serving them on ours would be wrong."""
+    folder = tmp_path / init
+    shutil.copytree(adapters[0], folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": init}))
+    upload(served, f"init-{init}", folder)
+    response = generate(served, f"init-{init}", prompt="x", max_new_tokens=2)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_adapter"
+    assert f"init_lora_weights={init!r}" in response.json()["error"]["message"]
+
+
 def test_rank_above_the_server_limit_is_refused(tmp_path: Path, demo_model_dir: Path, base_host: Any,
                                                 adapters: list[Path]) -> None:
     settings = serving_settings(tmp_path, demo_model_dir, max_lora_rank=4)
