@@ -94,6 +94,8 @@ def prepare_adapter(model: SlottedModel, config: AdapterConfig, tensors: dict[st
     for name in model.saved_module_targets(lora):
         prepared.swaps[name] = _swap_state(model, name, remaining)
     for key in sorted(remaining):
+        if key.endswith(".bias") and lora.bias != "none" and _inside_swap(key, remaining[key], prepared):
+            continue
         if key.endswith(".bias") and lora.bias != "none":
             _bias_delta(model, key, remaining[key], prepared)
         elif key.endswith(".base_layer.weight"):
@@ -155,6 +157,26 @@ def _swap_state(model: SlottedModel, name: str, remaining: dict[str, torch.Tenso
     for key, live in original.state_dict().items():
         state[key] = _host(_take(remaining, f"{name}.{key}", tuple(live.shape)), live.dtype)
     return state
+
+
+def _inside_swap(key: str, value: torch.Tensor, prepared: PreparedAdapter) -> bool:
+    """Whether ``key`` is a bias PEFT's ``bias="all"`` saves from inside a ``modules_to_save`` wrapper: the
+    copy's own (``X.modules_to_save.bias``, the same value as ``X.bias``) or the original module's under it
+    (``X.original_module.bias``, which rows on this adapter never use)."""
+    for name, state in prepared.swaps.items():
+        if key.startswith(f"{name}.original_module."):
+            return True
+        inner = key.removeprefix(f"{name}.modules_to_save.")
+        if inner != key:
+            if inner not in state:
+                raise AdapterMismatchError(f"unexpected key {KEY_PREFIX}{key}: {name} has no {inner}")
+            if not torch.equal(value.to(state[inner].dtype), state[inner]):
+                raise AdapterMismatchError(
+                    f"{KEY_PREFIX}{key} differs from {KEY_PREFIX}{name}.{inner}: the file holds two values for the "
+                    f"saved copy of {name}"
+                )
+            return True
+    return False
 
 
 def _bias_delta(model: SlottedModel, key: str, value: torch.Tensor, prepared: PreparedAdapter) -> None:

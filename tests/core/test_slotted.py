@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("peft", reason="peft is the test oracle")
 
 from peft import get_peft_model
+from safetensors.torch import load_file, save_file
 
 from adapters_core import (
     AdapterMismatchError,
@@ -249,6 +250,27 @@ def test_a_reused_slot_serves_only_the_new_adapter_whatever_the_old_one_put_on_i
     assert maxdiff(routed_logits(sm, new.ids, [1] * len(new.ids)), new.logits) <= ATOL
     mixed = routed_logits(sm, new.ids, [1, 2, 1, 2])  # (the two cases of an arch share their inputs)
     assert maxdiff(mixed[0::2], new.logits[0::2]) <= ATOL and maxdiff(mixed[1::2], old.logits[1::2]) <= ATOL
+
+
+def test_modules_to_save_with_trained_biases_is_served_as_peft_serves_it(model_dirs: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    """``bias="all"`` also saves the biases inside PEFT's copy wrapper (``ln_f.modules_to_save.bias``, a second
+    record of ``ln_f.bias``, and ``ln_f.original_module.bias``); a file whose two records disagree is refused."""
+    case = Case("gpt2-modules-to-save-bias-all", "gpt2",
+                {"r": 4, "target_modules": ["c_attn"], "modules_to_save": ["ln_f"], "bias": "all"})
+    s = _save(case, model_dirs["gpt2"], tmp_path / "saved")
+    sm = slotted(model_dirs["gpt2"], num_slots=1)
+    load_into(sm, 1, s.path)
+    assert maxdiff(s.logits, s.base_logits) > MIN_EFFECT
+    assert maxdiff(routed_logits(sm, s.ids, [1, 0, 1, 0]), torch.stack([s.logits[0], s.base_logits[1], s.logits[2],
+                                                                       s.base_logits[3]])) <= ATOL
+    weights = tmp_path / "saved" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = "base_model.model.transformer.ln_f.modules_to_save.bias"
+    save_file({**tensors, key: tensors[key] + 1}, weights)
+    config, tensors = read_adapter(tmp_path / "saved")
+    with pytest.raises(AdapterMismatchError, match=r"two values for the saved copy of transformer\.ln_f"):
+        sm.prepare(config, tensors)
 
 
 def test_host_bytes_count_pinned_tensors_as_the_pinned_allocator_holds_them(
