@@ -2,7 +2,8 @@
 
 ```python
 sm = SlottedModel(model, num_slots=64, max_rank=64)
-prepared = sm.prepare(config, tensors)      # any thread: checks and lays out the adapter (host memory)
+prepared = sm.prepare(config, tensors)      # any thread: checks and lays out the adapter (host memory);
+                                            # wrapping new target modules waits for sm.structure_lock
 sm.load(3, prepared)                        # copy into slot 3 (no module surgery on the hot path)
 with sm.route([3, 0, 3]):                   # row 0 and 2 use slot 3, row 1 the base model
     logits = model(input_ids=ids).logits
@@ -13,6 +14,8 @@ Slot 0 is the base model. Targeted layers are wrapped once, when an adapter firs
 the wrapper allocates its buffers for every slot on the first load and only copies afterwards, so
 loading an adapter costs a read and a copy, and a batch mixing any adapters costs one routed
 forward (:mod:`adapters_core.serving.kernels`). Only inference: forwards run without gradients.
+While other threads may prepare adapters, the thread that runs forwards, loads and clears holds
+``structure_lock`` around them.
 """
 
 from __future__ import annotations
@@ -79,7 +82,9 @@ class SlottedModel:
         self.row_capacity = row_capacity if self.cpu_kernel is None else 0
         self.gpu_kernel: GpuBgmv | None = self._gpu_kernel(gpu_kernels, params[0].dtype if params else self.dtype)
         self.routing = RoutingState()
-        self._lock = threading.Lock()  # module structure changes (wrapping) vs. walks of it
+        # module structure changes (wrapping, on any thread) vs. walks of it (forwards, loads, clears, row syncs):
+        # whoever walks holds it (the serving engine, for each step), so wrapping waits for the step to end
+        self.structure_lock = threading.RLock()
         self._lora_layers: dict[str, SlotLoraLayer] = {}
         self._swaps: dict[str, SlotModuleSwap] = {}
         self._biases: dict[str, SlotBias] = {}
@@ -140,7 +145,10 @@ class SlottedModel:
         spec, since the adapters of one service mostly share a few."""
         key = json.dumps([config.target_modules, config.exclude_modules, config.layers_to_transform,
                           config.layers_pattern, config.modules_to_save], sort_keys=True, default=str)
-        with self._lock:
+        known = self._targets.get(key)
+        if known is not None:
+            return list(known)
+        with self.structure_lock:
             targets = self._targets.get(key)
             if targets is None:
                 targets, _ = find_targets(self.model, config, is_linear_like=base_layers.is_linear_like,
@@ -155,7 +163,7 @@ class SlottedModel:
         wanted = config.modules_to_save or []
         if not wanted:
             return []
-        with self._lock:
+        with self.structure_lock:
             found = [n for n, _ in candidate_modules(self.model, _WRAPPERS)  # (a module under LoRA too: the
                      if n and any(n == w or n.endswith("." + w) for w in wanted)]  # copy is swapped in around it)
             missing = [w for w in wanted if not any(f == w or f.endswith("." + w) for f in found)]
@@ -236,7 +244,9 @@ class SlottedModel:
         module = self.base_module(name)
         if not (base_layers.is_linear_like(module) or isinstance(module, nn.LayerNorm)):
             return False
-        with self._lock:
+        if name in self._biases:
+            return True
+        with self.structure_lock:
             if name not in self._biases:
                 device = _device_of(module, self.device)
                 made = self._insert(

@@ -360,22 +360,27 @@ class GenerationEngine:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._rows and not self._calls:
                     self._cond.wait(timeout=1.0)
-                    self.bank.sweep()
+                    with self.slotted.structure_lock:
+                        self.bank.sweep()
                 if self._stopping:
                     break
             try:
-                self._run_calls()
-                self.bank.sweep()
-                self._drop_cancelled()
-                admitted = self._admit()
-                if admitted:
-                    self._prefill(admitted)
-                if self._rows:
-                    self._decode()
+                with self.slotted.structure_lock:  # request threads wrap modules for new adapters between steps
+                    self._step()
             except Exception as exc:
                 logger.exception("generation step failed; failing the requests of the batch")
                 self._fail_rows(ServingError(f"generation failed: {exc.__class__.__name__}: {exc}"))
         self._shutdown()
+
+    def _step(self) -> None:
+        self._run_calls()
+        self.bank.sweep()
+        self._drop_cancelled()
+        admitted = self._admit()
+        if admitted:
+            self._prefill(admitted)
+        if self._rows:
+            self._decode()
 
     def _shutdown(self) -> None:
         error = ServingUnavailable("the server is shutting down")

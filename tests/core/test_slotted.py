@@ -10,8 +10,10 @@ reloaded with another adapter must forget the old one on every layer.
 from __future__ import annotations
 
 import copy
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -271,6 +273,28 @@ def test_modules_to_save_with_trained_biases_is_served_as_peft_serves_it(model_d
     config, tensors = read_adapter(tmp_path / "saved")
     with pytest.raises(AdapterMismatchError, match=r"two values for the saved copy of transformer\.ln_f"):
         sm.prepare(config, tensors)
+
+
+def test_preparing_an_adapter_on_another_thread_wraps_modules_only_while_nobody_walks_them(
+        saved: dict[str, Saved], model_dirs: dict[str, Path]) -> None:
+    """Serving prepares adapters on request threads (on GPUs) while its engine thread runs forwards and loads,
+    which walk the wrapped modules: a new target spec's wrapping waits until the walker lets go."""
+    first, new = saved["llama-r8-qv"], saved["llama-all-linear"]
+    sm = slotted(model_dirs["llama"], num_slots=2)
+    load_into(sm, 1, first.path)
+    wrapped = {n for n, m in sm.model.named_modules() if isinstance(m, SlotLoraLayer)}
+    result: list[Any] = []
+    with sm.structure_lock:  # the engine, mid-step
+        worker = threading.Thread(target=lambda: result.append(sm.prepare(*read_adapter(new.path))))
+        worker.start()
+        worker.join(timeout=0.5)
+        assert worker.is_alive() and not result
+        assert {n for n, m in sm.model.named_modules() if isinstance(m, SlotLoraLayer)} == wrapped
+        assert maxdiff(routed_logits(sm, first.ids, [1] * len(first.ids)), first.logits) <= ATOL
+    worker.join(timeout=60)
+    sm.load(2, result[0])
+    assert maxdiff(routed_logits(sm, new.ids, [2] * len(new.ids)), new.logits) <= ATOL
+    assert maxdiff(routed_logits(sm, first.ids, [1] * len(first.ids)), first.logits) <= ATOL
 
 
 def test_host_bytes_count_pinned_tensors_as_the_pinned_allocator_holds_them(
