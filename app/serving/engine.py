@@ -33,7 +33,6 @@ from transformers import DynamicCache
 from adapters_core.serving import SlottedModel
 from app.serving.bank import AdapterBank, AdapterLease
 from app.serving.errors import (
-    NoFreeSlot,
     NonFiniteScores,
     QueueFull,
     RequestTooLarge,
@@ -447,7 +446,7 @@ class GenerationEngine:
                     try:
                         acquired = self.bank.acquire(request.lease)
                     except Exception as exc:  # NoFreeSlot, or a slot copy that failed: answer, never drop
-                        if not isinstance(exc, NoFreeSlot):
+                        if not isinstance(exc, ServingError):
                             logger.exception("loading adapter %s into a slot failed", request.adapter)
                             exc = ServingError(f"loading adapter {request.adapter} failed: {exc}")
                         self._release(request)
