@@ -28,6 +28,7 @@ from app.serving.engine import GenerationResult, StreamDelta
 from app.serving.errors import ServingError
 from app.serving.host import ServingHost
 from app.serving.sampling import SamplingParams
+from app.serving.token_bytes import text_offsets, token_bytes
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -211,10 +212,7 @@ def _completion_logprobs(host: ServingHost, r: GenerationResult) -> dict[str, An
     if r.logprobs is None:
         return None
     tokens = [host.decode([t]) for t in r.token_ids]
-    offsets, pos = [], 0
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t)
+    offsets = [min(o, len(r.text)) for o in text_offsets(host.tokenizer, r.token_ids)]  # stop cut the text
     top = None if r.top_logprobs is None else [_top_dict(host, step) for step in r.top_logprobs]
     return {"tokens": tokens, "token_logprobs": r.logprobs, "top_logprobs": top, "text_offset": offsets}
 
@@ -349,11 +347,11 @@ def _chat_logprobs(host: ServingHost, token_ids: list[int], logprobs: list[float
         return None
     content = []
     for k, (tid, lp) in enumerate(zip(token_ids, logprobs, strict=True)):
-        token = host.decode([tid])
         alts = [] if top is None else [
-            {"token": host.decode([i]), "logprob": v, "bytes": list(host.decode([i]).encode())} for i, v in top[k]
+            {"token": host.decode([i]), "logprob": v, "bytes": list(token_bytes(host.tokenizer, i))} for i, v in top[k]
         ]
-        content.append({"token": token, "logprob": lp, "bytes": list(token.encode()), "top_logprobs": alts})
+        content.append({"token": host.decode([tid]), "logprob": lp, "bytes": list(token_bytes(host.tokenizer, tid)),
+                        "top_logprobs": alts})
     return {"content": content, "refusal": None}
 
 

@@ -112,6 +112,47 @@ def test_chat_completion_stream_and_text_parts(oai: Any, client: TestClient) -> 
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
+MULTIBYTE = "héllo wörld 日本 😀"
+REPLACEMENT = "\ufffd"
+
+
+def test_chat_logprob_bytes_are_each_tokens_own_bytes(oai: Any) -> None:
+    """Tokens holding part of a UTF-8 character (they decode alone to U+FFFD) answer their real bytes, so
+    the chosen tokens' bytes, joined, decode to the message; their bytes used to be U+FFFD's."""
+    messages = [{"role": "user", "content": MULTIBYTE}]
+    partial = 0
+    for seed in range(8):
+        got = oai.chat.completions.create(model="base", messages=messages, max_tokens=12, seed=seed, logprobs=True,
+                                          top_logprobs=5, extra_body={"min_tokens": 12})
+        choice = got.choices[0]
+        content = choice.logprobs.content
+        assert bytes(b for t in content for b in t.bytes).decode("utf-8", "replace") == choice.message.content
+        for token in content:
+            for t in (token, *token.top_logprobs):
+                assert bytes(t.bytes).decode("utf-8", "replace") == t.token
+                partial += t.token == REPLACEMENT and bytes(t.bytes) != REPLACEMENT.encode()
+    assert partial  # the sampled answers did split characters
+
+
+def test_completion_text_offsets_count_characters_of_the_text(oai: Any) -> None:
+    """``text_offset[i]`` is how many characters of ``text`` come before token i; a token that starts inside a
+    character points at it. Each token holding part of a character used to count as one."""
+    partial = 0
+    for seed in range(8):
+        got = oai.completions.create(model="base", prompt=MULTIBYTE, max_tokens=12, seed=seed, logprobs=0,
+                                     extra_body={"min_tokens": 12})
+        choice = got.choices[0]
+        offsets, tokens, text = choice.logprobs.text_offset, choice.logprobs.tokens, choice.text
+        assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[-1] < len(text)
+        for offset, token in zip(offsets, tokens, strict=True):
+            if REPLACEMENT in token:
+                partial += 1
+                assert len(text[offset].encode()) > 1  # the character it starts or continues
+            else:
+                assert text[offset:offset + len(token)] == token
+    assert partial
+
+
 def test_base_model_by_name_and_unknown_model(oai: Any, client: TestClient) -> None:
     base = oai.completions.create(model="base", prompt=PROMPTS[2], max_tokens=8, temperature=0)
     assert base.choices[0].text == native(client, None, PROMPTS[2], 8)["text"]

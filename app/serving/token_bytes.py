@@ -1,0 +1,128 @@
+"""The bytes a token stands for, and where each token starts in the text, for OpenAI's logprobs.
+
+A token can hold part of a UTF-8 character: decoded alone it is U+FFFD, whose bytes are not the
+token's. Its real bytes come from its vocabulary string, by tokenizer kind:
+
+- byte-level BPE (GPT-2, Llama-3, Qwen): each character of the string stands for one byte, through
+  GPT-2's table of printable stand-ins (:func:`byte_level_table`), which is inverted here;
+- SentencePiece-style (Llama-2, Mistral): a byte-fallback piece ``<0xNN>`` is the byte ``NN``, and
+  ``▁`` is a space;
+- otherwise, and for added tokens (``<|im_end|>``, ...): the UTF-8 of the token decoded alone.
+
+So the bytes of a sequence's tokens, joined, are the UTF-8 bytes its text decodes from.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import re
+import weakref
+from collections.abc import Sequence
+from functools import cache
+from typing import Any
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_KINDS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+@cache
+def byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted: stand-in character -> byte. Printable Latin-1 bytes stand for
+    themselves; the other 68 bytes, in order, for the characters from U+0100 on."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    table: dict[str, int] = {}
+    shifted = 0
+    for byte in range(256):
+        if byte in printable:
+            table[chr(byte)] = byte
+        else:
+            table[chr(0x100 + shifted)] = byte
+            shifted += 1
+    return table
+
+
+def _decoder_types(tokenizer: Any) -> set[str]:
+    """The ``type`` of a fast tokenizer's decoder and of the decoders it chains (empty for slow ones)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    if decoder is None:
+        return set()
+    types: set[str] = set()
+    stack = [json.loads(decoder.__getstate__())]
+    while stack:
+        node = stack.pop()
+        types.add(str(node.get("type")))
+        if node.get("type") == "Replace" and node.get("pattern", {}).get("String") == "▁":
+            types.add("Metaspace")
+        stack.extend(node.get("decoders") or [])
+    return types
+
+
+def tokenizer_kind(tokenizer: Any) -> str:
+    """``byte_level``, ``sentencepiece`` or ``text`` (see the module docstring); kept per tokenizer."""
+    try:
+        return _KINDS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    types = _decoder_types(tokenizer)
+    if "ByteLevel" in types or hasattr(tokenizer, "byte_decoder"):
+        kind = "byte_level"
+    elif types & {"Metaspace", "ByteFallback"} or hasattr(tokenizer, "sp_model"):
+        kind = "sentencepiece"
+    else:
+        kind = "text"
+    with contextlib.suppress(TypeError):  # not weak-referenceable: worked out each time
+        _KINDS[tokenizer] = kind
+    return kind
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """The bytes ``token_id`` stands for (see the module docstring)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}).get(token_id)
+    kind = "text" if added is not None else tokenizer_kind(tokenizer)
+    if kind != "text":
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str):
+            if kind == "byte_level":
+                table = byte_level_table()
+                if all(c in table for c in piece):
+                    return bytes(table[c] for c in piece)
+            else:
+                match = _BYTE_PIECE.fullmatch(piece)
+                return bytes([int(match.group(1), 16)]) if match else piece.replace("▁", " ").encode()
+    text: str = tokenizer.decode([token_id], skip_special_tokens=False)
+    return text.encode()
+
+
+def char_starts(data: bytes) -> list[int]:
+    """Where each character of ``data.decode("utf-8", errors="replace")`` starts in ``data`` (each invalid
+    span, which decodes to one U+FFFD, counts as one character)."""
+    starts: list[int] = []
+    pos = 0
+    while pos < len(data):
+        try:
+            valid, bad = data[pos:].decode(), None
+        except UnicodeDecodeError as exc:
+            valid, bad = data[pos:pos + exc.start].decode(), (pos + exc.start, pos + exc.end)
+        for char in valid:
+            starts.append(pos)
+            pos += len(char.encode())
+        if bad is not None:
+            starts.append(bad[0])
+            pos = bad[1]
+    return starts
+
+
+def text_offsets(tokenizer: Any, token_ids: Sequence[int]) -> list[int]:
+    """For each token, how many characters of the sequence's text (decoded without special tokens) come
+    before it; a token that starts inside a character points at that character."""
+    skipped = set(getattr(tokenizer, "all_special_ids", ()))
+    token_starts, data = [], bytearray()
+    for token_id in token_ids:
+        token_starts.append(len(data))
+        if token_id not in skipped:
+            data += token_bytes(tokenizer, token_id)
+    starts = char_starts(bytes(data))
+    return [bisect.bisect_right(starts, b) - 1 if b < len(data) else len(starts) for b in token_starts]
