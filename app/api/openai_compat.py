@@ -155,6 +155,7 @@ class _Common(BaseModel):
 
 
 def _usage(results: Sequence[GenerationResult], prompt_counts: Sequence[int]) -> dict[str, int]:
+    """OpenAI's usage: ``prompt_counts`` has each prompt's tokens once (as OpenAI counts them, whatever ``n``)."""
     prompt = sum(prompt_counts)
     completion = sum(len(r.token_ids) for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -240,11 +241,11 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
     meta = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
             "model": generation.adapter or BASE_MODEL_ID}
     if body.stream:
-        return _sse(_completion_chunks(host, generation, meta, expanded, body))
+        return _sse(_completion_chunks(host, generation, meta, prompts, body))
     results = await generation.results(request)
     choices = [{"index": i, "text": r.text, "logprobs": _completion_logprobs(host, r), "finish_reason": _finish(r)}
                for i, r in enumerate(results)]
-    return {**meta, "choices": choices, "usage": _usage(results, [len(p) for p in expanded])}
+    return {**meta, "choices": choices, "usage": _usage(results, [len(p) for p in prompts])}
 
 
 async def _chunks(generation: inference.Generation, head: dict[str, Any], prompt_counts: Sequence[int],
@@ -378,7 +379,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     choices = [{"index": i, "message": {"role": "assistant", "content": r.text, "refusal": None},
                 "logprobs": _chat_logprobs(host, r.token_ids, r.logprobs, r.top_logprobs), "finish_reason": _finish(r)}
                for i, r in enumerate(results)]
-    return {**meta, "object": "chat.completion", "choices": choices, "usage": _usage(results, [len(ids)] * n)}
+    return {**meta, "object": "chat.completion", "choices": choices, "usage": _usage(results, [len(ids)])}
 
 
 def _default_chat_tokens(host: ServingHost, prompt_tokens: int) -> int:
@@ -401,5 +402,5 @@ def _chat_chunks(host: ServingHost, generation: inference.Generation, meta: dict
     opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                for i in range(n)]
     usage = body.stream_options is not None and body.stream_options.include_usage
-    return _chunks(generation, {**meta, "object": "chat.completion.chunk"}, [prompt_tokens] * n, usage, delta,
+    return _chunks(generation, {**meta, "object": "chat.completion.chunk"}, [prompt_tokens], usage, delta,
                    end, opening)

@@ -112,6 +112,22 @@ def test_chat_completion_stream_and_text_parts(oai: Any, client: TestClient) -> 
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
+def test_usage_counts_each_prompt_once_whatever_n(oai: Any) -> None:
+    """OpenAI counts a prompt once however many choices it has; prompt_tokens used to be multiplied by n."""
+    messages = [{"role": "user", "content": "What is two plus two?"}]
+    for stream in (False, True):
+        options: dict[str, Any] = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+        options["extra_body"] = {"min_tokens": 2}
+        usage = {}
+        for n in (1, 3):
+            chat = oai.chat.completions.create(model="base", messages=messages, max_tokens=2, n=n, **options)
+            text = oai.completions.create(model="base", prompt=PROMPTS[:2], max_tokens=2, n=n, **options)
+            usage[n] = [list(r)[-1].usage if stream else r.usage for r in (chat, text)]
+        assert [u.prompt_tokens for u in usage[3]] == [u.prompt_tokens for u in usage[1]]
+        assert [u.completion_tokens for u in usage[3]] == [6, 12]  # every choice's tokens do count
+        assert all(u.total_tokens == u.prompt_tokens + u.completion_tokens for u in usage[3])
+
+
 MULTIBYTE = "héllo wörld 日本 😀"
 REPLACEMENT = "\ufffd"
 
