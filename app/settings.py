@@ -52,7 +52,8 @@ class Settings(BaseSettings):
         default=8192, gt=0, description="Token budget of the running batch: each request reserves prompt + max_new_tokens."
     )
     max_batch_size: int = Field(default=64, gt=0, description="Most requests decoded together in one step.")
-    max_queue_depth: int = Field(default=256, gt=0, description="Waiting generate requests before 429.")
+    max_queue_depth: int = Field(default=256, gt=0, description="Generations (prompts x n) waiting before 429; "
+                                 "one request that makes more answers 422.")
     adapter_slots: int = Field(default=64, gt=0, description="Adapters resident on the device at once.")
     max_lora_rank: int = Field(default=64, gt=0, description="Largest LoRA rank the serving slots accept.")
     adapter_dtype: Literal["auto", "float32", "float16"] = Field(

@@ -178,7 +178,8 @@ _STREAM_DOC = {
     summary="Generate text",
     description="Generate from the base model with the adapter `REF` hot-swapped in (no adapter = the base model). "
     "Requests from concurrent clients share batches; each row uses its own adapter. Answers 404 for an unknown "
-    "adapter, 422 for an adapter that does not fit this base model or a prompt too long, 429 when too many "
+    "adapter, 422 for an adapter that does not fit this base model, a prompt too long or more prompts than "
+    "ADAPTERFORGE_MAX_QUEUE_DEPTH, 429 when too many "
     "requests wait and 503 when no adapter slot can be freed (both with `Retry-After`).",
     responses={200: _STREAM_DOC, 404: ERROR_RESPONSES[404], 422: ERROR_RESPONSES[422],
                429: {"description": "too many requests waiting (Retry-After)"},
@@ -188,6 +189,7 @@ async def generate(body: GenerateRequest, request: Request, services: ServicesDe
                    adapter: AdapterQuery = None) -> Any:
     host = inference.serving_host(services)
     prompts = body.token_ids(host)
+    inference.check_queue_room(host, len(prompts), 1, prompt_param="prompt" if body.prompt is not None else "messages")
     params = body.sampling()
     generation = await inference.start(services, adapter, "adapter", prompts, [params] * len(prompts),
                                        stream=body.stream)

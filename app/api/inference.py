@@ -18,7 +18,7 @@ from app.registry import adapters as registry
 from app.registry.models import AdapterVersion
 from app.serving.bank import AdapterLease
 from app.serving.engine import GenerationResult, RequestHandle, StreamDelta
-from app.serving.errors import AdapterNotFound, ServingError, ServingUnavailable
+from app.serving.errors import AdapterNotFound, RequestTooLarge, ServingError, ServingUnavailable
 from app.serving.host import ServedVersion, ServingHost
 from app.serving.sampling import SamplingParams
 
@@ -148,6 +148,21 @@ def _lease(services: Services, ref: str, param: str, count: int) -> tuple[Served
             host.bank.release(lease)
         raise
     return version, leases
+
+
+def check_queue_room(host: ServingHost, prompts: int, choices: int, *, prompt_param: str) -> None:
+    """Refuse (422, naming ``n`` or ``prompt_param``) a request of more generations (prompts x choices) than
+    may wait at once: it could never be queued, even on an idle server (429 is for a full queue)."""
+    depth = host.limits.max_queue_depth
+    total = prompts * choices
+    if total <= depth:
+        return
+    made = f"{prompts} prompt{'s' if prompts > 1 else ''}" + (f" x n={choices}" if choices > 1 else "")
+    raise RequestTooLarge(
+        f"this request makes {total} generations ({made}), above this server's limit of {depth} waiting at once "
+        f"(ADAPTERFORGE_MAX_QUEUE_DEPTH): send at most {depth} per request",
+        param=prompt_param if prompts > depth or choices == 1 else "n",
+    )
 
 
 async def start(services: Services, adapter: str | None, param: str, prompts: Sequence[list[int]],

@@ -119,7 +119,8 @@ class _Common(BaseModel):
     model: str = Field(max_length=256, description="`base` or an adapter reference (`name`, `name@3`, `name@prod`).")
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 = greedy; default 1.")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling; default 1.")
-    n: int | None = Field(default=None, ge=1, le=MAX_N, description="Choices per prompt.")
+    n: int | None = Field(default=None, ge=1, le=MAX_N, description="Choices per prompt; prompts x n at most the "
+                          "server's ADAPTERFORGE_MAX_QUEUE_DEPTH (256 by default).")
     stream: bool | None = Field(default=None, description="Answer server-sent events ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = Field(default=None, description="`include_usage`.")
     stop: str | list[str] | None = Field(default=None, description="Up to 4 stop strings.")
@@ -232,6 +233,7 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
     prompts = body.prompt_ids(host)
     _check_ids(host, prompts)
     n = body.n or 1
+    inference.check_queue_room(host, len(prompts), n, prompt_param="prompt")
     max_tokens = body.max_tokens or 16
     logprobs = -1 if body.logprobs is None else body.logprobs
     expanded = [ids for ids in prompts for _ in range(n)]
@@ -366,6 +368,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     messages = [{"role": m.role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(body.messages)]
     ids = host.encode_chat(messages)
     n = body.n or 1
+    inference.check_queue_room(host, 1, n, prompt_param="messages")
     max_tokens = body.max_completion_tokens or body.max_tokens or _default_chat_tokens(host, len(ids))
     logprobs = (body.top_logprobs or 0) if body.logprobs else -1
     params = [body.params(max_tokens, logprobs, j) for j in range(n)]

@@ -128,6 +128,31 @@ def test_usage_counts_each_prompt_once_whatever_n(oai: Any) -> None:
         assert all(u.total_tokens == u.prompt_tokens + u.completion_tokens for u in usage[3])
 
 
+def test_more_generations_than_may_wait_are_refused_naming_the_field(tmp_path: Path, demo_model_dir: Path,
+                                                                      base_host: Any) -> None:
+    """prompts x n above ADAPTERFORGE_MAX_QUEUE_DEPTH can never be queued: 422 naming the field, not a 429
+    that asks to retry (it used to, on an idle server too); up to the limit is served."""
+    settings = serving_settings(tmp_path, demo_model_dir, max_queue_depth=4)
+    chat = [{"role": "user", "content": "hi"}]
+    refused = [
+        ("/v1/completions", {"model": "base", "prompt": ["hello"] * 2, "n": 3}, "n"),
+        ("/v1/completions", {"model": "base", "prompt": ["hello"] * 5}, "prompt"),
+        ("/v1/completions", {"model": "base", "prompt": ["hello"] * 5, "n": 2}, "prompt"),
+        ("/v1/chat/completions", {"model": "base", "messages": chat, "n": 5}, "n"),
+        ("/generate", {"prompt": ["hello"] * 5}, "prompt"),
+        ("/generate", {"messages": [chat] * 5}, "messages"),
+    ]
+    with served_app(settings, base_host) as api:
+        for path, body, param in refused:
+            response = api.post(path, json={**body, "max_tokens" if "model" in body else "max_new_tokens": 2})
+            assert response.status_code == 422, (path, body, response.text)
+            error = response.json()["error"]
+            assert error["param"] == param and "limit of 4" in error["message"], error
+        assert api.get("/readyz").json()["checks"]["serving"]["queued"] == 0
+        fits = api.post("/v1/completions", json={"model": "base", "prompt": ["hello"] * 2, "n": 2, "max_tokens": 2})
+        assert fits.status_code == 200 and len(fits.json()["choices"]) == 4
+
+
 MULTIBYTE = "héllo wörld 日本 😀"
 REPLACEMENT = "\ufffd"
 
