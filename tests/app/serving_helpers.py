@@ -53,7 +53,8 @@ def sentencepiece_style_model(out: Path, seed: int = 0) -> Path:
                                    pad_token="<|pad|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
-    ids = {t: fast.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab = fast.get_vocab()
+    ids = {t: int(vocab[t]) for t in SPECIAL_TOKENS}
     eos = [ids["<|eos|>"], ids["<|im_end|>"]]
     config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
