@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,6 +54,15 @@ class ApiError(Exception):
         self.message = message
         self.param = param
         self.headers = headers
+
+
+class FieldError(ValueError):
+    """Raised by a request model's own checks about one field: the 422 names ``field`` as its ``param``, and
+    the message (which should name the field too) is answered as it is."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
@@ -103,10 +113,31 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+_LOCATIONS = ("body", "query", "path", "header", "form", "cookie")
+# pydantic names the member of a union it tried in ``loc`` (``prompt.str``, ``messages.list[ChatMessage].0``)
+_UNION_MEMBER = re.compile(r"(str|int|float|bool|bytes|none|dict|list|set|tuple|literal|function-\w+|tagged-union"
+                           r"|is-instance|nullable|chain|json-or-python|lax-or-strict)(\[.*\])?", re.IGNORECASE)
+
+
 def _loc_to_param(loc: Sequence[Any]) -> str | None:
-    """``("body", "adapter", "config", "r")`` → ``"adapter.config.r"``."""
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form", "cookie")]
+    """``("body", "adapter", "config", "r")`` → ``"adapter.config.r"``, without pydantic's union-member tags."""
+    parts = [str(p) for p in loc if p not in _LOCATIONS and not (isinstance(p, str) and _UNION_MEMBER.fullmatch(p))]
     return ".".join(parts) or None
+
+
+def _describe(err: dict[str, Any]) -> tuple[str | None, str]:
+    """The field one validation error is about, and a message for it."""
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        return cause.field, str(cause)  # (its message names the field)
+    where = _loc_to_param(err.get("loc", ()))
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    elif isinstance(cause, ValueError):
+        msg = str(cause)  # without pydantic's "Value error, " prefix
+    else:
+        msg = err.get("msg", "invalid")
+    return where, f"{where or 'body'}: {msg}"
 
 
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
@@ -116,14 +147,8 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
         ctx: dict[str, Any] = first.get("ctx") or {}
         detail = ctx.get("error", first.get("msg"))
         return error_response(400, "invalid_json", f"request body is not valid JSON: {detail}")
-    param = _loc_to_param(first.get("loc", ()))
-    messages = []
-    for err in errors[:5]:
-        where = _loc_to_param(err.get("loc", ())) or "body"
-        msg = err.get("msg", "invalid")
-        if err.get("type") == "extra_forbidden":
-            msg = "unknown field"
-        messages.append(f"{where}: {msg}")
+    param = _describe(first)[0]
+    messages = [_describe(err)[1] for err in errors[:5]]
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return error_response(422, "invalid_request", "; ".join(messages) + more, param)
 

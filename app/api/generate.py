@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.api import inference
 from app.api.deps import ServicesDep
-from app.api.errors import ERROR_RESPONSES
+from app.api.errors import ERROR_RESPONSES, FieldError
 from app.serving.engine import GenerationResult, StreamDelta
 from app.serving.errors import ServingError
 from app.serving.host import ServingHost
@@ -70,20 +70,20 @@ class GenerateRequest(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> GenerateRequest:
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of `prompt` and `messages`")
+            raise FieldError("prompt", "give exactly one of `prompt` and `messages`")
         if isinstance(self.prompt, list) and not 1 <= len(self.prompt) <= MAX_PROMPTS:
-            raise ValueError(f"`prompt` as a list needs 1 to {MAX_PROMPTS} prompts")
+            raise FieldError("prompt", f"`prompt` as a list needs 1 to {MAX_PROMPTS} prompts")
         if self.messages is not None and not self.messages:
-            raise ValueError("`messages` is empty")
+            raise FieldError("messages", "`messages` is empty")
         if self.messages is not None and isinstance(self.messages[0], list) and (
             len(self.messages) > MAX_PROMPTS or not all(self.messages)
         ):
-            raise ValueError(f"`messages` as a list of conversations needs 1 to {MAX_PROMPTS} non-empty ones")
+            raise FieldError("messages", f"`messages` as a list of conversations needs 1 to {MAX_PROMPTS} non-empty ones")
         if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError("min_new_tokens is larger than max_new_tokens")
+            raise FieldError("min_new_tokens", "`min_new_tokens` is larger than `max_new_tokens`")
         stops = self.stops
         if len(stops) > MAX_STOPS or any(not s for s in stops):
-            raise ValueError(f"`stop` takes up to {MAX_STOPS} non-empty strings")
+            raise FieldError("stop", f"`stop` takes up to {MAX_STOPS} non-empty strings")
         return self
 
     @property

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.api import inference
 from app.api.deps import Services, ServicesDep
-from app.api.errors import ERROR_RESPONSES, ApiError, error_body
+from app.api.errors import ERROR_RESPONSES, ApiError, FieldError, error_body
 from app.registry import adapters as registry
 from app.serving.engine import GenerationResult, StreamDelta
 from app.serving.errors import ServingError
@@ -92,7 +92,13 @@ async def retrieve_model(model: Annotated[str, PathParam(description="`base` or 
         return _base_entry(host, _started(services))
     version = await inference.resolve_adapter(services, ref, "model")
     assert version is not None
-    return ModelOut(id=model, created=_started(services), root=version.ref, parent=BASE_MODEL_ID)
+    summary = await asyncio.to_thread(_summary, services, version.ref.partition("@")[0])
+    return ModelOut(id=model, created=int(summary.created_at.timestamp()), root=version.ref, parent=BASE_MODEL_ID)
+
+
+def _summary(services: Services, name: str) -> registry.AdapterSummary:
+    with services.db.sessions() as session:
+        return registry.adapter_summary(session, name)
 
 
 def _started(services: Services) -> int:
@@ -136,18 +142,23 @@ class _Common(BaseModel):
     def _refuse_unsupported(self) -> _Common:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0, 0.0):
-                raise ValueError(f"{name} is not supported by this server (only 0)")
+                raise FieldError(name, f"{name} is not supported by this server (only 0)")
         if self.logit_bias:
-            raise ValueError("logit_bias is not supported by this server")
+            raise FieldError("logit_bias", "logit_bias is not supported by this server")
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
+            raise FieldError("stop", "stop takes up to 4 non-empty strings")
+        if self.stream_options is not None and not self.stream:
+            raise FieldError("stream_options", "stream_options needs stream: true")
         return self
 
     def params(self, max_tokens: int, logprobs: int, choice: int) -> SamplingParams:
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if (self.min_tokens or 0) > max_tokens:
+            raise ApiError(422, f"min_tokens ({self.min_tokens}) is larger than the {max_tokens} tokens this request "
+                           "generates (max_tokens, or its default)", param="min_tokens")
         return SamplingParams(
-            max_new_tokens=max_tokens, min_new_tokens=min(self.min_tokens or 0, max_tokens),
+            max_new_tokens=max_tokens, min_new_tokens=self.min_tokens or 0,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
             seed=None if self.seed is None else (self.seed + choice) % 2**63, stop=stops,
@@ -181,13 +192,13 @@ class CompletionRequest(_Common):
     @model_validator(mode="after")
     def _refuse_completion_extras(self) -> CompletionRequest:
         if self.echo:
-            raise ValueError("echo is not supported by this server")
+            raise FieldError("echo", "echo is not supported by this server")
         if self.suffix:
-            raise ValueError("suffix is not supported by this server")
+            raise FieldError("suffix", "suffix is not supported by this server")
         if self.best_of not in (None, 1, self.n or 1):
-            raise ValueError("best_of other than n is not supported by this server")
+            raise FieldError("best_of", "best_of other than n is not supported by this server")
         if isinstance(self.prompt, list) and (not self.prompt or len(self.prompt) > MAX_PROMPTS):
-            raise ValueError(f"prompt as a list needs 1 to {MAX_PROMPTS} entries")
+            raise FieldError("prompt", f"prompt as a list needs 1 to {MAX_PROMPTS} entries")
         return self
 
     def prompt_ids(self, host: ServingHost) -> list[list[int]]:
@@ -300,7 +311,7 @@ class ChatMessageIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    role: str = Field(min_length=1, max_length=64, description="`system`, `developer`, `user` or `assistant`.")
+    role: Literal["system", "developer", "user", "assistant"] = Field(description="Who speaks.")
     content: str | list[dict[str, Any]] | None = Field(default=None, description="Text, or a list of `text` parts.")
     name: str | None = Field(default=None, max_length=256, description="Participant name (not used by templates).")
 
@@ -334,13 +345,13 @@ class ChatCompletionRequest(_Common):
     @model_validator(mode="after")
     def _refuse_chat_extras(self) -> ChatCompletionRequest:
         if self.tools:
-            raise ValueError("tools are not supported by this server")
+            raise FieldError("tools", "tools are not supported by this server")
         if self.tool_choice not in (None, "none"):
-            raise ValueError("tool_choice is not supported by this server")
+            raise FieldError("tool_choice", "tool_choice other than \"none\" is not supported by this server")
         if self.response_format not in (None, {"type": "text"}):
-            raise ValueError("response_format other than text is not supported by this server")
+            raise FieldError("response_format", "response_format other than text is not supported by this server")
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+            raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
         return self
 
 

@@ -369,6 +369,23 @@ def test_a_misspelt_adapter_parameter_is_refused_not_served_by_the_base_model(se
     assert "`adapter`" in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": "hi", "min_new_tokens": 10, "max_new_tokens": 5}, "min_new_tokens"),
+    ({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, "prompt"),
+    ({}, "prompt"),
+    ({"prompt": ["x"] * 65}, "prompt"),
+    ({"prompt": "hi", "stop": ["s"] * 17}, "stop"),
+    ({"prompt": 5}, "prompt"),  # (not pydantic's "prompt.str")
+    ({"messages": [{"role": "user", "content": "hi", "mood": 1}]}, "messages.0.mood"),
+])
+def test_refusals_name_the_field(served: TestClient, body: dict[str, Any], param: str) -> None:
+    response = generate(served, None, **body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and param.split(".")[0] in error["message"], error
+    assert "Value error" not in error["message"]
+
+
 def test_adapter_made_for_another_base_model_is_refused(served: TestClient, adapters: list[Path]) -> None:
     services = served.app.state.services
     files = upload(served, "other-base", adapters[0])["files"]

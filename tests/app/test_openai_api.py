@@ -7,15 +7,18 @@ goes through the real client code: URL building, auth header, streaming parser, 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
 openai = pytest.importorskip("openai", reason="the official openai client is a dev dependency")
 pytest.importorskip("peft", reason="peft writes the test adapters")
 
+from app.registry.models import Adapter  # noqa: E402
 from tests.app.serving_helpers import PROMPTS, peft_adapter, served_app, serving_settings, upload  # noqa: E402
 
 KEY = "sk-test-key"
@@ -53,6 +56,15 @@ def test_models_lists_base_and_adapters(oai: Any) -> None:
     assert oai.models.retrieve("support@1").root == "support@1"
     with pytest.raises(openai.NotFoundError):
         oai.models.retrieve("missing")
+
+
+def test_a_models_created_time_is_when_its_adapter_appeared(oai: Any, client: TestClient) -> None:
+    appeared = datetime(2020, 1, 2, tzinfo=UTC)
+    with client.app.state.services.db.session() as session:  # type: ignore[attr-defined]
+        session.execute(update(Adapter).where(Adapter.name == "legal").values(created_at=appeared))
+    listed = {m.id: m.created for m in oai.models.list()}
+    assert listed["legal"] == int(appeared.timestamp())
+    assert oai.models.retrieve("legal").created == oai.models.retrieve("legal@1").created == listed["legal"]
 
 
 def test_completion_equals_generate(oai: Any, client: TestClient) -> None:
@@ -209,13 +221,36 @@ def test_base_model_by_name_and_unknown_model(oai: Any, client: TestClient) -> N
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"logit_bias": {"5": 1.0}}, "logit_bias"),
         ({"suffix": "end"}, "suffix"),
+        ({"best_of": 3}, "best_of"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
+        ({"extra_body": {"min_tokens": 3}}, "min_tokens"),  # above max_tokens=2: never cut down silently
+        ({"max_tokens": None, "extra_body": {"min_tokens": 17}}, "min_tokens"),  # above the default of 16
         ({"extra_body": {"unknown_field": 1}}, "unknown_field"),
     ],
 )
 def test_unsupported_fields_are_refused_not_ignored(oai: Any, kwargs: dict[str, Any], param: str) -> None:
     with pytest.raises(openai.UnprocessableEntityError) as info:
-        oai.completions.create(model="base", prompt="x", max_tokens=2, **kwargs)
-    assert param in info.value.body["message"]
+        oai.completions.create(model="base", prompt="x", **{"max_tokens": 2, **kwargs})
+    assert info.value.body["param"] == param and param in info.value.body["message"]
+    assert "Value error" not in info.value.body["message"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": "x", "mood": "happy"}]}, "messages.0.mood"),
+    ],
+)
+def test_chat_refusals_name_the_field(oai: Any, kwargs: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        oai.chat.completions.create(**{"model": "base", "messages": [{"role": "user", "content": "x"}],
+                                       "max_tokens": 2, **kwargs})
+    assert info.value.body["param"] == param, info.value.body
 
 
 def test_chat_refuses_tools_and_images(oai: Any) -> None:
