@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -44,7 +44,7 @@ from app.adapter_uploads import (
 from app.api.deps import Services, ServicesDep, SessionDep
 from app.api.errors import ERROR_RESPONSES, ApiError
 from app.registry import adapters as registry
-from app.registry.models import MAX_DB_INT, AdapterVersion
+from app.registry.models import MAX_DB_INT, AdapterVersion, Alias
 from app.storage import ArtifactNotFound, iter_file
 
 logger = logging.getLogger(__name__)
@@ -473,13 +473,18 @@ def stream_zip(folder: str, members: list[tuple[str, Path]], mtime: float) -> It
     "/{name}/aliases/{alias}",
     response_model=AliasOut,
     summary="Create or move an alias",
-    description="Point `alias` (e.g. `prod`) at a live version; creates it or moves it. `name@alias` then "
-    "resolves to that version wherever a reference is accepted.",
-    responses={404: ERROR_RESPONSES[404], 422: ERROR_RESPONSES[422]},
+    description="Point `alias` (e.g. `prod`) at a live version; creates it (201) or moves it (200). `name@alias` "
+    "then resolves to that version wherever a reference is accepted.",
+    responses={201: {"description": "The alias was created.", "model": AliasOut},
+               404: ERROR_RESPONSES[404], 422: ERROR_RESPONSES[422]},
 )
-def put_alias(name: NameParam, alias: AliasParam, body: AliasIn, session: SessionDep) -> AliasOut:
+def put_alias(name: NameParam, alias: AliasParam, body: AliasIn, session: SessionDep,
+              response: Response) -> AliasOut:
+    existed = session.get(Alias, (registry.get_adapter(session, name).id, alias)) is not None
     row = registry.set_alias(session, name, alias, body.version)
     session.commit()
+    if not existed:
+        response.status_code = 201
     logger.info("alias %s@%s -> %d", name, alias, body.version)
     return AliasOut(name=name, alias=alias, version=body.version, ref=f"{name}@{alias}", updated_at=_utc(row.updated_at))
 

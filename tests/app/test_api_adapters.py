@@ -224,10 +224,11 @@ def test_aliases_move_and_disappear_with_their_version(client: TestClient, adapt
     for _ in range(2):
         upload(client, "bot", sent)
     made = client.put("/adapters/bot/aliases/prod", json={"version": 1})
-    assert made.status_code == 200, made.text
+    assert made.status_code == 201, made.text  # created
     assert {k: made.json()[k] for k in ("name", "alias", "version", "ref")} == {
         "name": "bot", "alias": "prod", "version": 1, "ref": "bot@prod"}
-    assert client.put("/adapters/bot/aliases/prod", json={"version": 2}).json()["version"] == 2  # moved
+    moved = client.put("/adapters/bot/aliases/prod", json={"version": 2})
+    assert moved.status_code == 200 and moved.json()["version"] == 2
     client.put("/adapters/bot/aliases/canary", json={"version": 1})
     assert client.get("/adapters/bot").json()["aliases"] == {"canary": 1, "prod": 2}
     assert client.get("/adapters/bot/versions/2").json()["aliases"] == ["prod"]
