@@ -107,8 +107,13 @@ def use_error_schema_for_validation(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def error_doc(code: str, description: str) -> dict[str, Any]:
+    """An OpenAPI ``responses`` entry for an error answer."""
+    return {"description": description, "content": {"application/json": {"example": error_body(code, "...")}}}
+
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"description": code.replace("_", " "), "content": {"application/json": {"example": error_body(code, "...")}}}
+    status: error_doc(code, code.replace("_", " "))
     for status, code in _STATUS_CODES.items() if status in (400, 404, 409, 413, 415, 422)
 }
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.api import inference
 from app.api.deps import ServicesDep
-from app.api.errors import ERROR_RESPONSES, FieldError
+from app.api.errors import FieldError
 from app.serving.engine import GenerationResult, StreamDelta
 from app.serving.errors import ServingError
 from app.serving.host import ServingHost
@@ -181,9 +181,7 @@ _STREAM_DOC = {
     "adapter, 422 for an adapter that does not fit this base model, a prompt too long or more prompts than "
     "ADAPTERFORGE_MAX_QUEUE_DEPTH, 429 when too many "
     "requests wait and 503 when no adapter slot can be freed (both with `Retry-After`).",
-    responses={200: _STREAM_DOC, 404: ERROR_RESPONSES[404], 422: ERROR_RESPONSES[422],
-               429: {"description": "too many requests waiting (Retry-After)"},
-               503: {"description": "inference unavailable or every adapter slot pinned (Retry-After)"}},
+    responses={200: _STREAM_DOC, **inference.INFERENCE_ERRORS},
 )
 async def generate(body: GenerateRequest, request: Request, services: ServicesDep,
                    adapter: AdapterQuery = None) -> Any:

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select
 
@@ -72,7 +72,8 @@ def _refresh_gauges(services: Services) -> None:
 
 
 @metrics_router.get("/metrics", summary="Prometheus metrics", description="Request counts and latencies, jobs by status, "
-            "live adapter versions, reconciler requeues, in the Prometheus text format.")
+            "live adapter versions, reconciler requeues, in the Prometheus text format.",
+                    response_class=PlainTextResponse)
 async def metrics(services: ServicesDep) -> Response:
     try:
         await asyncio.to_thread(_refresh_gauges, services)

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import Request
 
 from app.api.deps import Services
-from app.api.errors import ApiError, error_body
+from app.api.errors import ERROR_RESPONSES, ApiError, error_body, error_doc
 from app.registry import adapters as registry
 from app.registry.models import AdapterVersion
 from app.serving.bank import AdapterLease
@@ -21,6 +21,18 @@ from app.serving.engine import GenerationResult, RequestHandle, StreamDelta
 from app.serving.errors import AdapterNotFound, RequestTooLarge, ServingError, ServingUnavailable
 from app.serving.host import ServedVersion, ServingHost
 from app.serving.sampling import SamplingParams
+
+# the error answers of every inference route, for their OpenAPI description
+INFERENCE_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: error_doc("invalid_json", "the body is not valid JSON"),
+    404: ERROR_RESPONSES[404],
+    422: ERROR_RESPONSES[422],
+    429: error_doc("rate_limited", "ADAPTERFORGE_MAX_QUEUE_DEPTH requests already wait (Retry-After)"),
+    500: error_doc("internal_error", "the generation failed: a forward on the device, or this request's "
+                   "next-token scores were not finite"),
+    503: error_doc("unavailable", "inference is disabled or stopping, or every adapter slot is pinned to other "
+                   "adapters (Retry-After)"),
+}
 
 
 def serving_host(services: Services) -> ServingHost:

@@ -235,10 +235,16 @@ def _top_dict(host: ServingHost, step: list[tuple[int, float]]) -> dict[str, flo
     return {host.decode([i]): lp for i, lp in reversed(step)}
 
 
+_SSE_DOC = {
+    "description": "The completion; with `stream: true`, server-sent events of OpenAI's chunks, ending with "
+    "`data: [DONE]`.",
+    "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}},
+}
+
+
 @router.post("/completions", summary="Create a completion (OpenAI)",
              description="OpenAI's text completion on the base model or an adapter (`model`). Streams with `stream`.",
-             responses={404: ERROR_RESPONSES[404], 422: ERROR_RESPONSES[422],
-                        429: {"description": "too many requests waiting (Retry-After)"}})
+             responses={200: _SSE_DOC, **inference.INFERENCE_ERRORS})
 async def completions(body: CompletionRequest, request: Request, services: ServicesDep) -> Any:
     host = inference.serving_host(services)
     prompts = body.prompt_ids(host)
@@ -372,8 +378,7 @@ def _chat_logprobs(host: ServingHost, token_ids: list[int], logprobs: list[float
 @router.post("/chat/completions", summary="Create a chat completion (OpenAI)",
              description="OpenAI's chat completion on the base model or an adapter (`model`), rendered with the "
              "base model's chat template. Streams with `stream`.",
-             responses={404: ERROR_RESPONSES[404], 422: ERROR_RESPONSES[422],
-                        429: {"description": "too many requests waiting (Retry-After)"}})
+             responses={200: _SSE_DOC, **inference.INFERENCE_ERRORS})
 async def chat_completions(body: ChatCompletionRequest, request: Request, services: ServicesDep) -> Any:
     host = inference.serving_host(services)
     messages = [{"role": m.role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(body.messages)]

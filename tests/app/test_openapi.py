@@ -48,3 +48,14 @@ def test_error_answers_are_documented_with_the_real_error_shape(client: TestClie
     # and what the schema says is what a 422 looks like
     body = client.post("/jobs", json={"type": "train"}).json()
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "param"}
+
+
+def test_content_types_and_inference_errors_are_the_ones_sent(client: TestClient) -> None:
+    spec = _spec(client)
+    metrics = client.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert list(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
+        responses = spec["paths"][path]["post"]["responses"]
+        assert {"application/json", "text/event-stream"} <= set(responses["200"]["content"]), path
+        assert {"400", "404", "422", "429", "500", "503"} <= set(responses), path
