@@ -143,6 +143,9 @@ def set_alias(session: Session, name: str, alias: str, version: int) -> Alias:
     """Point ``alias`` of ``name`` at ``version`` (creating or moving it)."""
     if not ALIAS_RE.match(alias) or alias.isdigit():
         raise InvalidName(f"invalid alias {alias!r}: a letter, then letters, digits, '_' or '-'", param="alias")
+    if alias.lower() == "latest":  # `name@latest` pointing anywhere but where `name` does would mislead
+        raise InvalidName("the alias 'latest' is reserved: the adapter's name alone means its latest version",
+                          param="alias")
     target = get_version(session, name, version)
     row = session.get(Alias, (target.adapter_id, alias))
     if row is None:

@@ -229,6 +229,8 @@ def test_aliases_move_and_disappear_with_their_version(client: TestClient, adapt
         "name": "bot", "alias": "prod", "version": 1, "ref": "bot@prod"}
     moved = client.put("/adapters/bot/aliases/prod", json={"version": 2})
     assert moved.status_code == 200 and moved.json()["version"] == 2
+    assert_error(client.put("/adapters/bot/aliases/Latest", json={"version": 1}), 422, "invalid_request", "alias",
+                 "reserved")  # `bot` alone is the latest version
     client.put("/adapters/bot/aliases/canary", json={"version": 1})
     assert client.get("/adapters/bot").json()["aliases"] == {"canary": 1, "prod": 2}
     assert client.get("/adapters/bot/versions/2").json()["aliases"] == ["prod"]
