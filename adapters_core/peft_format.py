@@ -187,3 +187,13 @@ def write_adapter(
         )
     return d
 
+
+# initialisations that rewrite the base weights (PEFT's PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA): an adapter saved
+# with one, unconverted, only fits the base as its initialisation rewrote it
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def base_rewriting_init(config: dict[str, Any]) -> str | None:
+    """``init_lora_weights`` of an ``adapter_config.json`` whose initialisation rewrote the base weights, else None."""
+    init = config.get("init_lora_weights")
+    return init if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS) else None

@@ -31,7 +31,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from adapters_core.config import CONFIG_NAME, config_from_dict
 from adapters_core.errors import AdapterError, ConfigError, UnsafeCheckpointError
-from adapters_core.peft_format import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
+from adapters_core.peft_format import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, base_rewriting_init
 from app.storage import LocalArtifactStore, iter_file
 from app.uploads import UnsafeArchive, extract_adapter_archive
 
@@ -421,6 +421,13 @@ def check_upload(form: ReceivedForm, work: Path, host: AdapterChecker, *, max_by
     """Steps 2 and 3: the folder, its config and weights header, then the test load (blocking)."""
     folder = adapter_folder(form, work, max_bytes=max_bytes)
     config = read_config(folder)
+    init = base_rewriting_init(config)
+    if init is not None:  # stored, it could never be served (and would become the name's latest version)
+        raise UploadRejected(
+            f"{CONFIG_NAME}: init_lora_weights={init!r} rewrote the base weights this adapter applies to; convert "
+            "it to a plain LoRA (PEFT's path_initial_model_for_weight_conversion) and upload that",
+            param="init_lora_weights",
+        )
     check_safetensors_header(folder / WEIGHTS_NAME)
     check_against_base(host, folder)
     return CheckedAdapter(folder, config, str(config["peft_type"]).lower())

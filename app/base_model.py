@@ -9,6 +9,7 @@ real architecture without holding the weights. Workers load the weights themselv
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from dataclasses import dataclass
@@ -62,12 +63,17 @@ class BaseModelHost:
     """Tokenizer and weightless architecture of the base model, for the API."""
 
     def __init__(self, source: BaseModelSource, tokenizer: Any, skeleton: torch.nn.Module) -> None:
-        from adapters_core import AdapterModel
-
         self.source = source
         self.tokenizer = tokenizer
-        self._adapters = AdapterModel(skeleton)
+        self._skeleton = skeleton  # never wrapped: each check wraps a copy of its own
         self._lock = threading.Lock()
+
+    def _fresh(self) -> Any:
+        """An ``AdapterModel`` on a copy of the skeleton: what one adapter's check wraps (modules_to_save
+        copies, LoRA layers) must not change how the next adapter's check sees the architecture."""
+        from adapters_core import AdapterModel
+
+        return AdapterModel(copy.deepcopy(self._skeleton))
 
     @classmethod
     def load(cls, settings: Settings) -> BaseModelHost:
@@ -95,8 +101,7 @@ class BaseModelHost:
         from adapters_core.config import load_config
 
         with self._lock:
-            self._adapters.load_adapter(directory, _VALIDATION_SLOT)
-            self._adapters.delete_adapter(_VALIDATION_SLOT)
+            self._fresh().load_adapter(directory, _VALIDATION_SLOT)
         return load_config(directory)
 
     def check_config(self, config: AdapterConfig) -> None:
@@ -117,17 +122,16 @@ class BaseModelHost:
         weightless: dict[str, Any] = {"init_lora_weights": True, "use_dora": False}
         probe = dataclasses.replace(config, **{k: v for k, v in weightless.items() if hasattr(config, k)})
         with self._lock:
-            self._adapters.add_adapter(_VALIDATION_SLOT, probe, dtype=torch.bfloat16)
-            try:
-                self._check_ranks()
-            finally:
-                self._adapters.delete_adapter(_VALIDATION_SLOT)
+            adapters = self._fresh()
+            adapters.add_adapter(_VALIDATION_SLOT, probe, dtype=torch.bfloat16)
+            self._check_ranks(adapters)
 
-    def _check_ranks(self) -> None:
+    @staticmethod
+    def _check_ranks(adapters: Any) -> None:
         """A rank above a layer's smallest dimension adds no capacity, only memory: refuse it (a typo
         such as ``r=40960`` would otherwise make a worker allocate until it is killed)."""
         suffix = f".lora_A.{_VALIDATION_SLOT}"
-        shapes = dict((n, tuple(p.shape)) for n, p in self._adapters.named_parameters() if "lora_" in n)
+        shapes = dict((n, tuple(p.shape)) for n, p in adapters.named_parameters() if "lora_" in n)
         for name, (rank, fan_in) in ((n, s) for n, s in shapes.items() if n.endswith(suffix)):
             module = name.removesuffix(suffix)
             fan_out = shapes[f"{module}.lora_B.{_VALIDATION_SLOT}"][0]

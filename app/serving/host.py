@@ -30,7 +30,7 @@ from adapters_core.errors import (
     UnknownPeftTypeError,
     UnsupportedModuleError,
 )
-from adapters_core.peft_format import WEIGHTS_NAME, load_weights, read_into_buffer
+from adapters_core.peft_format import WEIGHTS_NAME, base_rewriting_init, load_weights, read_into_buffer
 from adapters_core.serving import PreparedAdapter, SlottedModel, cpu_bgmv
 from adapters_core.serving.gpu_bgmv import KernelUnavailable
 from app.base_model import BaseModelSource, resolve_base_model, resolve_device
@@ -48,8 +48,6 @@ from app.storage import ArtifactNotFound, LocalArtifactStore
 
 logger = logging.getLogger(__name__)
 
-# initialisations that rewrite the base weights: their files only make sense on that rewritten base
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 @dataclass(frozen=True)
@@ -220,8 +218,8 @@ class ServingHost:
                 f"adapter {version.ref} was made for base model {version.base_model!r}; this server serves {self.name!r}",
                 param="adapter",
             )
-        init = version.config.get("init_lora_weights")
-        if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        init = base_rewriting_init(version.config)
+        if init is not None:
             raise AdapterNotServable(
                 f"adapter {version.ref} was initialised with init_lora_weights={init!r}, which rewrites the base "
                 "weights it applies to; convert it to a plain LoRA (PEFT's path_initial_model_for_weight_conversion) "

@@ -369,6 +369,33 @@ def test_a_misspelt_adapter_parameter_is_refused_not_served_by_the_base_model(se
     assert "`adapter`" in response.json()["error"]["message"]
 
 
+def test_uploads_are_judged_on_their_own_files_whatever_came_before(
+        tmp_path: Path, demo_model_dir: Path, base_host: Any, tokenizer: Any) -> None:
+    """LoRA on a module and a modules_to_save copy of it, in either order, and PEFT's default save of an
+    embedding LoRA (which also writes the unchanged table): each upload is accepted and served as PEFT serves it."""
+    made = {
+        "head-lora": peft_adapter(demo_model_dir, tmp_path / "hl", seed=31, r=4, target_modules=["q_proj", "lm_head"]),
+        "head-copy": peft_adapter(demo_model_dir, tmp_path / "hc", seed=32, r=4, target_modules=["q_proj"],
+                                  modules_to_save=["lm_head"]),
+        "embed-lora": peft_adapter(demo_model_dir, tmp_path / "el", seed=33, r=4,
+                                   target_modules=["q_proj", "embed_tokens"]),
+        "embed-copy": peft_adapter(demo_model_dir, tmp_path / "ec", seed=34, r=4, target_modules=["q_proj"],
+                                   modules_to_save=["embed_tokens"]),
+    }
+    assert any("base_layer" in k for k in load_file(made["embed-lora"] / "adapter_model.safetensors"))
+    order = ["head-lora", "head-copy", "embed-copy", "embed-lora"]
+    with served_app(serving_settings(tmp_path, demo_model_dir), base_host) as client:
+        for name in order:
+            upload(client, name, made[name])
+        upload(client, "head-lora-again", made["head-lora"])  # after a copy of the head was checked
+        for name in order:
+            model = PeftModel.from_pretrained(load_model(demo_model_dir), made[name]).eval()
+            want, _ = hf_generate(model, tokenizer, PROMPTS[1], 8)
+            assert greedy(client, name, PROMPTS[1], n=8)["tokens"] == want, name
+        assert greedy(client, "head-lora-again", PROMPTS[1], n=8) == greedy(client, "head-lora", PROMPTS[1], n=8) | {
+            "adapter": "head-lora-again@1"}
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"prompt": "hi", "min_new_tokens": 10, "max_new_tokens": 5}, "min_new_tokens"),
     ({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, "prompt"),
@@ -400,13 +427,20 @@ def test_adapter_made_for_another_base_model_is_refused(served: TestClient, adap
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga"])
 def test_adapter_whose_init_rewrote_the_base_is_refused(init: str, served: TestClient, adapters: list[Path],
                                                         tmp_path: Path) -> None:
-    """Its weights only fit the base as its initialisation rewrote it: serving them on ours would be wrong."""
+    """Its weights only fit the base as its initialisation rewrote it: serving them on ours would be wrong. The
+    upload is refused; a version that reached the registry another way is refused when asked for."""
     folder = tmp_path / init
     shutil.copytree(adapters[0], folder)
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": init}))
-    upload(served, f"init-{init}", folder)
-    response = generate(served, f"init-{init}", prompt="x", max_new_tokens=2)
+    files = [("files", (n, (folder / n).read_bytes())) for n in ("adapter_config.json", "adapter_model.safetensors")]
+    refused = served.post("/adapters", files=[("name", (None, f"init-{init}")), *files])
+    assert refused.status_code == 422 and refused.json()["error"]["param"] == "init_lora_weights", refused.text
+    assert served.get(f"/adapters/init-{init}").status_code == 404  # nothing stored
+    stored = upload(served, f"init-{init}", adapters[0])["files"]
+    with served.app.state.services.db.session() as session:  # type: ignore[attr-defined]
+        create_version(session, f"init-{init}", VersionSpec("lora", {**config, "init_lora_weights": init}, stored, 0))
+    response = generate(served, f"init-{init}@2", prompt="x", max_new_tokens=2)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == "invalid_adapter"
     assert f"init_lora_weights={init!r}" in response.json()["error"]["message"]
