@@ -413,9 +413,15 @@ class GenerationEngine:
             if any(r.handle.cancelled for r in self._waiting):
                 kept: deque[_Request] = deque()
                 for request in self._waiting:
-                    if request.handle.cancelled:
+                    if request.handle.cancelled:  # answered like a cancelled running row, with nothing generated
                         self._release(request)
                         self.metrics.finished(request.adapter, "cancelled", len(request.prompt_ids), 0)
+                        request.handle.deliver(GenerationResult(
+                            text="", finish_reason="cancelled", token_ids=[],
+                            logprobs=[] if request.params.logprobs else None,
+                            top_logprobs=[] if request.params.top_logprobs else None,
+                            prompt_tokens=len(request.prompt_ids), adapter=request.adapter, time_to_first_token=None,
+                        ))
                     else:
                         kept.append(request)
                 self._waiting = kept

@@ -2,7 +2,7 @@
 
 One call picks the next token of every row, each with its own settings: greedy rows
 (``temperature == 0``) take the arg-max; sampled rows divide by their temperature, keep their
-``top_k`` best tokens and the smallest set whose probability reaches ``top_p``, then draw with their
+``top_k`` best tokens (and any tied with the k-th, as HF's ``TopKLogitsWarper`` does) and the smallest set whose probability reaches ``top_p``, then draw with their
 own ``torch.Generator`` (seeded by the request's ``seed``), so a seeded request draws the same tokens
 whatever else shares its batch. ``min_new_tokens`` masks the end-of-sequence tokens until reached.
 
@@ -100,11 +100,11 @@ def sample(logits: torch.Tensor, rows: Sequence[RowSampling], eos_ids: Sequence[
     logprobs = top = None
     if raw is not None:
         logprobs = raw.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
-        k = max(r.params.top_logprobs for r in rows)
-        if k:
-            values, ids = raw.topk(k, dim=-1)
-            top = [list(zip(ids[i, : r.params.top_logprobs].tolist(), values[i, : r.params.top_logprobs].tolist(),
-                            strict=True)) for i, r in enumerate(rows)]
+        if any(r.params.top_logprobs for r in rows):  # row by row: which of tied tokens make the cut must
+            top = []                                  # not depend on the other rows' k
+            for i, r in enumerate(rows):
+                values, ids = raw[i].topk(r.params.top_logprobs) if r.params.top_logprobs else (raw[i, :0],) * 2
+                top.append(list(zip(ids.tolist(), values.tolist(), strict=True)))
     return Sampled(token_list, logprobs, top, failed)
 
 
@@ -121,18 +121,19 @@ def _draw(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
     vocab = scores.shape[-1]
     nucleus = any(r.params.top_p < 1.0 for r in rows)
     if nucleus or any(r.params.top_k for r in rows):
+        # top-k keeps every token scoring at least the row's k-th best (ties at the cut stay, as in HF's
+        # TopKLogitsWarper): a value, so which tied token survives cannot depend on the other rows' k
         ks = torch.tensor([min(r.params.top_k or vocab, vocab) for r in rows], device=scores.device).unsqueeze(1)
         if nucleus:
-            kept, order = scores.sort(dim=-1, descending=True)
-        else:
-            kept, order = scores.topk(int(ks.max()), dim=-1)
-        ranks = torch.arange(kept.shape[-1], device=scores.device).unsqueeze(0)
-        kept = kept.masked_fill(ranks >= ks, float("-inf"))
-        if nucleus:
+            kept, order = scores.sort(dim=-1, descending=True, stable=True)
+            kept = kept.masked_fill(kept < kept.gather(1, ks - 1), float("-inf"))
             probs = torch.softmax(kept, dim=-1)
             before = probs.cumsum(dim=-1) - probs
             ps = torch.tensor([r.params.top_p for r in rows], dtype=probs.dtype, device=probs.device).unsqueeze(1)
             kept = kept.masked_fill(before >= ps, float("-inf"))
-        scores = torch.full_like(scores, float("-inf")).scatter(1, order, kept)
+            scores = torch.full_like(scores, float("-inf")).scatter(1, order, kept)
+        else:
+            kth = scores.topk(int(ks.max()), dim=-1).values.gather(1, ks - 1)
+            scores = scores.masked_fill(scores < kth, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.stack([torch.multinomial(probs[i], 1, generator=r.generator).squeeze(0) for i, r in enumerate(rows)])

@@ -279,7 +279,7 @@ def test_new_version_and_moved_alias_are_served_without_restart(served: TestClie
     v2 = greedy(served, "swap", PROMPTS[1])
     assert v2["adapter"] == "swap@2" and v2["tokens"] == greedy(served, "a1", PROMPTS[1])["tokens"]
     assert v2["tokens"] != v1["tokens"]
-    assert served.put("/adapters/swap/aliases/prod", json={"version": 1}).status_code == 200
+    assert served.put("/adapters/swap/aliases/prod", json={"version": 1}).status_code == 201  # created
     assert greedy(served, "swap@prod", PROMPTS[1])["tokens"] == v1["tokens"]
     assert served.put("/adapters/swap/aliases/prod", json={"version": 2}).status_code == 200
     moved = greedy(served, "swap@prod", PROMPTS[1])

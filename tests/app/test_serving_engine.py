@@ -83,6 +83,20 @@ def test_seeded_rows_draw_the_same_whatever_shares_the_batch() -> None:
         assert sample(logits[:3], mixed_rows, []).tokens[2] == solo
 
 
+def test_ties_at_a_rows_cut_do_not_depend_on_the_other_rows() -> None:
+    """16-bit logits tie often: a seeded top_k row and a row's top_logprobs must come out the same whatever k the
+    rows beside it ask for (top-k keeps every token tied with the k-th, as HF's TopKLogitsWarper)."""
+    logits = torch.randn(300, 128, generator=torch.Generator().manual_seed(0)).bfloat16().float()
+    logits[:, 10:20] = logits.max(dim=-1, keepdim=True).values - 0.5  # ten-way ties around every cut
+    for i in range(logits.shape[0]):
+        row = logits[i:i + 1]
+        mine = SamplingParams(top_k=3, seed=i, logprobs=True, top_logprobs=3)
+        alone = sample(row, rows(mine), [])
+        beside = sample(row.repeat(2, 1), rows(SamplingParams(top_k=5, seed=7, top_logprobs=5), mine), [])
+        assert beside.tokens[1] == alone.tokens[0], i
+        assert beside.top is not None and alone.top is not None and beside.top[1] == alone.top[0], i
+
+
 def test_min_new_tokens_masks_end_of_sequence_and_logprobs_stay_raw() -> None:
     logits = torch.tensor([[0.0, 5.0, 1.0]])
     blocked = RowSampling(SamplingParams(temperature=0, min_new_tokens=2, logprobs=True, top_logprobs=2), None, 0)
@@ -273,6 +287,31 @@ def test_engine_answers_every_queued_request_when_stopped(demo_model_dir: Path, 
     assert ServingUnavailable in outcomes
     with pytest.raises(ServingUnavailable):
         served.engine.submit([5], SamplingParams(max_new_tokens=1))
+
+
+def test_a_request_cancelled_while_waiting_is_answered(demo_model_dir: Path, tmp_path: Path) -> None:
+    """Like a cancelled running row: a result with ``finish_reason`` ``cancelled`` (nothing generated), so a
+    caller waiting on it never hangs."""
+    served = ServingHost.load(Settings(data_dir=tmp_path, base_model=str(demo_model_dir), max_batch_size=1))
+    try:
+        running = served.engine.submit([5, 6, 7], SamplingParams(max_new_tokens=200, min_new_tokens=200))
+        _wait_until(lambda: served.engine.running_rows == 1)
+        waiting = served.engine.submit([8, 9], SamplingParams(max_new_tokens=5, temperature=0, logprobs=True))
+        waiting.cancel()
+        running.cancel()
+        answer = waiting.wait(30)
+        assert (answer.finish_reason, answer.token_ids, answer.logprobs) == ("cancelled", [], [])
+        assert running.wait(30).finish_reason == "cancelled"
+        _wait_until(lambda: served.engine.queue_depth == 0 and served.engine.running_rows == 0)
+    finally:
+        served.close()
+
+
+def _wait_until(condition: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
 
 
 def test_long_generation_equals_hf_generate(host: ServingHost, demo_model_dir: Path) -> None:
