@@ -11,8 +11,8 @@ Two bounded LRU tiers over the artifact store (vLLM's LoRA manager, S-LoRA):
 (the engine thread, between forwards) gives the lease a device slot, loading into a free slot or
 the least recently used idle one, or answers ``None`` while every slot is busy; ``release`` ends
 the lease. ``evict`` forgets a version (deleted from the registry): its host copy goes at once,
-its slot once no request holds it (requests accepted before still run on it). Keys are registry version ids, so a new version or a
-moved alias is simply another key: nothing needs a restart.
+its slot once no request holds it (requests accepted before still run on it). Keys are registry
+version ids, so a new version or a moved alias is simply another key: nothing needs a restart.
 """
 
 from __future__ import annotations
