@@ -28,7 +28,7 @@ from app.serving.engine import GenerationResult, StreamDelta
 from app.serving.errors import ServingError
 from app.serving.host import ServingHost
 from app.serving.sampling import SamplingParams
-from app.serving.token_bytes import text_offsets, token_bytes
+from app.serving.token_bytes import TextOffsets, text_offsets, token_bytes
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -292,12 +292,15 @@ async def _chunks(generation: inference.Generation, head: dict[str, Any], prompt
 
 def _completion_chunks(host: ServingHost, generation: inference.Generation, meta: dict[str, Any],
                        prompts: list[list[int]], body: CompletionRequest) -> AsyncIterator[str]:
+    offsets: dict[int, TextOffsets] = {}  # per choice: offsets run over the whole text streamed so far
+
     def delta(index: int, item: StreamDelta) -> dict[str, Any]:
         lp = None
         if item.logprobs is not None:
+            at = offsets.setdefault(index, TextOffsets(host.tokenizer)).add(item.token_ids)
             lp = {"tokens": [host.decode([t]) for t in item.token_ids], "token_logprobs": item.logprobs,
                   "top_logprobs": None if item.top_logprobs is None else
-                  [_top_dict(host, step) for step in item.top_logprobs]}
+                  [_top_dict(host, step) for step in item.top_logprobs], "text_offset": at}
         return {"index": index, "text": item.text, "logprobs": lp, "finish_reason": None}
 
     def end(index: int, reason: str) -> dict[str, Any]:

@@ -118,11 +118,30 @@ def char_starts(data: bytes) -> list[int]:
 def text_offsets(tokenizer: Any, token_ids: Sequence[int]) -> list[int]:
     """For each token, how many characters of the sequence's text (decoded without special tokens) come
     before it; a token that starts inside a character points at that character."""
-    skipped = set(getattr(tokenizer, "all_special_ids", ()))
-    token_starts, data = [], bytearray()
-    for token_id in token_ids:
-        token_starts.append(len(data))
-        if token_id not in skipped:
-            data += token_bytes(tokenizer, token_id)
-    starts = char_starts(bytes(data))
-    return [bisect.bisect_right(starts, b) - 1 if b < len(data) else len(starts) for b in token_starts]
+    return TextOffsets(tokenizer).add(token_ids)
+
+
+class TextOffsets:
+    """:func:`text_offsets` a few tokens at a time, for streams: :meth:`add` answers the new tokens' offsets
+    in the text of every token added so far, at a cost per token that does not grow with the length (the
+    characters before the last one are settled: a later byte cannot change where they start)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._skipped = set(getattr(tokenizer, "all_special_ids", ()))
+        self._tail = bytearray()  # the bytes from the start of the last character on
+        self._before = 0  # characters wholly before the tail
+
+    def add(self, token_ids: Sequence[int]) -> list[int]:
+        offsets = []
+        for token_id in token_ids:
+            start = len(self._tail)
+            if token_id not in self._skipped:
+                self._tail += token_bytes(self._tokenizer, token_id)
+            starts = char_starts(bytes(self._tail))
+            inside = bisect.bisect_right(starts, start) - 1 if start < len(self._tail) else len(starts)
+            offsets.append(self._before + inside)
+            if len(starts) > 1:
+                self._before += len(starts) - 1
+                del self._tail[: starts[-1]]
+        return offsets

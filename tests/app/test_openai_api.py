@@ -206,6 +206,17 @@ def test_completion_text_offsets_count_characters_of_the_text(oai: Any) -> None:
     assert partial
 
 
+def test_streamed_completion_logprobs_carry_the_same_text_offsets(oai: Any) -> None:
+    for seed in range(4):
+        kwargs = {"model": "base", "prompt": MULTIBYTE, "max_tokens": 12, "seed": seed, "logprobs": 0,
+                  "extra_body": {"min_tokens": 12}}
+        whole = oai.completions.create(**kwargs).choices[0]
+        pieces = [c.choices[0] for c in oai.completions.create(stream=True, **kwargs) if c.choices]
+        assert "".join(p.text for p in pieces) == whole.text
+        streamed = [o for p in pieces if p.logprobs for o in p.logprobs.text_offset]
+        assert streamed == whole.logprobs.text_offset
+
+
 def test_base_model_by_name_and_unknown_model(oai: Any, client: TestClient) -> None:
     base = oai.completions.create(model="base", prompt=PROMPTS[2], max_tokens=8, temperature=0)
     assert base.choices[0].text == native(client, None, PROMPTS[2], 8)["text"]

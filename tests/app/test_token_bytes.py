@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from app.serving.token_bytes import byte_level_table, char_starts, text_offsets, token_bytes, tokenizer_kind
+from app.serving.token_bytes import (
+    TextOffsets,
+    byte_level_table,
+    char_starts,
+    text_offsets,
+    token_bytes,
+    tokenizer_kind,
+)
 
 TEXT = "ab é日 a😀"
 
@@ -69,3 +77,23 @@ def test_char_starts_count_each_invalid_span_as_one_replacement_character() -> N
     for data in (b"ab", "é日".encode(), b"a\xe6b", b"\xe6\x97", b"\xe6\x97\xa5x\xff\xfe", "\ufffd".encode()):
         assert len(char_starts(data)) == len(data.decode("utf-8", "replace")), data
     assert char_starts(b"\xe6\x97\xa5x\xff\xfe") == [0, 3, 4, 5]
+
+
+def test_text_offsets_a_few_tokens_at_a_time_equal_the_whole_sequences(byte_level: Any) -> None:
+    """What a stream answers piece by piece is what the whole sequence answers, byte soup included (tokens
+    that split characters, invalid runs): each offset is the number of characters starting before the token."""
+    generator = random.Random(0)
+    for _ in range(200):
+        ids = [generator.randrange(len(byte_level)) for _ in range(generator.randrange(1, 40))]
+        data = b"".join(token_bytes(byte_level, i) for i in ids if i not in byte_level.all_special_ids)
+        starts, position, want = char_starts(data), 0, []
+        for i in ids:
+            want.append(sum(1 for s in starts if s <= position) - 1 if position < len(data) else len(starts))
+            position += 0 if i in byte_level.all_special_ids else len(token_bytes(byte_level, i))
+        assert text_offsets(byte_level, ids) == want
+        stream, got, at = TextOffsets(byte_level), [], 0
+        while at < len(ids):
+            step = generator.randrange(1, 4)
+            got += stream.add(ids[at:at + step])
+            at += step
+        assert got == want
