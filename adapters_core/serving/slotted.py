@@ -93,6 +93,7 @@ class SlottedModel:
         self._slot_ranks: dict[int, int] = {}  # slot -> largest LoRA rank of its adapter
         self._originals: dict[str, nn.Module] = {}
         self._targets: dict[str, list[str]] = {}
+        self._saved: dict[tuple[str, ...], list[str]] = {}  # modules_to_save -> the modules it wrapped
 
     def _gpu_kernel(self, wanted: bool | None, model_dtype: torch.dtype) -> GpuBgmv | None:
         if wanted is False or (wanted is None and self.device.type != "cuda"):
@@ -160,9 +161,12 @@ class SlottedModel:
 
     def saved_module_targets(self, config: LoraConfig) -> list[str]:
         """Names of the modules ``config`` keeps full copies of (``modules_to_save``), wrapped for swapping."""
-        wanted = config.modules_to_save or []
+        wanted = tuple(config.modules_to_save or ())
         if not wanted:
             return []
+        known = self._saved.get(wanted)
+        if known is not None:
+            return list(known)
         with self.structure_lock:
             found = [n for n, _ in candidate_modules(self.model, _WRAPPERS)  # (a module under LoRA too: the
                      if n and any(n == w or n.endswith("." + w) for w in wanted)]  # copy is swapped in around it)
@@ -171,7 +175,8 @@ class SlottedModel:
                 raise TargetModulesNotFoundError(f"modules_to_save {missing} matched no module of the base model")
             for name in found:
                 self._wrap_swap(name)
-        return found
+            self._saved[wanted] = found
+        return list(found)
 
     def _module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)

@@ -75,14 +75,14 @@ class Sampled:
 def non_finite_rows(logits: torch.Tensor) -> torch.Tensor:
     """``(batch,)`` mask of the rows of ``logits`` no token can be drawn from: a NaN, ``+inf``, or every
     entry ``-inf``."""
-    return logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | logits.isneginf().all(dim=-1)
+    return ~torch.isfinite(logits.amax(dim=-1))  # (a row's max is NaN, +inf or -inf in exactly those cases)
 
 
 def sample(logits: torch.Tensor, rows: Sequence[RowSampling], eos_ids: Sequence[int]) -> Sampled:
     """Next token of every row of ``logits`` ``(batch, vocab)`` (see the module docstring)."""
     logits = logits.float()
     bad = non_finite_rows(logits)
-    failed = frozenset(int(i) for i in bad.nonzero().flatten().tolist())
+    failed = frozenset(int(i) for i in bad.nonzero().flatten().tolist()) if bool(bad.any()) else frozenset()
     if failed:  # neutral scores, so the other rows' arithmetic runs as usual
         logits = logits.masked_fill(bad.unsqueeze(1), 0.0)
     want_logprobs = any(r.params.logprobs or r.params.top_logprobs for r in rows)

@@ -297,6 +297,19 @@ def test_preparing_an_adapter_on_another_thread_wraps_modules_only_while_nobody_
     assert maxdiff(routed_logits(sm, first.ids, [1] * len(first.ids)), first.logits) <= ATOL
 
 
+def test_preparing_an_adapter_whose_modules_are_wrapped_does_not_wait_for_the_walker(
+        saved: dict[str, Saved], model_dirs: dict[str, Path]) -> None:
+    s = saved["llama-modules-to-save"]
+    sm = slotted(model_dirs["llama"], num_slots=1)
+    load_into(sm, 1, s.path)
+    result: list[Any] = []
+    with sm.structure_lock:  # the engine, mid-step: nothing new to wrap, so nothing to wait for
+        worker = threading.Thread(target=lambda: result.append(sm.prepare(*read_adapter(s.path))))
+        worker.start()
+        worker.join(timeout=60)
+        assert not worker.is_alive() and len(result) == 1
+
+
 def test_host_bytes_count_pinned_tensors_as_the_pinned_allocator_holds_them(
         saved: dict[str, Saved], model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     models = {arch: slotted(path) for arch, path in model_dirs.items()}
