@@ -359,8 +359,11 @@ class GenerationEngine:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._rows and not self._calls:
                     self._cond.wait(timeout=1.0)
-                    with self.slotted.structure_lock:
-                        self.bank.sweep()
+                    if self.slotted.structure_lock.acquire(blocking=False):  # never hold up submit() (which
+                        try:                                                  # needs _cond) behind a wrapping
+                            self.bank.sweep()
+                        finally:
+                            self.slotted.structure_lock.release()
                 if self._stopping:
                     break
             try:
