@@ -94,10 +94,9 @@ def prepare_adapter(model: SlottedModel, config: AdapterConfig, tensors: dict[st
     for name in model.saved_module_targets(lora):
         prepared.swaps[name] = _swap_state(model, name, remaining)
     for key in sorted(remaining):
-        if key.endswith(".bias") and lora.bias != "none" and _inside_swap(key, remaining[key], prepared):
-            continue
         if key.endswith(".bias") and lora.bias != "none":
-            _bias_delta(model, key, remaining[key], prepared)
+            if not _inside_swap(key, remaining[key], prepared):
+                _bias_delta(model, key, remaining[key], prepared)
         elif key.endswith(".base_layer.weight"):
             _check_embedding_table(model, key, remaining[key])
         else:

@@ -2,9 +2,10 @@
 
 One call picks the next token of every row, each with its own settings: greedy rows
 (``temperature == 0``) take the arg-max; sampled rows divide by their temperature, keep their
-``top_k`` best tokens (and any tied with the k-th, as HF's ``TopKLogitsWarper`` does) and the smallest set whose probability reaches ``top_p``, then draw with their
-own ``torch.Generator`` (seeded by the request's ``seed``), so a seeded request draws the same tokens
-whatever else shares its batch. ``min_new_tokens`` masks the end-of-sequence tokens until reached.
+``top_k`` best tokens (and any tied with the k-th, as HF's ``TopKLogitsWarper`` does) and the
+smallest set whose probability reaches ``top_p``, then draw with their own ``torch.Generator``
+(seeded by the request's ``seed``), so a seeded request draws the same tokens whatever else shares
+its batch. ``min_new_tokens`` masks the end-of-sequence tokens until reached.
 
 Temperature scales each row's logits after subtracting the row's largest one,
 ``(logits - max) / max(temperature, tiny)``, so the scores stay finite at any positive temperature and

@@ -19,11 +19,12 @@ import contextlib
 import json
 import re
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+T = TypeVar("T")
 _KINDS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 _ADDED: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
 
@@ -61,35 +62,37 @@ def _decoder_types(tokenizer: Any) -> set[str]:
     return types
 
 
-def tokenizer_kind(tokenizer: Any) -> str:
-    """``byte_level``, ``sentencepiece`` or ``text`` (see the module docstring); kept per tokenizer."""
+def _kept(cache: weakref.WeakKeyDictionary[Any, T], tokenizer: Any, work_out: Callable[[Any], T]) -> T:
+    """``work_out(tokenizer)``, kept per tokenizer in ``cache`` (worked out each time for a tokenizer that
+    cannot be weakly referenced)."""
     try:
-        return _KINDS[tokenizer]
+        return cache[tokenizer]
     except (KeyError, TypeError):
         pass
+    value = work_out(tokenizer)
+    with contextlib.suppress(TypeError):
+        cache[tokenizer] = value
+    return value
+
+
+def tokenizer_kind(tokenizer: Any) -> str:
+    """``byte_level``, ``sentencepiece`` or ``text`` (see the module docstring); kept per tokenizer."""
+    return _kept(_KINDS, tokenizer, _work_out_kind)
+
+
+def _work_out_kind(tokenizer: Any) -> str:
     types = _decoder_types(tokenizer)
     if "ByteLevel" in types or hasattr(tokenizer, "byte_decoder"):
-        kind = "byte_level"
-    elif types & {"Metaspace", "ByteFallback"} or hasattr(tokenizer, "sp_model"):
-        kind = "sentencepiece"
-    else:
-        kind = "text"
-    with contextlib.suppress(TypeError):  # not weak-referenceable: worked out each time
-        _KINDS[tokenizer] = kind
-    return kind
+        return "byte_level"
+    if types & {"Metaspace", "ByteFallback"} or hasattr(tokenizer, "sp_model"):
+        return "sentencepiece"
+    return "text"
 
 
 def _added_ids(tokenizer: Any) -> frozenset[int]:
     """Ids of the tokenizer's added tokens, kept per tokenizer (HF rebuilds ``added_tokens_decoder`` on
     every read: tens of microseconds with Llama-3's 256)."""
-    try:
-        return _ADDED[tokenizer]
-    except (KeyError, TypeError):
-        pass
-    ids = frozenset(getattr(tokenizer, "added_tokens_decoder", {}))
-    with contextlib.suppress(TypeError):
-        _ADDED[tokenizer] = ids
-    return ids
+    return _kept(_ADDED, tokenizer, lambda t: frozenset(getattr(t, "added_tokens_decoder", {})))
 
 
 def token_bytes(tokenizer: Any, token_id: int) -> bytes:
