@@ -3,35 +3,47 @@
 FastAPI drops unknown query parameters without a word, so a typo changes what a request means:
 ``/generate?adaptor=qa`` would be answered by the base model, ``/adapters?limt=5`` with a page of 50.
 The app-wide dependency here answers 422 naming the parameter (and the ones the route takes) instead.
+A parameter that takes one value and is given several (``/generate?adapter=qa&adapter=base``) is
+refused too: FastAPI would keep the last one and drop the others just as silently.
 """
 
 from __future__ import annotations
 
 from fastapi import Request
 from fastapi.dependencies.models import Dependant
+from fastapi.dependencies.utils import field_annotation_is_sequence
 from fastapi.routing import APIRoute
 
 from app.api.errors import ApiError
 
 
-def accepted_query_params(dependant: Dependant) -> frozenset[str]:
-    """The query parameter names (aliases) a route's dependency tree declares."""
-    names = {field.alias for field in dependant.query_params}
+def accepted_query_params(dependant: Dependant) -> dict[str, bool]:
+    """The query parameter names (aliases) a route's dependency tree declares, each with whether it
+    takes several values (a list-typed parameter, given once per value)."""
+    names = {field.alias: field_annotation_is_sequence(field.field_info.annotation)
+             for field in dependant.query_params}
     for sub in dependant.dependencies:
-        names |= accepted_query_params(sub)
-    return frozenset(names)
+        names.update(accepted_query_params(sub))
+    return names
 
 
 async def reject_unknown_query_params(request: Request) -> None:
-    """422 for a query parameter the matched route does not declare."""
+    """422 for a query parameter the matched route does not declare, or one it takes once given twice."""
     if not request.query_params:
         return
     route = request.scope.get("route")
     if not isinstance(route, APIRoute):
         return
     accepted = accepted_query_params(route.dependant)  # a walk of a few nodes: microseconds
-    unknown = sorted(set(request.query_params.keys()) - accepted)
+    given = request.query_params.multi_items()
+    unknown = sorted({name for name, _ in given} - accepted.keys())
     if unknown:
         takes = ", ".join(f"`{name}`" for name in sorted(accepted)) or "none"
         raise ApiError(422, f"unknown query parameter `{unknown[0]}` for {request.method} {route.path} "
                             f"(it takes: {takes})", param=unknown[0])
+    if len(given) > len(request.query_params):  # some name came more than once
+        for name in request.query_params:
+            count = len(request.query_params.getlist(name))
+            if count > 1 and not accepted[name]:
+                raise ApiError(422, f"query parameter `{name}` is given {count} times; {request.method} "
+                                    f"{route.path} takes one value", param=name)

@@ -53,6 +53,8 @@ def test_unknown_query_parameters_are_refused_naming_the_parameter(client: TestC
     assert aliased.status_code == 422 and aliased.json()["error"]["param"] == "archive_format"  # the name is `format`
     assert client.get("/healthz", params={"verbose": 1}).status_code == 422
     assert client.get("/healthz").status_code == 200
+    twice = client.get("/adapters", params=[("limit", 1), ("limit", 50)])  # FastAPI alone would keep the last
+    assert twice.status_code == 422 and twice.json()["error"]["param"] == "limit", twice.text
 
 
 def test_api_keys_when_configured(api_settings: Settings, base_host: Any) -> None:

@@ -369,6 +369,16 @@ def test_a_misspelt_adapter_parameter_is_refused_not_served_by_the_base_model(se
     assert "`adapter`" in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("order", [("nope", "a0"), ("a0", "nope")])
+def test_an_adapter_parameter_given_twice_is_refused_not_resolved_to_one_of_them(
+        served: TestClient, order: tuple[str, str]) -> None:
+    response = served.post("/generate", params=[("adapter", order[0]), ("adapter", order[1])],
+                           json={"prompt": "x", "max_new_tokens": 2})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == "adapter" and "2 times" in error["message"]
+
+
 def test_uploads_are_judged_on_their_own_files_whatever_came_before(
         tmp_path: Path, demo_model_dir: Path, base_host: Any, tokenizer: Any) -> None:
     """LoRA on a module and a modules_to_save copy of it, in either order, and PEFT's default save of an
