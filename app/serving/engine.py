@@ -602,6 +602,8 @@ class GenerationEngine:
             row.text = TextTracker(self.tokenizer, request.prompt_ids)
             row.text.update(row.generated)
         text = row.text.finish()
+        if reason == "length" and row.text.stopped:  # the last ids, read only now, completed a stop string
+            reason = "stop"
         if request.handle.stream and reason != "cancelled":
             tail = row.text.delta(final=True)
             new_tokens = row.generated[row.streamed_tokens:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -237,6 +238,27 @@ def test_text_tracker_streams_exactly_the_whole_decode_at_constant_cost_per_toke
         assert final == whole[len(context_text):], trial
         assert "".join(pieces) == final, trial
         assert counting.decoded <= 12 * (len(ids) + len(context)), (trial, counting.decoded)
+
+
+def test_a_stop_string_completed_by_the_last_incomplete_character_finishes_with_stop(host: ServingHost) -> None:
+    """The last generated id ends in part of a UTF-8 character: its text is read only when the row is answered.
+    A stop string found then cuts the text, and the finish reason says so (it said "length")."""
+    engine = host.engine
+    ids = host.encode_prompt("hello there")
+    greedy = SamplingParams(max_new_tokens=60, min_new_tokens=60, temperature=0)
+    tokens = alone(engine, ids, greedy)
+    ends_open = [n for n in range(4, 61) if host.tokenizer.decode(tokens[:n], skip_special_tokens=True).endswith("\ufffd")]
+    assert ends_open, "the seeded demo model no longer ends a prefix in an incomplete character: pick another prompt"
+    n = ends_open[0]
+    exact = SamplingParams(max_new_tokens=n, min_new_tokens=n, temperature=0)
+    full = engine.submit(ids, exact).wait(60)
+    assert full.finish_reason == "length" and full.text.endswith("\ufffd")
+    stop = full.text[-3:]
+    assert full.text.find(stop) == len(full.text) - 3  # found only once the last id is read
+    for stream in (False, True):
+        handle = engine.submit(ids, dataclasses.replace(exact, stop=(stop,)), stream=stream)
+        result = handle.wait(60)
+        assert (result.text, result.finish_reason) == (full.text[:-3], "stop"), stream
 
 
 def test_text_is_the_same_streamed_or_not_with_a_sentencepiece_style_tokenizer(tmp_path: Path) -> None:
