@@ -111,6 +111,12 @@ class GenerateRequest(BaseModel):
                 for i, c in enumerate(conversations)]
 
 
+    def prompt_params(self, count: int) -> list[str]:
+        """Each prompt's field, as errors name it: ``prompt``, or ``prompt[i]`` in a batch (``messages`` alike)."""
+        field = "prompt" if self.prompt is not None else "messages"
+        return [f"{field}[{i}]" for i in range(count)] if self.batched else [field] * count
+
+
 class Usage(BaseModel):
     prompt_tokens: int = Field(description="Tokens in the prompt (after the chat template).")
     completion_tokens: int = Field(description="Tokens generated.")
@@ -190,7 +196,8 @@ async def generate(body: GenerateRequest, request: Request, services: ServicesDe
     inference.check_queue_room(host, len(prompts), 1, prompt_param="prompt" if body.prompt is not None else "messages")
     params = body.sampling()
     generation = await inference.start(services, adapter, "adapter", prompts, [params] * len(prompts),
-                                       stream=body.stream)
+                                       stream=body.stream, prompt_params=body.prompt_params(len(prompts)),
+                                       length_param="max_new_tokens")
     if body.stream:
         return StreamingResponse(_stream(host, generation, body), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})

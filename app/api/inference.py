@@ -178,12 +178,14 @@ def check_queue_room(host: ServingHost, prompts: int, choices: int, *, prompt_pa
 
 
 async def start(services: Services, adapter: str | None, param: str, prompts: Sequence[list[int]],
-                params: Sequence[SamplingParams], *, stream: bool) -> Generation:
+                params: Sequence[SamplingParams], *, stream: bool, prompt_params: Sequence[str],
+                length_param: str) -> Generation:
     """Check the prompts, resolve and lease the adapter ``adapter`` names (``None``: the base model) and
-    queue every prompt; all of them or none (errors raise)."""
+    queue every prompt; all of them or none (errors raise). ``prompt_params``: each prompt's field in the
+    request (``prompt[1]``), ``length_param`` the request's field for new tokens: an error names them."""
     host = serving_host(services)
-    for ids, p in zip(prompts, params, strict=True):
-        host.engine.check_request(len(ids), p)
+    for ids, p, name in zip(prompts, params, prompt_params, strict=True):
+        host.engine.check_request(len(ids), p, prompt_param=name, length_param=length_param)
     version: ServedVersion | None = None
     leases: list[AdapterLease | None] = [None] * len(prompts)
     if adapter is not None:

@@ -214,11 +214,19 @@ class CompletionRequest(_Common):
         raise ApiError(422, "prompt mixes strings and token lists", param="prompt")
 
 
-def _check_ids(host: ServingHost, prompts: list[list[int]]) -> None:
+    def prompt_params(self) -> list[str]:
+        """Each prompt's field, as errors name it: ``prompt``, or ``prompt[i]`` for a list of prompts."""
+        p = self.prompt
+        if isinstance(p, str) or all(isinstance(x, int) for x in p):
+            return ["prompt"]
+        return [f"prompt[{i}]" for i in range(len(p))]
+
+
+def _check_ids(host: ServingHost, prompts: list[list[int]], names: list[str]) -> None:
     vocab = len(host.tokenizer)
-    for ids in prompts:
+    for ids, name in zip(prompts, names, strict=True):
         if any(not 0 <= i < vocab for i in ids):
-            raise ApiError(422, f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
+            raise ApiError(422, f"{name}: token ids must be in 0..{vocab - 1}", param=name)
 
 
 def _completion_logprobs(host: ServingHost, r: GenerationResult) -> dict[str, Any] | None:
@@ -248,15 +256,16 @@ _SSE_DOC = {
 async def completions(body: CompletionRequest, request: Request, services: ServicesDep) -> Any:
     host = inference.serving_host(services)
     prompts = body.prompt_ids(host)
-    _check_ids(host, prompts)
+    _check_ids(host, prompts, body.prompt_params())
     n = body.n or 1
     inference.check_queue_room(host, len(prompts), n, prompt_param="prompt")
     max_tokens = body.max_tokens or 16
     logprobs = -1 if body.logprobs is None else body.logprobs
     expanded = [ids for ids in prompts for _ in range(n)]
     params = [body.params(max_tokens, logprobs, j) for _ in prompts for j in range(n)]
+    names = [name for name in body.prompt_params() for _ in range(n)]  # (n choices per prompt, as expanded)
     generation = await inference.start(services, _model_ref(host, body.model), "model", expanded, params,
-                                       stream=bool(body.stream))
+                                       stream=bool(body.stream), prompt_params=names, length_param="max_tokens")
     meta = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
             "model": generation.adapter or BASE_MODEL_ID}
     if body.stream:
@@ -391,8 +400,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     max_tokens = body.max_completion_tokens or body.max_tokens or _default_chat_tokens(host, len(ids))
     logprobs = (body.top_logprobs or 0) if body.logprobs else -1
     params = [body.params(max_tokens, logprobs, j) for j in range(n)]
+    length_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     generation = await inference.start(services, _model_ref(host, body.model), "model", [ids] * n, params,
-                                       stream=bool(body.stream))
+                                       stream=bool(body.stream), prompt_params=["messages"] * n,
+                                       length_param=length_param)
     meta = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()),
             "model": generation.adapter or BASE_MODEL_ID, "system_fingerprint": None}
     if body.stream:

@@ -309,23 +309,25 @@ class GenerationEngine:
         return len(self._rows)
 
     # ------------------------------------------------------------------ submission (any thread)
-    def check_request(self, prompt_tokens: int, params: SamplingParams) -> None:
-        """Raise :class:`RequestTooLarge` for a prompt the engine could never run."""
-        total = prompt_tokens + params.max_new_tokens
-        context = self.limits.max_context
+    def check_request(self, prompt_tokens: int, params: SamplingParams, *, prompt_param: str = "prompt",
+                      length_param: str = "max_new_tokens") -> None:
+        """Raise :class:`RequestTooLarge` for a prompt the engine could never run, naming the request's field at
+        fault: ``prompt_param`` when the prompt leaves no room for one new token, else ``length_param``."""
         if prompt_tokens == 0:
-            raise RequestTooLarge("the prompt is empty after tokenization", param="prompt")
-        if context is not None and total > context:
+            raise RequestTooLarge(f"{prompt_param} is empty after tokenization", param=prompt_param)
+        new = params.max_new_tokens
+        for limit, what in ((self.limits.max_context, "the model's context length"),
+                            (self.limits.max_batch_tokens, "this server's max_batch_tokens")):
+            if limit is None or prompt_tokens + new <= limit:
+                continue
+            if prompt_tokens >= limit:
+                raise RequestTooLarge(
+                    f"{prompt_param} has {prompt_tokens} tokens: with the least one generated token, above {what} "
+                    f"of {limit}", param=prompt_param)
             raise RequestTooLarge(
-                f"the prompt has {prompt_tokens} tokens and max_new_tokens is {params.max_new_tokens}: together "
-                f"{total}, above the model's context length of {context}", param="max_new_tokens",
-            )
-        if total > self.limits.max_batch_tokens:
-            raise RequestTooLarge(
-                f"the prompt has {prompt_tokens} tokens and max_new_tokens is {params.max_new_tokens}: together "
-                f"{total}, above this server's max_batch_tokens of {self.limits.max_batch_tokens}",
-                param="max_new_tokens",
-            )
+                f"{prompt_param} has {prompt_tokens} tokens and {length_param} is {new}: together "
+                f"{prompt_tokens + new}, above {what} of {limit} (at most {limit - prompt_tokens} new tokens fit)",
+                param=length_param)
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, *, lease: AdapterLease | None = None,
                loop: asyncio.AbstractEventLoop | None = None, stream: bool = False) -> RequestHandle:

@@ -369,6 +369,22 @@ def test_a_misspelt_adapter_parameter_is_refused_not_served_by_the_base_model(se
     assert "`adapter`" in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": ["hello", ""], "max_new_tokens": 2}, "prompt[1]"),  # which prompt of the batch
+    ({"prompt": ["hello", "x", "hello " * 400], "max_new_tokens": 2}, "prompt[2]"),
+    ({"prompt": "hello " * 400, "max_new_tokens": 1}, "prompt"),  # no max_new_tokens could make it fit
+    ({"prompt": "hello", "max_new_tokens": 255}, "max_new_tokens"),  # the prompt fits, not with that many more
+    ({"messages": [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "hello " * 400}]],
+      "max_new_tokens": 2}, "messages[1]"),
+])
+def test_a_prompt_too_long_or_empty_is_named_or_max_new_tokens_when_it_is_at_fault(
+        served: TestClient, body: dict[str, Any], param: str) -> None:
+    response = generate(served, **body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and param in error["message"], error
+
+
 @pytest.mark.parametrize("order", [("nope", "a0"), ("a0", "nope")])
 def test_an_adapter_parameter_given_twice_is_refused_not_resolved_to_one_of_them(
         served: TestClient, order: tuple[str, str]) -> None:

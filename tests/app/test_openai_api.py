@@ -169,6 +169,27 @@ MULTIBYTE = "héllo wörld 日本 😀"
 REPLACEMENT = "\ufffd"
 
 
+def test_too_long_requests_name_the_openai_field_at_fault(oai: Any) -> None:
+    """The field of the OpenAI request, never /generate's max_new_tokens: the length field when the prompt fits
+    on its own, else the prompt (``prompt[i]`` in a list) or the messages."""
+    long = "hello " * 400
+    cases = [
+        (oai.completions.create, {"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
+        (oai.completions.create, {"prompt": ["hi", long], "max_tokens": 1}, "prompt[1]"),
+        (oai.completions.create, {"prompt": long, "max_tokens": 1}, "prompt"),
+        (oai.chat.completions.create, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000},
+         "max_tokens"),
+        (oai.chat.completions.create, {"messages": [{"role": "user", "content": "hi"}],
+                                       "max_completion_tokens": 100000}, "max_completion_tokens"),
+        (oai.chat.completions.create, {"messages": [{"role": "user", "content": long}]}, "messages"),
+    ]
+    for create, kwargs, param in cases:
+        with pytest.raises(openai.UnprocessableEntityError) as caught:
+            create(model="base", **kwargs)
+        error = caught.value.response.json()["error"]
+        assert error["param"] == param and "max_new_tokens" not in error["message"], (kwargs, error)
+
+
 def test_chat_logprob_bytes_are_each_tokens_own_bytes(oai: Any) -> None:
     """Tokens holding part of a UTF-8 character (they decode alone to U+FFFD) answer their real bytes, so
     the chosen tokens' bytes, joined, decode to the message; their bytes used to be U+FFFD's."""
