@@ -266,7 +266,10 @@ async def upload_adapter(request: Request, services: ServicesDep, session: Sessi
         name = form.fields.get(NAME_FIELD)
         if not name:
             raise UploadRejected(f"the form field {NAME_FIELD!r} (the adapter name) is required", param=NAME_FIELD)
-        registry.check_name(name)
+        registry.check_new_name(name)
+        if name == services.base_model.name:
+            raise UploadRejected(f"the adapter name {name!r} is the base model's own name, which `model=` of the "
+                                 "OpenAI routes gives the base model: choose another", param=NAME_FIELD)
         checked = await asyncio.to_thread(check_upload, form, work, services.base_model, max_bytes=limit)
         return await asyncio.to_thread(_register, services, session, name, checked)
     except UploadRejected as exc:

@@ -48,7 +48,7 @@ from adapters_core.errors import (
 from adapters_core.training.hyperparameters import Hyperparameters
 from app.api.errors import ApiError
 from app.base_model import BaseModelHost
-from app.registry.adapters import RegistryError, check_name, resolve_ref
+from app.registry.adapters import RegistryError, check_new_name, resolve_ref
 from app.registry.datasets import DatasetNotFound, get_dataset
 from app.registry.models import Adapter, AdapterVersion
 
@@ -219,7 +219,7 @@ def _invalid(message: str, param: str) -> ApiError:
 
 def _check_adapter_name(name: str) -> None:
     try:
-        check_name(name)
+        check_new_name(name)
     except RegistryError as exc:
         raise _invalid(str(exc), "adapter.name") from exc
 

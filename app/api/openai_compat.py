@@ -87,7 +87,7 @@ async def list_models(services: ServicesDep) -> ModelList:
 async def retrieve_model(model: Annotated[str, PathParam(description="`base` or an adapter reference.")],
                          services: ServicesDep) -> ModelOut:
     host = inference.serving_host(services)
-    ref = _model_ref(host, model)
+    ref = await _model_ref(services, host, model)
     if ref is None:
         return _base_entry(host, _started(services))
     version = await inference.resolve_adapter(services, ref, "model")
@@ -105,9 +105,26 @@ def _started(services: Services) -> int:
     return int(services.started_at)
 
 
-def _model_ref(host: ServingHost, model: str) -> str | None:
-    """The adapter reference ``model`` names, or ``None`` for the base model."""
-    return None if model in (BASE_MODEL_ID, host.name) else model
+async def _model_ref(services: Services, host: ServingHost, model: str) -> str | None:
+    """The adapter reference ``model`` names, or ``None`` for the base model (``base`` or its own name). The base
+    model's own name is refused (422) while an adapter bears it too: neither reading would be what all meant."""
+    if model == BASE_MODEL_ID:
+        return None
+    if model != host.name:
+        return model
+    if await asyncio.to_thread(_adapter_exists, services, model):
+        raise ApiError(422, f"model {model!r} names both the base model and an adapter: send `base` for the base "
+                            f"model, or {model}@<version> for the adapter", param="model")
+    return None
+
+
+def _adapter_exists(services: Services, name: str) -> bool:
+    with services.db.sessions() as session:
+        try:
+            registry.get_adapter(session, name)
+        except registry.NotFound:
+            return False
+        return True
 
 
 # --------------------------------------------------------------------------------------- shared fields
@@ -264,7 +281,8 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
     expanded = [ids for ids in prompts for _ in range(n)]
     params = [body.params(max_tokens, logprobs, j) for _ in prompts for j in range(n)]
     names = [name for name in body.prompt_params() for _ in range(n)]  # (n choices per prompt, as expanded)
-    generation = await inference.start(services, _model_ref(host, body.model), "model", expanded, params,
+    ref = await _model_ref(services, host, body.model)
+    generation = await inference.start(services, ref, "model", expanded, params,
                                        stream=bool(body.stream), prompt_params=names, length_param="max_tokens")
     meta = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
             "model": generation.adapter or BASE_MODEL_ID}
@@ -401,7 +419,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     logprobs = (body.top_logprobs or 0) if body.logprobs else -1
     params = [body.params(max_tokens, logprobs, j) for j in range(n)]
     length_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-    generation = await inference.start(services, _model_ref(host, body.model), "model", [ids] * n, params,
+    ref = await _model_ref(services, host, body.model)
+    generation = await inference.start(services, ref, "model", [ids] * n, params,
                                        stream=bool(body.stream), prompt_params=["messages"] * n,
                                        length_param=length_param)
     meta = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()),

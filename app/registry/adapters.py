@@ -54,12 +54,22 @@ class VersionSpec:
     metrics: dict[str, Any] | None = None
 
 
+RESERVED_NAMES = frozenset({"base"})  # the OpenAI routes' name of the base model (``model="base"``)
+
+
 def check_name(name: str) -> None:
     if not NAME_RE.match(name):
         raise InvalidName(
             f"invalid adapter name {name!r}: 1-128 letters, digits, '_', '-', '.', starting with a letter or digit",
             param="name",
         )
+
+
+def check_new_name(name: str) -> None:
+    """:func:`check_name` for a name a new adapter would take: reserved names are refused too."""
+    check_name(name)
+    if name in RESERVED_NAMES:
+        raise InvalidName(f"the adapter name {name!r} is reserved: `model={name!r}` names the base model", param="name")
 
 
 def _locked_adapter(session: Session, name: str, method: str) -> Adapter:
@@ -79,7 +89,7 @@ def _locked_adapter(session: Session, name: str, method: str) -> Adapter:
 
 def create_version(session: Session, name: str, spec: VersionSpec) -> AdapterVersion:
     """Register the next version of ``name`` (creating the adapter on first use). Caller commits."""
-    check_name(name)
+    check_new_name(name)
     adapter = _locked_adapter(session, name, spec.method)
     adapter.deleted_at = None
     version = AdapterVersion(

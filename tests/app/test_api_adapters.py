@@ -411,11 +411,22 @@ def test_a_refused_upload_leaves_the_existing_versions_alone(
 @pytest.mark.parametrize(
     ("name", "param", "needle"),
     [(None, "name", "required"), ("", "name", "required"), ("../evil", "name", "invalid adapter name"),
-     ("has space", "name", "invalid adapter name"), ("-dash", "name", "invalid adapter name")],
+     ("has space", "name", "invalid adapter name"), ("-dash", "name", "invalid adapter name"),
+     ("base", "name", "reserved")],  # the OpenAI routes' `model="base"` is the base model
 )
 def test_upload_needs_a_valid_name(client: TestClient, adapter_dir: Path, name: str | None, param: str,
                                    needle: str) -> None:
     assert_error(upload(client, name, files_of(adapter_dir)), 422, "invalid_request", param, needle)
+    assert stored_objects(client) == [] and registry_counts(client) == (0, 0) and work_folders(client) == []
+
+
+def test_upload_refuses_the_base_models_own_name(client: TestClient, adapter_dir: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain base model name (``gpt2``, the demo model's) is what `model=` of the OpenAI routes gives the base."""
+    from app.base_model import BaseModelHost
+
+    monkeypatch.setattr(BaseModelHost, "name", property(lambda self: "plain-base"))
+    assert_error(upload(client, "plain-base", files_of(adapter_dir)), 422, "invalid_request", "name", "base model")
     assert stored_objects(client) == [] and registry_counts(client) == (0, 0) and work_folders(client) == []
 
 

@@ -165,6 +165,7 @@ def test_malformed_json_is_400(client: TestClient, ds: str) -> None:
     ({"hyperparameters": {"mixed_precision": "fp8"}}, "hyperparameters.mixed_precision", ()),
     # names and ids
     ({"adapter": {"name": "bad name!"}}, "adapter.name", ("invalid adapter name",)),
+    ({"adapter": {"name": "base"}}, "adapter.name", ("reserved",)),
     ({"dataset_id": "ds_missing"}, "dataset_id", ("ds_missing", "POST /datasets")),
     ({"validation_dataset_id": "ds_missing"}, "validation_dataset_id", ("ds_missing",)),
     # the base model

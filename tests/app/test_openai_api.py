@@ -246,6 +246,26 @@ def test_base_model_by_name_and_unknown_model(oai: Any, client: TestClient) -> N
     assert info.value.body["param"] == "model"
 
 
+def test_the_base_models_own_name_is_refused_while_an_adapter_bears_it(
+        oai: Any, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A base model with a plain name (``gpt2``) and an adapter of that name (made before the server served it,
+    or by a job): `model=` that name would mean either, so it means neither; ``base`` and ``name@N`` still do."""
+    from app.serving.host import ServingHost
+
+    monkeypatch.setattr(ServingHost, "name", property(lambda self: "support"))
+    for call in (lambda: oai.completions.create(model="support", prompt="x", max_tokens=2),
+                 lambda: oai.models.retrieve("support")):
+        with pytest.raises(openai.UnprocessableEntityError) as info:
+            call()
+        assert info.value.body["param"] == "model" and "both" in info.value.body["message"]
+    monkeypatch.undo()  # (an adapter is checked against the served base model's name)
+    adapter = oai.completions.create(model="support@2", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+    assert adapter.choices[0].text == native(client, "support@2", PROMPTS[0], 6)["text"]
+    monkeypatch.setattr(ServingHost, "name", property(lambda self: "plain-base"))  # no adapter bears it
+    by_name = oai.completions.create(model="plain-base", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+    assert by_name.choices[0].text == native(client, None, PROMPTS[0], 6)["text"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [
