@@ -3,14 +3,18 @@
 Two bounded LRU tiers over the artifact store (vLLM's LoRA manager, S-LoRA):
 
 * host memory holds :class:`~adapters_core.serving.PreparedAdapter` copies, up to
-  ``host_capacity_bytes``; an entry that a request holds a lease on, or that is pinned, stays;
+  ``host_capacity_bytes``; an entry that a request holds a lease on, or that is pinned, stays (so a
+  leased version always has its host copy: a fetch of one whose copy was dropped while it sat in a
+  slot reads it again);
 * the device holds ``num_slots`` slots of the :class:`~adapters_core.serving.SlottedModel`; a slot
-  whose adapter is leased (requests running or waiting) or pinned is never taken.
+  whose adapter has rows running or is pinned is never taken. A slot whose adapter only has requests
+  waiting may be: they get a slot again from the host copy when their turn comes.
 
 ``fetch`` (any thread) puts a version in host memory and leases it to one request; ``acquire``
 (the engine thread, between forwards) gives the lease a device slot, loading into a free slot or
-the least recently used idle one, or answers ``None`` while every slot is busy; ``release`` ends
-the lease. ``evict`` forgets a version (deleted from the registry): its host copy goes at once,
+the least recently used one without running rows, or answers ``None`` while every slot runs rows
+(``drain_candidate`` then names the slot the engine should let drain, so that the request is not
+overtaken for ever); ``release`` ends the lease. ``evict`` forgets a version (deleted from the registry): its host copy goes at once,
 its slot once no request holds it (requests accepted before still run on it). Keys are registry
 version ids, so a new version or a moved alias is simply another key: nothing needs a restart.
 """
@@ -51,6 +55,7 @@ class BankEntry:
     running: int = 0  # rows in the running batch using its slot
     pinned: bool = False
     evicted: bool = False
+    reading: bool = False  # a fetch is reading its host copy (the others wait on ``loading``)
     loading: threading.Event = field(default_factory=threading.Event)
 
 
@@ -94,21 +99,20 @@ class AdapterBank:
                 if entry is None or entry.evicted:
                     entry = BankEntry(key, ref)
                     self._entries[key] = entry
-                    owner = True
-                else:
-                    owner = False
                 entry.leases += 1
-                if entry.prepared is not None or entry.slot is not None:
+                if entry.prepared is not None:
                     self._touch_host(entry)
                     self.events.hit("host")  # not read from the store; `acquire` counts the device tier
                     return AdapterLease(entry)
+                owner = not entry.reading  # (a version in a slot whose host copy was dropped is read again)
                 if owner:
+                    entry.reading = True
                     entry.loading.clear()
             if owner:
                 return self._load(entry, load)
             entry.loading.wait()
             with self._lock:
-                if entry.prepared is not None or entry.slot is not None:
+                if entry.prepared is not None:
                     self.events.hit("host")
                     return AdapterLease(entry)
                 entry.leases -= 1  # the owner's load failed: try again ourselves
@@ -120,8 +124,10 @@ class AdapterBank:
         except BaseException:
             with self._lock:
                 entry.leases -= 1
-                if self._entries.get(entry.key) is entry and entry.prepared is None and entry.slot is None:
+                if (self._entries.get(entry.key) is entry and entry.prepared is None and entry.slot is None
+                        and not entry.leases):
                     del self._entries[entry.key]
+                entry.reading = False
                 entry.loading.set()
             raise
         with self._lock:
@@ -130,6 +136,7 @@ class AdapterBank:
             self._host[entry.key] = entry
             self._host_bytes += entry.nbytes
             self._shrink_host()
+            entry.reading = False
             entry.loading.set()
         return AdapterLease(entry)
 
@@ -175,7 +182,8 @@ class AdapterBank:
     # ------------------------------------------------------------------ device tier (engine thread)
     def acquire(self, lease: AdapterLease) -> int | None:
         """A device slot holding the lease's adapter, loading it if needed; ``None`` while every slot
-        runs rows. Raises :class:`NoFreeSlot` when every slot is pinned to other adapters."""
+        runs rows (see :meth:`drain_candidate`). Raises :class:`NoFreeSlot` when every slot is pinned to
+        other adapters."""
         with self._lock:
             entry = lease.entry
             if lease.slot is not None:
@@ -210,17 +218,33 @@ class AdapterBank:
             return entry.slot
 
     def _take_slot(self) -> int | None:
+        """A free slot, else the least recently used one no request holds, else the least recently used
+        one whose requests all wait (they keep their host copy and get a slot again in their turn), else
+        ``None`` (every slot runs rows or is pinned)."""
         if self._free:
             return self._free.pop()
-        for slot, holder in self._slots.items():
-            if not holder.running and not holder.leases and not holder.pinned:
-                del self._slots[slot]
-                holder.slot = None
-                if holder.prepared is None and not holder.leases and self._entries.get(holder.key) is holder:
-                    del self._entries[holder.key]
-                self.events.evicted("device")
-                return slot
+        idle = [(slot, h) for slot, h in self._slots.items() if not h.running and not h.pinned]
+        for slot, holder in sorted(idle, key=lambda item: item[1].leases > 0):  # (stable: LRU order within)
+            if holder.leases and holder.prepared is None:
+                continue  # (cannot happen: a leased version keeps its host copy) never lose its weights
+            del self._slots[slot]
+            holder.slot = None
+            if holder.prepared is None and not holder.leases and self._entries.get(holder.key) is holder:
+                del self._entries[holder.key]
+            self.events.evicted("device")
+            return slot
         return None
+
+    def drain_candidate(self, exclude: set[int]) -> int | None:
+        """The slot to stop admitting rows on so that it frees for a request :meth:`acquire` answered
+        ``None``: the least recently used one not pinned and not in ``exclude`` (slots already draining
+        for older requests); ``None`` if there is none. Engine thread."""
+        with self._lock:
+            for slot, holder in self._slots.items():
+                if slot not in exclude and not holder.pinned:
+                    return slot
+        return None
+
 
     def sweep(self) -> None:
         """Clear the slots of evicted versions that no row uses any more (engine thread)."""

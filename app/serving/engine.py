@@ -438,11 +438,15 @@ class GenerationEngine:
             self._retire()
 
     def _admit(self) -> list[_Row]:
-        """Waiting requests that fit the batch now, in arrival order (those whose adapter has no
-        slot yet are passed over, the others keep their place)."""
+        """Waiting requests that fit the batch now, in arrival order. Those whose adapter gets no slot
+        (every slot runs rows) are passed over, the others keep their place; but each such adapter has a
+        slot drained for it (the bank's ``drain_candidate``: later requests on that slot's adapter wait
+        behind it), so a stream of requests on the adapters in the slots never overtakes it for ever."""
         admitted: list[_Row] = []
         rows_left = self.limits.max_batch_size - len(self._rows)
         tokens = sum(r.request.reserved for r in self._rows)
+        draining: set[int] = set()  # slots freeing for older requests: no new rows on them this turn
+        blocked: set[str] = set()  # adapter versions waiting for a slot (one drained slot each)
         with self._cond:
             kept: deque[_Request] = deque()
             while self._waiting:
@@ -454,6 +458,10 @@ class GenerationEngine:
                     break
                 slot = 0
                 if request.lease is not None:
+                    entry = request.lease.entry  # (its slot changes on this thread only)
+                    if entry.slot is not None and entry.slot in draining:
+                        kept.append(request)  # behind an older request that this slot is freeing for
+                        continue
                     try:
                         acquired = self.bank.acquire(request.lease)
                     except Exception as exc:  # NoFreeSlot, or a slot copy that failed: answer, never drop
@@ -464,6 +472,11 @@ class GenerationEngine:
                         request.handle.deliver(exc)
                         continue
                     if acquired is None:
+                        if entry.key not in blocked:
+                            blocked.add(entry.key)
+                            victim = self.bank.drain_candidate(draining)
+                            if victim is not None:
+                                draining.add(victim)
                         kept.append(request)
                         continue
                     slot = acquired

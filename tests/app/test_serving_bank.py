@@ -99,6 +99,59 @@ def test_slots_of_leased_adapters_are_never_taken() -> None:
     assert bank.acquire(third) is not None and sorted(recorder.held.values()) == ["b", "c"]
 
 
+def test_a_slot_whose_requests_all_wait_is_taken_last_and_they_reload_from_host() -> None:
+    """Every slot busy: one runs rows, one only has a request waiting (held back by the engine), one is idle.
+    A new adapter takes the idle one first, then the waiting one's: its request keeps the host copy and gets
+    a slot again from it (no second read from the store)."""
+    bank, recorder, _ = make(slots=3)
+    reads: list[str] = []
+
+    def fetch(key: str) -> Any:
+        return bank.fetch(key, f"{key}@1", lambda: reads.append(key) or Prepared(key))
+
+    running = fetch("a")
+    bank.acquire(running)
+    run(bank, "b")
+    bank.release(fetch("b"))  # b: a slot, no request
+    first_c = fetch("c")
+    bank.acquire(first_c)
+    bank.release(first_c)
+    waiting = fetch("c")  # c: a slot, one request waiting
+    d = fetch("d")
+    slot_d = bank.acquire(d)
+    assert recorder.held[slot_d] == "d" and bank.where("b") == "host" and bank.where("c") == "device"
+    e = fetch("e")
+    slot_e = bank.acquire(e)
+    assert slot_e is not None and recorder.held[slot_e] == "e" and bank.where("c") == "host"
+    assert bank.acquire(waiting) is None  # a, d, e all run rows now
+    bank.release(d)
+    assert recorder.held[bank.acquire(waiting)] == "c" and reads.count("c") == 1
+    assert bank.acquire(running) is not None  # a still runs in its own slot
+
+
+def test_a_leased_version_always_has_its_host_copy() -> None:
+    """A version left only in a slot (its host copy dropped by the LRU) is read again when a request leases
+    it, so that its slot can be freed while the request waits without losing the weights."""
+    bank, recorder, events = make(slots=2, capacity=150)
+    reads: list[str] = []
+    run(bank, "a")
+    run(bank, "b")  # over capacity: a's host copy goes, a stays in its slot
+    assert bank.where("a") == "device" and "a" in recorder.held.values()
+    lease = bank.fetch("a", "a@1", lambda: reads.append("a") or Prepared("a"))
+    assert reads == ["a"] and events.counts["host.miss"] == 3
+    assert bank.acquire(lease) is not None and recorder.loads == 2  # still in its slot: no copy to the device
+
+
+def test_drain_candidate_is_the_least_recently_used_unpinned_slot_not_excluded() -> None:
+    bank, _, _ = make(slots=3)
+    leases = {k: bank.fetch(k, f"{k}@1", lambda k=k: Prepared(k)) for k in "abc"}
+    slots = {k: bank.acquire(lease) for k, lease in leases.items()}
+    bank.pin("a")
+    assert bank.drain_candidate(set()) == slots["b"]
+    assert bank.drain_candidate({slots["b"]}) == slots["c"]
+    assert bank.drain_candidate({slots["b"], slots["c"]}) is None  # only the pinned one is left
+
+
 def test_every_slot_pinned_to_others_is_no_free_slot() -> None:
     bank, _, _ = make(slots=1)
     run(bank, "a")

@@ -426,6 +426,59 @@ def test_a_cold_adapter_read_never_stalls_running_rows(host: ServingHost, demo_m
     assert with_adapter.adapter == "slow@1" and with_adapter.token_ids != base
 
 
+def _stored_version(store: LocalArtifactStore, folder: Path, name: str) -> ServedVersion:
+    files = {n: {"sha256": store.put_bytes((folder / n).read_bytes()).sha256}
+             for n in ("adapter_config.json", "adapter_model.safetensors")}
+    return ServedVersion(f"v-{name}", f"{name}@1", json.loads((folder / "adapter_config.json").read_text()), files, None)
+
+
+def test_a_request_for_an_adapter_without_a_slot_is_not_overtaken_for_ever(demo_model_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """Two slots, both busy with a steady stream of requests on two adapters (clients that send their next
+    request as soon as one ends, so neither adapter ever runs out of rows): a request on a third adapter is
+    served while that stream goes on (a slot drains for it), and serves its own adapter. It used to wait until
+    the stream stopped."""
+    settings = Settings(data_dir=tmp_path / "data", base_model=str(demo_model_dir), adapter_slots=2,
+                        max_batch_size=16)
+    host = ServingHost.load(settings)
+    store = LocalArtifactStore(tmp_path / "store")
+    busy, third = [_stored_version(store, peft_adapter(demo_model_dir, tmp_path / n, seed=40 + i, r=4), n)
+                   for i, n in enumerate(("a0", "a1"))], _stored_version(
+                       store, peft_adapter(demo_model_dir, tmp_path / "a2", seed=42, r=4), "a2")
+    prompt = host.encode_prompt("hello there")
+    stop = threading.Event()
+    served: list[float] = []
+
+    def client(version: ServedVersion, lengths: list[int]) -> None:
+        for turn in range(10_000):
+            if stop.is_set():
+                return
+            n = lengths[turn % len(lengths)]
+            params = SamplingParams(max_new_tokens=n, min_new_tokens=n, temperature=0)
+            host.engine.submit(prompt, params, lease=host.lease(version, store)).wait(60)
+            served.append(time.monotonic())
+
+    clients = [threading.Thread(target=client, args=(busy[c % 2], [3 + (c * 5 + k * 7) % 14 for k in range(5)]),
+                                daemon=True) for c in range(8)]
+    try:
+        alone_params = SamplingParams(max_new_tokens=8, min_new_tokens=8, temperature=0)
+        want = host.engine.submit(prompt, alone_params, lease=host.lease(third, store)).wait(60).token_ids
+        for thread in clients:
+            thread.start()
+        _wait_until(lambda: len(served) >= 16)  # both slots taken by the stream, which keeps them running
+        asked = time.monotonic()
+        got = host.engine.submit(prompt, alone_params, lease=host.lease(third, store)).wait(30)
+        overtaken = sum(t > asked for t in served)
+        assert not stop.is_set() and all(thread.is_alive() for thread in clients)  # the stream still runs
+        assert got.adapter == "a2@1" and got.token_ids == want
+        assert overtaken < 40, overtaken  # a drained slot's rows finish within 16 steps: a few dozen requests
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(60)
+        host.close()
+
+
 @pytest.mark.parametrize(("adapter_dtype", "model_dtype", "slot_dtype", "weight_dtype"), [
     ("auto", torch.bfloat16, torch.bfloat16, torch.bfloat16),
     ("float32", torch.bfloat16, torch.float32, torch.float32),
