@@ -82,7 +82,7 @@ async def list_models(services: ServicesDep) -> ModelList:
     return ModelList(data=[_base_entry(host, _started(services)), *(_adapter_entry(s) for s in summaries)])
 
 
-@router.get("/models/{model}", response_model=ModelOut, summary="Retrieve a model",
+@router.get("/models/{model:path}", response_model=ModelOut, summary="Retrieve a model",
             description="`base` or an adapter reference, resolved now.", responses={404: ERROR_RESPONSES[404]})
 async def retrieve_model(model: Annotated[str, PathParam(description="`base` or an adapter reference.")],
                          services: ServicesDep) -> ModelOut:

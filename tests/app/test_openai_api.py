@@ -238,9 +238,16 @@ def test_streamed_completion_logprobs_carry_the_same_text_offsets(oai: Any) -> N
         assert streamed == whole.logprobs.text_offset
 
 
-def test_base_model_by_name_and_unknown_model(oai: Any, client: TestClient) -> None:
+def test_base_model_by_name_and_unknown_model(oai: Any, client: TestClient, demo_model_dir: Path) -> None:
     base = oai.completions.create(model="base", prompt=PROMPTS[2], max_tokens=8, temperature=0)
     assert base.choices[0].text == native(client, None, PROMPTS[2], 8)["text"]
+    name = str(demo_model_dir)  # the base model's own name here: a path (HF ids have a '/' too)
+    by_name = oai.completions.create(model=name, prompt=PROMPTS[2], max_tokens=8, temperature=0)
+    assert by_name.choices[0].text == base.choices[0].text
+    for model in (name, "base"):  # the base model's entry: id `base`, root its own name
+        assert (oai.models.retrieve(model).id, oai.models.retrieve(model).root) == ("base", name)
+    escaped = client.get("/v1/models/" + name.replace("/", "%2F"))
+    assert escaped.status_code == 200 and escaped.json()["root"] == name
     with pytest.raises(openai.NotFoundError) as info:
         oai.completions.create(model="nope", prompt="x", max_tokens=2)
     assert info.value.body["param"] == "model"
