@@ -249,15 +249,34 @@ def _check_ids(host: ServingHost, prompts: list[list[int]], names: list[str]) ->
 def _completion_logprobs(host: ServingHost, r: GenerationResult) -> dict[str, Any] | None:
     if r.logprobs is None:
         return None
-    tokens = [host.decode([t]) for t in r.token_ids]
     offsets = [min(o, len(r.text)) for o in text_offsets(host.tokenizer, r.token_ids)]  # stop cut the text
-    top = None if r.top_logprobs is None else [_top_dict(host, step) for step in r.top_logprobs]
-    return {"tokens": tokens, "token_logprobs": r.logprobs, "top_logprobs": top, "text_offset": offsets}
+    return _logprob_fields(host, list(zip(offsets, r.token_ids, r.logprobs, _steps(r.top_logprobs, r.token_ids),
+                                          strict=True)))
 
 
-def _top_dict(host: ServingHost, step: list[tuple[int, float]]) -> dict[str, float]:
-    """OpenAI's ``{token text: logprob}`` (tokens decoding to the same text keep the likeliest)."""
-    return {host.decode([i]): lp for i, lp in reversed(step)}
+_Step = tuple[int, int, float, list[tuple[int, float]]]  # text offset, token, its logprob, the likeliest tokens
+
+
+def _steps(top: list[list[tuple[int, float]]] | None, token_ids: Sequence[int]) -> list[list[tuple[int, float]]]:
+    return top if top is not None else [[] for _ in token_ids]
+
+
+def _logprob_fields(host: ServingHost, steps: Sequence[_Step]) -> dict[str, Any]:
+    """OpenAI's completion ``logprobs`` of ``steps``: ``top_logprobs`` always holds the sampled token (as
+    OpenAI's do: up to ``logprobs`` + 1 entries, one with ``logprobs`` = 0)."""
+    return {"tokens": [host.decode([t]) for _, t, _, _ in steps], "token_logprobs": [lp for _, _, lp, _ in steps],
+            "top_logprobs": [_top_dict(host, top, token, lp) for _, token, lp, top in steps],
+            "text_offset": [offset for offset, _, _, _ in steps]}
+
+
+def _top_dict(host: ServingHost, step: list[tuple[int, float]], chosen: int, logprob: float) -> dict[str, float]:
+    """OpenAI's ``{token text: logprob}``: the likeliest tokens and the sampled one (tokens decoding to the same
+    text keep the likeliest)."""
+    out: dict[str, float] = {}
+    for token, lp in [*step, (chosen, logprob)]:
+        text = host.decode([token])
+        out[text] = max(lp, out.get(text, lp))
+    return out
 
 
 _SSE_DOC = {
@@ -319,19 +338,31 @@ async def _chunks(generation: inference.Generation, head: dict[str, Any], prompt
 
 def _completion_chunks(host: ServingHost, generation: inference.Generation, meta: dict[str, Any],
                        prompts: list[list[int]], body: CompletionRequest) -> AsyncIterator[str]:
+    """Per choice, a chunk's ``logprobs`` carry the tokens whose text starts within the text streamed so far
+    (the engine streams tokens as they come but holds back text that could still become a stop string); the
+    finishing chunk carries the rest, their offsets clamped to the text as a stop string cut it: the offsets,
+    streamed, are exactly the non-streamed ones."""
     offsets: dict[int, TextOffsets] = {}  # per choice: offsets run over the whole text streamed so far
+    sent: dict[int, int] = {}  # per choice: characters of text streamed
+    pending: dict[int, list[_Step]] = {}  # per choice: tokens whose text is not streamed yet
 
     def delta(index: int, item: StreamDelta) -> dict[str, Any]:
+        sent[index] = sent.get(index, 0) + len(item.text)
         lp = None
         if item.logprobs is not None:
             at = offsets.setdefault(index, TextOffsets(host.tokenizer)).add(item.token_ids)
-            lp = {"tokens": [host.decode([t]) for t in item.token_ids], "token_logprobs": item.logprobs,
-                  "top_logprobs": None if item.top_logprobs is None else
-                  [_top_dict(host, step) for step in item.top_logprobs], "text_offset": at}
+            queue = pending.setdefault(index, [])
+            queue.extend(zip(at, item.token_ids, item.logprobs, _steps(item.top_logprobs, item.token_ids),
+                             strict=True))
+            ready = next((i for i, step in enumerate(queue) if step[0] > sent[index]), len(queue))
+            lp, pending[index] = _logprob_fields(host, queue[:ready]), queue[ready:]
         return {"index": index, "text": item.text, "logprobs": lp, "finish_reason": None}
 
     def end(index: int, reason: str) -> dict[str, Any]:
-        return {"index": index, "text": "", "logprobs": None, "finish_reason": reason}
+        end_at = sent.get(index, 0)
+        rest = [(min(o, end_at), token, logprob, top) for o, token, logprob, top in pending.pop(index, [])]
+        lp = _logprob_fields(host, rest) if rest else None
+        return {"index": index, "text": "", "logprobs": lp, "finish_reason": reason}
 
     usage = body.stream_options is not None and body.stream_options.include_usage
     return _chunks(generation, meta, [len(p) for p in prompts], usage, delta, end)

@@ -238,6 +238,47 @@ def test_streamed_completion_logprobs_carry_the_same_text_offsets(oai: Any) -> N
         assert streamed == whole.logprobs.text_offset
 
 
+def test_streamed_text_offsets_equal_the_whole_ones_when_a_stop_string_cuts_the_text(oai: Any) -> None:
+    """Stops of 2 and 3 characters across token boundaries: the engine streams tokens before the text that
+    could still become a stop string; each chunk carries the tokens whose text it has reached, and the
+    offsets never point past the text."""
+    kwargs = {"model": "support", "prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0, "logprobs": 1}
+    full = oai.completions.create(**kwargs).choices[0]
+    text, offsets = full.text, full.logprobs.text_offset
+    stops = {text[o - k + 1:o + 1] for o in offsets[2:] for k in (2, 3) if o - k + 1 > 0}
+    stops = sorted(s for s in stops if s.isascii() and s.strip() == s and text.find(s) >= 0)[:6]
+    assert stops
+    for stop in stops:
+        whole = oai.completions.create(stop=stop, **kwargs).choices[0]
+        assert whole.finish_reason == "stop" and whole.text == text[:text.find(stop)]
+        pieces = [c.choices[0] for c in oai.completions.create(stream=True, stop=stop, **kwargs) if c.choices]
+        assert "".join(p.text for p in pieces) == whole.text
+        streamed = [o for p in pieces if p.logprobs for o in p.logprobs.text_offset]
+        tokens = [t for p in pieces if p.logprobs for t in p.logprobs.tokens]
+        assert (streamed, tokens) == (whole.logprobs.text_offset, whole.logprobs.tokens), stop
+        assert max(streamed) <= len(whole.text)
+        seen = 0
+        for p in pieces:  # a chunk's tokens start within the text streamed up to it
+            seen += len(p.text)
+            assert all(o <= seen for o in (p.logprobs.text_offset if p.logprobs else [])), stop
+
+
+def test_completion_top_logprobs_always_hold_the_sampled_token(oai: Any) -> None:
+    """OpenAI: "the API will always return the logprob of the sampled token, so there may be up to logprobs+1
+    elements": with logprobs=0, each step's dict is the sampled token alone."""
+    for k in (0, 1, 3):
+        kwargs = {"model": "support", "prompt": PROMPTS[1], "max_tokens": 12, "temperature": 1.0, "seed": 3,
+                  "logprobs": k}
+        lp = oai.completions.create(**kwargs).choices[0].logprobs
+        for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+            # (tokens decoding to the same text, as partial UTF-8 characters do, share a key: the likeliest's)
+            assert top[token] >= logprob - 1e-6 and len(top) <= k + 1
+            if k == 0:
+                assert top == {token: pytest.approx(logprob)}
+        pieces = [c.choices[0] for c in oai.completions.create(stream=True, **kwargs) if c.choices]
+        assert [t for p in pieces if p.logprobs for t in p.logprobs.top_logprobs] == lp.top_logprobs
+
+
 def test_base_model_by_name_and_unknown_model(oai: Any, client: TestClient, demo_model_dir: Path) -> None:
     base = oai.completions.create(model="base", prompt=PROMPTS[2], max_tokens=8, temperature=0)
     assert base.choices[0].text == native(client, None, PROMPTS[2], 8)["text"]
