@@ -31,7 +31,7 @@ MAX_STOPS = 16
 class ChatMessage(BaseModel):
     """One turn of a conversation."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no silent conversions: true is not 1, "5" not 5
 
     role: str = Field(min_length=1, max_length=64, description="`system`, `user`, `assistant`, ... as the chat template knows them.")
     content: str = Field(description="The turn's text.")
@@ -40,7 +40,7 @@ class ChatMessage(BaseModel):
 class GenerateRequest(BaseModel):
     """What to generate from, and how."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no silent conversions: true is not 1, "5" not 5
 
     prompt: str | list[str] | None = Field(
         default=None, description="Text to continue, or a list of texts (a batch). Give `prompt` or `messages`.",

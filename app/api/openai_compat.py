@@ -129,7 +129,7 @@ def _adapter_exists(services: Services, name: str) -> bool:
 
 # --------------------------------------------------------------------------------------- shared fields
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no silent conversions: true is not 1, "5" not 5
 
     include_usage: bool = Field(default=False, description="Send a last chunk with the usage of the whole request.")
 
@@ -137,7 +137,7 @@ class StreamOptions(BaseModel):
 class _Common(BaseModel):
     """Fields both completion routes take."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no silent conversions: true is not 1, "5" not 5
 
     model: str = Field(max_length=256, description="`base` or an adapter reference (`name`, `name@3`, `name@prod`).")
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 = greedy; default 1.")
@@ -376,15 +376,17 @@ def _sse(chunks: AsyncIterator[str]) -> StreamingResponse:
 class ChatMessageIn(BaseModel):
     """A chat message; content is text or text parts."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no silent conversions: true is not 1, "5" not 5
 
     role: Literal["system", "developer", "user", "assistant"] = Field(description="Who speaks.")
     content: str | list[dict[str, Any]] | None = Field(default=None, description="Text, or a list of `text` parts.")
-    name: str | None = Field(default=None, max_length=256, description="Participant name (not used by templates).")
+    name: str | None = Field(default=None, max_length=256, description="Participant name, given to the chat "
+                             "template (refused where the base model's template does not use it).")
 
     def text(self, where: str) -> str:
         if self.content is None:
-            return ""
+            raise ApiError(422, f"{where}.content is required (null content goes with tool calls, which this server "
+                                "does not support)", param=f"{where}.content")
         if isinstance(self.content, str):
             return self.content
         parts = []
@@ -442,8 +444,13 @@ def _chat_logprobs(host: ServingHost, token_ids: list[int], logprobs: list[float
              responses={200: _SSE_DOC, **inference.INFERENCE_ERRORS})
 async def chat_completions(body: ChatCompletionRequest, request: Request, services: ServicesDep) -> Any:
     host = inference.serving_host(services)
-    messages = [{"role": m.role, "content": m.text(f"messages[{i}]")} for i, m in enumerate(body.messages)]
+    messages = [{"role": m.role, "content": m.text(f"messages[{i}]"),
+                 **({"name": m.name} if m.name is not None else {})} for i, m in enumerate(body.messages)]
     ids = host.encode_chat(messages)
+    named = [i for i, m in enumerate(body.messages) if m.name is not None]
+    if named and host.encode_chat([{k: v for k, v in m.items() if k != "name"} for m in messages]) == ids:
+        raise ApiError(422, f"messages[{named[0]}].name: the base model's chat template does not use participant "
+                            "names: send the messages without `name`", param=f"messages[{named[0]}].name")
     n = body.n or 1
     inference.check_queue_room(host, 1, n, prompt_param="messages")
     max_tokens = body.max_completion_tokens or body.max_tokens or _default_chat_tokens(host, len(ids))

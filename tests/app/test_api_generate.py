@@ -385,6 +385,20 @@ def test_a_prompt_too_long_or_empty_is_named_or_max_new_tokens_when_it_is_at_fau
     assert error["param"] == param and param in error["message"], error
 
 
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt": "x", "max_new_tokens": True}, "max_new_tokens"),  # not 1
+    ({"prompt": "x", "max_new_tokens": "4"}, "max_new_tokens"),
+    ({"prompt": "x", "max_new_tokens": 4.0}, "max_new_tokens"),
+    ({"prompt": "x", "max_new_tokens": 2, "temperature": "0.5"}, "temperature"),
+    ({"prompt": "x", "max_new_tokens": 2, "logprobs": 1}, "logprobs"),  # not true
+])
+def test_values_of_the_wrong_type_are_refused_not_converted(served: TestClient, body: dict[str, Any],
+                                                            param: str) -> None:
+    response = generate(served, **body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == param
+
+
 @pytest.mark.parametrize("order", [("nope", "a0"), ("a0", "nope")])
 def test_an_adapter_parameter_given_twice_is_refused_not_resolved_to_one_of_them(
         served: TestClient, order: tuple[str, str]) -> None:

@@ -353,6 +353,38 @@ def test_chat_refusals_name_the_field(oai: Any, kwargs: dict[str, Any], param: s
     assert info.value.body["param"] == param, info.value.body
 
 
+@pytest.mark.parametrize(("route", "body", "param"), [
+    ("completions", {"prompt": [True, False]}, "prompt"),  # not token ids 1 and 0
+    ("completions", {"prompt": "x", "logprobs": True}, "logprobs"),  # not logprobs=1
+    ("completions", {"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+    ("completions", {"prompt": "x", "n": 1.0}, "n"),
+    ("chat/completions", {"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "seed": "3"}, "seed"),
+])
+def test_values_of_the_wrong_type_are_refused_not_converted(client: TestClient, route: str, body: dict[str, Any],
+                                                            param: str) -> None:
+    response = client.post(f"/v1/{route}", json={"model": "base", "max_tokens": 2, **body})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_a_participant_name_goes_to_the_chat_template_or_is_refused(oai: Any, client: TestClient,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo template has no use for ``name``: refused (it was dropped without a word). A template that
+    uses it gets it."""
+    said = [{"role": "user", "content": "hello there", "name": "Alice"}]
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        oai.chat.completions.create(model="base", messages=said, max_tokens=4)
+    assert info.value.body["param"] == "messages[0].name"
+    tokenizer = client.app.state.services.serving.tokenizer  # type: ignore[attr-defined]
+    template = tokenizer.chat_template.replace("message['role'] }}", "message['role'] }}{{ message.get('name', '') }}")
+    assert template != tokenizer.chat_template
+    monkeypatch.setattr(tokenizer, "chat_template", template)
+    usage = {name: oai.chat.completions.create(model="base", messages=[{**said[0], "name": name}], max_tokens=2,
+                                               temperature=0).usage.prompt_tokens for name in ("Al", "Alice Liddell")}
+    assert usage["Alice Liddell"] > usage["Al"]
+
+
 def test_chat_refuses_tools_and_images(oai: Any) -> None:
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
     with pytest.raises(openai.UnprocessableEntityError):
