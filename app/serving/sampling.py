@@ -42,7 +42,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """Arg-max decoding (``temperature == 0``). ``top_k == 1`` is not: it draws among the tokens tied for
+        the best score, as HF's ``TopKLogitsWarper`` keeps them (on a row without ties the same token)."""
+        return self.temperature == 0.0
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The request's own random stream (``None`` for greedy requests)."""

@@ -75,6 +75,16 @@ def test_top_k_and_top_p_keep_sampling_inside_their_sets() -> None:
     assert seen == [{0, 1}, {0, 1}, {0, 1, 2, 3}]
 
 
+def test_top_k_1_draws_among_tokens_tied_for_the_best_as_hf_does() -> None:
+    """HF's TopKLogitsWarper(1) keeps every token tied with the best: sampling draws among them (it was treated as
+    greedy: always the lowest id). Without a tie, top_k=1 is the arg-max."""
+    tied = torch.tensor([[3.0, 3.0, 3.0, 0.0]])
+    drawn = {sample(tied, rows(SamplingParams(top_k=1, seed=seed)), []).tokens[0] for seed in range(100)}
+    assert drawn == {0, 1, 2}
+    plain = torch.tensor([[1.0, 3.0, 2.9, 0.0]])
+    assert {sample(plain, rows(SamplingParams(top_k=1, seed=seed)), []).tokens[0] for seed in range(20)} == {1}
+
+
 def test_seeded_rows_draw_the_same_whatever_shares_the_batch() -> None:
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     p = SamplingParams(temperature=1.3, seed=42)
