@@ -110,7 +110,6 @@ class GenerateRequest(BaseModel):
         return [host.encode_chat([m.model_dump() for m in c], param=f"messages[{i}]" if self.batched else "messages")
                 for i, c in enumerate(conversations)]
 
-
     def prompt_params(self, count: int) -> list[str]:
         """Each prompt's field, as errors name it: ``prompt``, or ``prompt[i]`` in a batch (``messages`` alike)."""
         field = "prompt" if self.prompt is not None else "messages"

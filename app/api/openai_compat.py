@@ -230,7 +230,6 @@ class CompletionRequest(_Common):
             return [list(x) for x in p]  # type: ignore[arg-type]
         raise ApiError(422, "prompt mixes strings and token lists", param="prompt")
 
-
     def prompt_params(self) -> list[str]:
         """Each prompt's field, as errors name it: ``prompt``, or ``prompt[i]`` for a list of prompts."""
         p = self.prompt
