@@ -129,7 +129,7 @@ class AdapterVersionList(BaseModel):
 class AliasIn(BaseModel):
     """Where an alias should point."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # `"2"` or `true` is not a version number
 
     version: int = Field(ge=1, le=MAX_DB_INT, description="Version number the alias points at.")
 

@@ -250,6 +250,9 @@ def test_aliases_move_and_disappear_with_their_version(client: TestClient, adapt
     assert_error(client.put("/adapters/bot/aliases/prod", json={"version": 1, "extra": 1}), 422, "invalid_request",
                  "extra", "unknown field")
     assert_error(client.put("/adapters/bot/aliases/prod", json={"version": "one"}), 422, "invalid_request", "version")
+    for wrong_type in ("1", True, 1.0):  # never converted to version 1
+        assert_error(client.put("/adapters/bot/aliases/prod", json={"version": wrong_type}), 422, "invalid_request",
+                     "version")
     assert client.get("/adapters/bot").json()["aliases"] == {}
 
 
