@@ -62,7 +62,10 @@ def resolve_version(services: Services, ref: str, param: str) -> ServedVersion:
                 version = registry.resolve_ref(session, ref)
                 label = f"{name}@{version.version}"
         except registry.NotFound as exc:
-            raise AdapterNotFound(str(exc), param=param) from exc
+            hint = ""
+            if name in registry.RESERVED_NAMES and param == "adapter":
+                hint = f" ({name!r} is reserved for the base model, which /generate serves without `adapter`)"
+            raise AdapterNotFound(f"{exc}{hint}", param=param) from exc
         except registry.InvalidName as exc:
             raise ApiError(422, str(exc), param=param) from exc
         served = ServedVersion(version.id, label, dict(version.config), dict(version.files), version.base_model)

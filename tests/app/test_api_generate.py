@@ -399,6 +399,12 @@ def test_values_of_the_wrong_type_are_refused_not_converted(served: TestClient, 
     assert response.json()["error"]["param"] == param
 
 
+def test_adapter_base_is_not_found_and_says_how_to_ask_for_the_base_model(served: TestClient) -> None:
+    response = generate(served, "base", prompt="x", max_new_tokens=2)
+    assert response.status_code == 404 and response.json()["error"]["param"] == "adapter"
+    assert "without `adapter`" in response.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("order", [("nope", "a0"), ("a0", "nope")])
 def test_an_adapter_parameter_given_twice_is_refused_not_resolved_to_one_of_them(
         served: TestClient, order: tuple[str, str]) -> None:
