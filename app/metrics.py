@@ -37,10 +37,11 @@ class ServingMetrics(EngineMetrics, BankEvents):
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
-            "adapterforge_generate_requests", "Generations finished, by adapter (name; `base` for none) and reason",
+            "adapterforge_generate_requests",
+            "Generations ended, by adapter (name; `base` for none) and reason (stop, length, cancelled, error)",
             ["adapter", "finish_reason"], registry=registry,
         )
-        self.prompt_tokens = Counter("adapterforge_prompt_tokens", "Prompt tokens processed", registry=registry)
+        self.prompt_tokens = Counter("adapterforge_prompt_tokens", "Prompt tokens read by a prefill", registry=registry)
         self.generated_tokens = Counter("adapterforge_generated_tokens", "Tokens generated", registry=registry)
         self.ttft = Histogram("adapterforge_time_to_first_token_seconds", "From request queued to its first token",
                               registry=registry, buckets=_LATENCY_BUCKETS)

@@ -194,15 +194,11 @@ async def start(services: Services, adapter: str | None, param: str, prompts: Se
     if adapter is not None:
         version, leased = await asyncio.to_thread(_lease, services, adapter, param, len(prompts))
         leases = list(leased)
-    loop = asyncio.get_running_loop()
-    handles: list[RequestHandle] = []
-    try:
-        for ids, p, lease in zip(prompts, params, leases, strict=True):
-            handles.append(host.engine.submit(ids, p, lease=lease, loop=loop, stream=stream))
+    try:  # all or none: a request refused here leaves nothing queued
+        handles = host.engine.submit_all(list(zip(prompts, params, leases, strict=True)),
+                                         loop=asyncio.get_running_loop(), stream=stream)
     except BaseException:
-        for handle in handles:
-            handle.cancel()
-        for lease in leases[len(handles):]:
+        for lease in leases:
             if lease is not None:
                 host.bank.release(lease)
         raise

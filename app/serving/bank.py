@@ -195,6 +195,7 @@ class AdapterBank:
                 slot = self._take_slot()
                 if slot is None:
                     if all(e.pinned for e in self._slots.values()):
+                        self.events.miss("device")  # the request's one device lookup: it ends here
                         raise NoFreeSlot(
                             f"all {self.slotted.num_slots} adapter slots are pinned to other adapters; "
                             f"{entry.ref} cannot be loaded", param="adapter",

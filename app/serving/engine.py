@@ -332,21 +332,32 @@ class GenerationEngine:
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, *, lease: AdapterLease | None = None,
                loop: asyncio.AbstractEventLoop | None = None, stream: bool = False) -> RequestHandle:
         """Queue one prompt; the caller keeps ``lease`` released on error (the engine releases it once queued)."""
-        self.check_request(len(prompt_ids), params)
-        handle = RequestHandle(loop, stream)
-        request = _Request(list(prompt_ids), params, lease, handle, lease.ref if lease is not None else None)
+        return self.submit_all([(prompt_ids, params, lease)], loop=loop, stream=stream)[0]
+
+    def submit_all(self, prompts: Sequence[tuple[Sequence[int], SamplingParams, AdapterLease | None]], *,
+                   loop: asyncio.AbstractEventLoop | None = None, stream: bool = False) -> list[RequestHandle]:
+        """Queue the prompts of one API request, all of them or none (:class:`QueueFull` when they do not all fit
+        in the queue): a refused request leaves nothing behind to cancel. The caller keeps the leases released
+        on error (the engine releases each once queued)."""
+        for prompt_ids, params, _ in prompts:
+            self.check_request(len(prompt_ids), params)
+        handles = [RequestHandle(loop, stream) for _ in prompts]
+        requests = [_Request(list(prompt_ids), params, lease, handle, lease.ref if lease is not None else None)
+                    for (prompt_ids, params, lease), handle in zip(prompts, handles, strict=True)]
         with self._cond:
             if not self._accepting:
                 raise ServingUnavailable("the generation engine is not running")
-            if len(self._waiting) >= self.limits.max_queue_depth:
+            waiting = len(self._waiting)
+            if waiting + len(requests) > self.limits.max_queue_depth:
+                more = f"; this request's {len(requests)} generations do not fit" if len(requests) > 1 else ""
                 raise QueueFull(
-                    f"{len(self._waiting)} generation requests are already waiting (ADAPTERFORGE_MAX_QUEUE_DEPTH); "
+                    f"{waiting} generation requests are already waiting (ADAPTERFORGE_MAX_QUEUE_DEPTH){more}; "
                     "retry shortly"
                 )
-            self._waiting.append(request)
+            self._waiting.extend(requests)
             self.metrics.queued(len(self._waiting))
             self._cond.notify()
-        return handle
+        return handles
 
     # ------------------------------------------------------------------ the loop (engine thread)
     def _loop(self, on_ready: Callable[[], object]) -> None:
@@ -396,6 +407,7 @@ class GenerationEngine:
             future.set_exception(error)
         for request in waiting:
             self._release(request)
+            self.metrics.finished(request.adapter, "error", 0, 0)  # (never prefilled: no prompt tokens read)
             request.handle.deliver(error)
 
     def _release(self, request: _Request) -> None:
@@ -405,12 +417,16 @@ class GenerationEngine:
     def _fail_rows(self, error: BaseException) -> None:
         """Fail every running row (after a failed decode step the batch's cache cannot be trusted)."""
         rows, self._rows, self._kv = self._rows, [], None
-        self._fail(rows, error)
+        self._fail(rows, error, prefilled=True)
         self.metrics.running(0)
 
-    def _fail(self, rows: list[_Row], error: BaseException) -> None:
+    def _fail(self, rows: list[_Row], error: BaseException, *, prefilled: bool) -> None:
+        """Answer ``rows`` with ``error``, counted as generations ended by an error (with their prompt tokens
+        where a prefill read them, and the tokens generated before)."""
         for row in rows:
             self._release(row.request)
+            prompt = len(row.request.prompt_ids) if prefilled else 0
+            self.metrics.finished(row.request.adapter, "error", prompt, len(row.generated))
             row.request.handle.deliver(error)
 
     def _drop_cancelled(self) -> None:
@@ -420,7 +436,7 @@ class GenerationEngine:
                 for request in self._waiting:
                     if request.handle.cancelled:  # answered like a cancelled running row, with nothing generated
                         self._release(request)
-                        self.metrics.finished(request.adapter, "cancelled", len(request.prompt_ids), 0)
+                        self.metrics.finished(request.adapter, "cancelled", 0, 0)  # (its prompt was never read)
                         request.handle.deliver(GenerationResult(
                             text="", finish_reason="cancelled", token_ids=[],
                             logprobs=[] if request.params.logprobs else None,
@@ -469,6 +485,7 @@ class GenerationEngine:
                             logger.exception("loading adapter %s into a slot failed", request.adapter)
                             exc = ServingError(f"loading adapter {request.adapter} failed: {exc}")
                         self._release(request)
+                        self.metrics.finished(request.adapter, "error", 0, 0)
                         request.handle.deliver(exc)
                         continue
                     if acquired is None:
@@ -517,7 +534,7 @@ class GenerationEngine:
             logits = self._forward(ids, mask, positions, cache, [r.slot for r in new], last_only=True)
         except Exception as exc:  # the running rows' cache is untouched: only the new rows fail
             logger.exception("prefill of %d requests failed", len(new))
-            self._fail(new, ServingError(f"generation failed: {exc.__class__.__name__}: {exc}"))
+            self._fail(new, ServingError(f"generation failed: {exc.__class__.__name__}: {exc}"), prefilled=False)
             return
         kv = BatchKV(cache, mask, torch.tensor(lengths, dtype=torch.long, device=self.device))
         self._kv = kv if self._kv is None else concat(self._kv, kv)
@@ -609,6 +626,7 @@ class GenerationEngine:
         self._release(request)
         if row.error is not None:
             logger.error("request on %s failed: %s", request.adapter or "the base model", row.error)
+            self.metrics.finished(request.adapter, "error", len(request.prompt_ids), len(row.generated))
             request.handle.deliver(row.error)
             return
         params = request.params

@@ -634,6 +634,58 @@ def test_overload_answers_429_with_retry_after(tmp_path: Path, demo_model_dir: P
         assert generate(client, None, prompt="y", max_new_tokens=2).status_code == 200
 
 
+def test_generation_metrics_count_what_happened_to_refused_cancelled_and_failed_requests(
+        tmp_path: Path, demo_model_dir: Path, base_host: Any) -> None:
+    """A batch refused with 429 leaves nothing queued and counts nowhere (it was counted as a cancelled
+    generation, its prompt as read); a generation cancelled while it waits counts as cancelled, with no prompt
+    tokens read; a failed one counts as an error, with what it read and generated (it counted nowhere)."""
+    from app.serving.sampling import SamplingParams
+
+    settings = serving_settings(tmp_path, demo_model_dir, max_batch_size=1, max_queue_depth=2)
+    with served_app(settings, base_host) as client:
+        engine = client.app.state.services.serving.engine  # type: ignore[attr-defined]
+
+        def counts() -> dict[str, float]:
+            text = client.get("/metrics").text
+            return {reason: _metric(text, "adapterforge_generate_requests_total", adapter="base", finish_reason=reason)
+                    for reason in ("length", "cancelled", "error")} | {
+                    name: sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+                    for name in ("adapterforge_prompt_tokens_total", "adapterforge_generated_tokens_total")}
+
+        long = SamplingParams(max_new_tokens=150, min_new_tokens=150, temperature=0)
+        running = engine.submit([5, 6, 7], long)
+        _wait(lambda: engine.running_rows == 1)
+        waiting = engine.submit([5, 6, 7, 8, 9], SamplingParams(max_new_tokens=2))
+        before = counts()
+        refused = generate(client, None, prompt=["hello there", "z"], max_new_tokens=2)  # 2 do not fit in 1 place
+        assert refused.status_code == 429, refused.text
+        assert engine.queue_depth == 1 and counts() == before
+        waiting.cancel()
+        assert waiting.wait(30).finish_reason == "cancelled"
+        assert counts() == {**before, "cancelled": before["cancelled"] + 1}  # no prompt tokens: never read
+        assert len(running.wait(60).token_ids) == 150
+        before = counts()
+        original = engine._forward
+        calls = {"n": 0}
+
+        def fail_the_third(*args: Any, **kwargs: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 3:  # the prefill and one decode step went through: two tokens
+                raise RuntimeError("simulated device failure")
+            return original(*args, **kwargs)
+
+        engine._forward = fail_the_third
+        try:
+            failed = generate(client, None, prompt="hello there", max_new_tokens=6, min_new_tokens=6)
+        finally:
+            engine._forward = original
+        assert failed.status_code == 500
+        prompt = len(client.app.state.services.serving.encode_prompt("hello there"))  # type: ignore[attr-defined]
+        assert counts() == {**before, "error": before["error"] + 1,
+                            "adapterforge_prompt_tokens_total": before["adapterforge_prompt_tokens_total"] + prompt,
+                            "adapterforge_generated_tokens_total": before["adapterforge_generated_tokens_total"] + 2}
+
+
 def _wait(predicate: Any, timeout: float = 20.0) -> None:
     import time
 

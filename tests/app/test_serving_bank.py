@@ -153,12 +153,13 @@ def test_drain_candidate_is_the_least_recently_used_unpinned_slot_not_excluded()
 
 
 def test_every_slot_pinned_to_others_is_no_free_slot() -> None:
-    bank, _, _ = make(slots=1)
+    bank, _, events = make(slots=1)
     run(bank, "a")
     bank.pin("a")
     lease = bank.fetch("b", "b@1", lambda: Prepared("b"))
     with pytest.raises(NoFreeSlot, match="pinned"):
         bank.acquire(lease)
+    assert events.counts["device.miss"] == 2  # the refused request's device lookup counts too
     bank.unpin("a")
     assert bank.acquire(lease) is not None
 
