@@ -456,13 +456,19 @@ class GenerationEngine:
     def _admit(self) -> list[_Row]:
         """Waiting requests that fit the batch now, in arrival order. Those whose adapter gets no slot
         (every slot runs rows) are passed over, the others keep their place; but each such adapter has a
-        slot drained for it (the bank's ``drain_candidate``: later requests on that slot's adapter wait
-        behind it), so a stream of requests on the adapters in the slots never overtakes it for ever."""
+        slot drained for it (the bank's ``drain_candidate``), so a stream of requests on the adapters in
+        the slots never overtakes it for ever: a later request on a draining slot's adapter joins only if
+        it ends no later than the rows already on that slot (its ``max_new_tokens`` within their longest
+        remaining budget), so the slot still frees by then, and rows on one adapter still batch together."""
         admitted: list[_Row] = []
         rows_left = self.limits.max_batch_size - len(self._rows)
         tokens = sum(r.request.reserved for r in self._rows)
-        draining: set[int] = set()  # slots freeing for older requests: no new rows on them this turn
+        draining: set[int] = set()  # slots freeing for older requests
         blocked: set[str] = set()  # adapter versions waiting for a slot (one drained slot each)
+        horizon: dict[int, int] = {}  # by slot: the steps its running rows may still take, at most
+        for row in self._rows:
+            left = row.request.params.max_new_tokens - len(row.generated)
+            horizon[row.slot] = max(horizon.get(row.slot, 0), left)
         with self._cond:
             kept: deque[_Request] = deque()
             while self._waiting:
@@ -475,8 +481,9 @@ class GenerationEngine:
                 slot = 0
                 if request.lease is not None:
                     entry = request.lease.entry  # (its slot changes on this thread only)
-                    if entry.slot is not None and entry.slot in draining:
-                        kept.append(request)  # behind an older request that this slot is freeing for
+                    if (entry.slot is not None and entry.slot in draining
+                            and request.params.max_new_tokens > horizon.get(entry.slot, 0)):
+                        kept.append(request)  # it would hold the slot longer: behind the request it frees for
                         continue
                     try:
                         acquired = self.bank.acquire(request.lease)
@@ -497,6 +504,7 @@ class GenerationEngine:
                         kept.append(request)
                         continue
                     slot = acquired
+                    horizon[slot] = max(horizon.get(slot, 0), request.params.max_new_tokens)
                 params = request.params
                 tracker = None  # read at every step only where needed; otherwise once, when answered
                 if request.handle.stream or params.stop:
