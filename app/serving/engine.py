@@ -506,10 +506,18 @@ class GenerationEngine:
                     slot = acquired
                     horizon[slot] = max(horizon.get(slot, 0), request.params.max_new_tokens)
                 params = request.params
-                tracker = None  # read at every step only where needed; otherwise once, when answered
-                if request.handle.stream or params.stop:
-                    tracker = TextTracker(self.tokenizer, request.prompt_ids, params.stop)
-                admitted.append(_Row(request, slot, params.generator(self.device), tracker))
+                try:
+                    tracker = None  # read at every step only where needed; otherwise once, when answered
+                    if request.handle.stream or params.stop:
+                        tracker = TextTracker(self.tokenizer, request.prompt_ids, params.stop)
+                    row = _Row(request, slot, params.generator(self.device), tracker)
+                except Exception as exc:  # this request fails alone; the queue and its slot's count stay right
+                    logger.exception("could not start a request on %s", request.adapter or "the base model")
+                    self._release(request)
+                    self.metrics.finished(request.adapter, "error", 0, 0)
+                    request.handle.deliver(ServingError(f"generation failed: {exc.__class__.__name__}: {exc}"))
+                    continue
+                admitted.append(row)
                 rows_left -= 1
                 tokens += request.reserved
             self._waiting = kept

@@ -53,6 +53,8 @@ class Scheduler:
         self.batch_sizes: list[int] = []
         self.done: list[tuple[str, int, int]] = []  # adapter, step submitted, step finished
 
+    _release = GenerationEngine._release
+
     def submit(self, adapter: str, tokens: int) -> None:
         lease = self.bank.fetch(adapter, f"{adapter}@1", lambda: Prepared(adapter))
         request = _Request([1, 2, 3], SamplingParams(max_new_tokens=tokens, temperature=0), lease,
@@ -127,3 +129,26 @@ def test_a_blocked_request_gets_the_drained_slot_when_its_rows_end() -> None:
     while sim._waiting or sim._rows:
         sim.step()
     assert len(sim.done) == 3 + 2 * 38  # the held-back a's ran afterwards: nothing is lost
+
+
+def test_a_request_that_cannot_start_fails_alone_and_frees_its_slot() -> None:
+    """Building a row raises (here: no tokenizer for the stop-string tracker): that request is answered with
+    the error and its slot is not left counted as running; the requests beside it run."""
+    import pytest
+
+    from app.serving.errors import ServingError
+
+    sim = Scheduler(slots=1)
+    lease = sim.bank.fetch("a", "a@1", lambda: Prepared("a"))
+    failing = _Request([1, 2, 3], SamplingParams(max_new_tokens=5, stop=("x",)), lease, RequestHandle(None, False), "a")
+    sim._waiting.append(failing)
+    sim.submit("a", 5)
+    sim.step()
+    with pytest.raises(ServingError, match="generation failed"):
+        failing.handle.wait(5)
+    assert len(sim._rows) == 1 and not sim._waiting
+    while sim._rows:
+        sim.step()
+    sim.submit("b", 5)  # a's slot is free again: b takes it
+    sim.step()
+    assert sim.slotted.held == {1: "b"}
