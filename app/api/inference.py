@@ -150,6 +150,22 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+async def _leased(services: Services, ref: str, param: str, count: int) -> tuple[ServedVersion, list[AdapterLease]]:
+    """:func:`_lease` in a thread. If the awaiting task is cancelled meanwhile (the server stopping), the
+    thread still finishes: the leases it then takes are released, not left holding the adapter for ever."""
+    work = asyncio.ensure_future(asyncio.to_thread(_lease, services, ref, param, count))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        def release(done: asyncio.Future[tuple[ServedVersion, list[AdapterLease]]]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                for lease in done.result()[1]:
+                    serving_host(services).bank.release(lease)
+
+        work.add_done_callback(release)
+        raise
+
+
 def _lease(services: Services, ref: str, param: str, count: int) -> tuple[ServedVersion, list[AdapterLease]]:
     """Resolve ``ref`` and lease its version ``count`` times (blocking: one thread hop for both)."""
     host = serving_host(services)
@@ -192,7 +208,7 @@ async def start(services: Services, adapter: str | None, param: str, prompts: Se
     version: ServedVersion | None = None
     leases: list[AdapterLease | None] = [None] * len(prompts)
     if adapter is not None:
-        version, leased = await asyncio.to_thread(_lease, services, adapter, param, len(prompts))
+        version, leased = await _leased(services, adapter, param, len(prompts))
         leases = list(leased)
     try:  # all or none: a request refused here leaves nothing queued
         handles = host.engine.submit_all(list(zip(prompts, params, leases, strict=True)),

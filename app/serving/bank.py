@@ -133,9 +133,10 @@ class AdapterBank:
         with self._lock:
             entry.prepared = prepared
             entry.nbytes = prepared.nbytes
-            self._host[entry.key] = entry
-            self._host_bytes += entry.nbytes
-            self._shrink_host()
+            if not entry.evicted:  # (evicted while read: its leases run on it, the host tier keeps no copy)
+                self._host[entry.key] = entry
+                self._host_bytes += entry.nbytes
+                self._shrink_host()
             entry.reading = False
             entry.loading.set()
         return AdapterLease(entry)

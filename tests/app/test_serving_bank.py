@@ -263,3 +263,19 @@ def test_a_failed_slot_load_gives_the_slot_back() -> None:
     bank.release(lease)
     assert bank.where("bad") == "host"
     assert run(bank, "good") == 1 and broken.held == {1: "good"}
+
+
+def test_a_version_deleted_while_it_is_read_still_serves_its_request_and_is_not_cached() -> None:
+    bank, recorder, _ = make(slots=1)
+
+    def read_then_deleted() -> Prepared:
+        bank.evict("a")  # DELETE /adapters/a/versions/1 while the store read runs
+        return Prepared("a")
+
+    lease = bank.fetch("a", "a@1", read_then_deleted)
+    assert bank.host_bytes == 0 and bank.where("a") == "store"  # no copy kept for new requests
+    slot = bank.acquire(lease)  # the request accepted before the deletion runs on it
+    assert slot is not None and recorder.held[slot] == "a"
+    bank.release(lease)
+    bank.sweep()
+    assert recorder.held == {}

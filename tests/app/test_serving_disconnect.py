@@ -62,3 +62,37 @@ def test_a_client_timing_out_stops_the_generation(server: tuple[str, Any]) -> No
         httpx.post(f"{base}/generate", json=LONG, timeout=httpx.Timeout(30, read=0.05))
     wait_for(lambda: cancelled(base) == 1 and engine.running_rows == 0, 10, "the engine to drop the request")
     assert time.monotonic() - started < 10
+
+
+def test_leases_taken_after_their_request_was_cancelled_are_released(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request task is cancelled (the server stopping) while a thread still reads its adapter: when the
+    thread ends, the leases it took go back, rather than keep the adapter held for ever."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from app.api import inference
+
+    reading, released = threading.Event(), []
+    bank = SimpleNamespace(release=released.append)
+    monkeypatch.setattr(inference, "serving_host", lambda services: SimpleNamespace(bank=bank))
+
+    def slow_lease(services: Any, ref: str, param: str, count: int) -> tuple[str, list[str]]:
+        reading.set()
+        time.sleep(0.3)
+        return "version", [f"lease{i}" for i in range(count)]
+
+    monkeypatch.setattr(inference, "_lease", slow_lease)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(inference._leased(None, "a", "adapter", 2))  # type: ignore[arg-type]
+        await asyncio.to_thread(reading.wait)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if released:
+                break
+            await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert released == ["lease0", "lease1"]
