@@ -298,7 +298,7 @@ class AdapterModel(nn.Module):
         """
         if not tensors:
             return
-        live = dict(self.model.named_parameters())
+        live = dict(self.model.named_parameters(remove_duplicate=False))  # (a tied lm_head has its own name)
         live_by_peft_name = {_peft_base_name(k): v for k, v in live.items()}
         plan = []
         for key, value in tensors.items():

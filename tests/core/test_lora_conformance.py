@@ -192,6 +192,12 @@ CASES = [
         {"r": 4, "target_modules": ["wte", "c_attn"]},
         tied_embedding=True,
     ),
+    Case(  # LoRA on a head tied to the embedding: PEFT saves the shared table under lm_head.base_layer.weight
+        "gpt2-lm_head-tied",
+        "gpt2",
+        {"r": 4, "target_modules": ["lm_head"]},
+        tied_embedding=True,
+    ),
     Case("llama-dropout", "llama", {"r": 8, "lora_dropout": 0.3, "target_modules": QV}),
     Case("gpt2-dropout", "gpt2", {"r": 8, "lora_dropout": 0.3, "target_modules": ["c_attn", "c_fc"]}),
     Case("llama-default-targets", "llama", {"r": 4, "target_modules": None}),
