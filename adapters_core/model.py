@@ -42,7 +42,7 @@ from adapters_core.errors import (
 from adapters_core.methods.lora import base_layers
 from adapters_core.methods.lora.config import LoraConfig
 from adapters_core.methods.lora.layer import LoraLayer
-from adapters_core.modules_to_save import ModulesToSaveWrapper
+from adapters_core.modules_to_save import ModulesToSaveWrapper, saved_by, unmatched
 from adapters_core.state import BASE_ADAPTER, AdapterState, RowRouting
 from adapters_core.targeting import candidate_modules, find_targets
 
@@ -210,9 +210,9 @@ class AdapterModel(nn.Module):
         for module_name, module in candidate_modules(self.model, (LoraLayer, ModulesToSaveWrapper)):
             if isinstance(module, LoraLayer):
                 continue
-            if any(module_name == m or module_name.endswith("." + m) for m in wanted):
+            if module_name and saved_by(module_name, wanted):
                 found.append(module_name)
-        missing = [m for m in wanted if not any(f == m or f.endswith("." + m) for f in found)]
+        missing = unmatched(found, wanted)
         if missing:
             raise ConfigError(f"modules_to_save {missing} matched no module of the base model", field="modules_to_save")
         return found

@@ -9,12 +9,24 @@ adapters without a copy).
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from adapters_core.state import AdapterState
+
+
+def saved_by(name: str, wanted: Sequence[str]) -> bool:
+    """Whether the ``modules_to_save`` entries ``wanted`` name the module ``name``: HF PEFT's rule, a plain suffix
+    of the name, not only whole path components (``norm`` also names ``input_layernorm``)."""
+    return any(name.endswith(w) for w in wanted)
+
+
+def unmatched(found: Sequence[str], wanted: Sequence[str]) -> list[str]:
+    """The entries of ``wanted`` that name none of the modules ``found``."""
+    return [w for w in wanted if not any(f.endswith(w) for f in found)]
 
 
 class ModulesToSaveWrapper(nn.Module):

@@ -99,10 +99,15 @@ class BaseModelHost:
         weights, NaN/Inf.
         """
         from adapters_core.config import load_config
+        from adapters_core.serving.slotted import saved_module_names
 
+        config = load_config(directory)
+        wanted = getattr(config, "modules_to_save", None)
         with self._lock:
+            if wanted:  # what the server can serve of them (single layers), on the untouched architecture
+                saved_module_names(self._skeleton, wanted)
             self._fresh().load_adapter(directory, _VALIDATION_SLOT)
-        return load_config(directory)
+        return config
 
     def check_config(self, config: AdapterConfig) -> None:
         """Test-inject ``config`` as a new adapter on the architecture, then remove it again.

@@ -33,6 +33,7 @@ from adapters_core.config import AdapterConfig
 from adapters_core.errors import ConfigError, TargetModulesNotFoundError, UnsupportedModuleError
 from adapters_core.methods.lora import base_layers
 from adapters_core.methods.lora.config import LoraConfig
+from adapters_core.modules_to_save import saved_by, unmatched
 from adapters_core.serving.cpu_bgmv import Bgmv, load_bgmv
 from adapters_core.serving.gpu_bgmv import GpuBgmv, KernelUnavailable, load_gpu_bgmv, load_gpu_bgmv_or_raise
 from adapters_core.serving.layers import RoutingState, SlotBias, SlotLoraLayer, SlotModuleSwap, SlotRouting
@@ -42,6 +43,29 @@ from adapters_core.targeting import candidate_modules, find_targets
 logger = logging.getLogger(__name__)
 
 _WRAPPERS = (SlotLoraLayer, SlotBias, SlotModuleSwap)
+
+
+def saved_module_names(model: nn.Module, wanted: Sequence[str]) -> list[str]:
+    """The modules of ``model`` that ``modules_to_save`` entries ``wanted`` name (HF PEFT's suffix rule), each a
+    single layer the slots can swap a copy of. A module holding modules of its own (a decoder block, ``mlp``) is
+    refused (:class:`ConfigError` on ``modules_to_save``): its submodules are other adapters' LoRA targets, and it
+    is called with the whole batch's masks and caches, which a copy serving some rows of a batch cannot take."""
+    found = [n for n, _ in candidate_modules(model, _WRAPPERS) if n and saved_by(n, wanted)]
+    missing = unmatched(found, wanted)
+    if missing:
+        raise TargetModulesNotFoundError(f"modules_to_save {missing} matched no module of the base model")
+    nested = [n for n in found if next(_unwrapped(model.get_submodule(n)).children(), None) is not None]
+    if nested:
+        raise ConfigError(
+            f"modules_to_save names {nested[0]!r}, a module of other modules: this server serves copies of single "
+            "layers (lm_head, embed_tokens, a norm); save those instead", field="modules_to_save")
+    return found
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    while isinstance(module, _WRAPPERS):
+        module = module.base_layer
+    return module
 
 
 class SlottedModel:
@@ -168,11 +192,7 @@ class SlottedModel:
         if known is not None:
             return list(known)
         with self.structure_lock:
-            found = [n for n, _ in candidate_modules(self.model, _WRAPPERS)  # (a module under LoRA too: the
-                     if n and any(n == w or n.endswith("." + w) for w in wanted)]  # copy is swapped in around it)
-            missing = [w for w in wanted if not any(f == w or f.endswith("." + w) for f in found)]
-            if missing:
-                raise TargetModulesNotFoundError(f"modules_to_save {missing} matched no module of the base model")
+            found = saved_module_names(self.model, wanted)  # (a module under LoRA too: its copy swaps in around it)
             for name in found:
                 self._wrap_swap(name)
             self._saved[wanted] = found

@@ -442,6 +442,31 @@ def test_uploads_are_judged_on_their_own_files_whatever_came_before(
             "adapter": "head-lora-again@1"}
 
 
+def test_modules_to_save_match_as_peft_matches_them_and_whole_blocks_are_refused_at_upload(
+        tmp_path: Path, demo_model_dir: Path, base_host: Any, tokenizer: Any) -> None:
+    """PEFT saves every module whose name ends with an entry: ``norm`` saves the input and post-attention norms
+    too (it was refused, naming the files). An entry naming a block of modules (``mlp``, ``layers.0``) is refused
+    at upload naming modules_to_save: it was accepted, then served or refused at generate time depending on the
+    adapters served before it, and failed base-model rows in a batch beside it."""
+    norm = peft_adapter(demo_model_dir, tmp_path / "norm", seed=51, r=4, target_modules=["q_proj"],
+                        modules_to_save=["norm"])
+    plain = peft_adapter(demo_model_dir, tmp_path / "plain", seed=52, r=4, target_modules="all-linear")
+    blocks = {name: peft_adapter(demo_model_dir, tmp_path / name.replace(".", "_"), seed=53, r=4,
+                                 target_modules=["q_proj"], modules_to_save=[name]) for name in ("mlp", "layers.0")}
+    with served_app(serving_settings(tmp_path, demo_model_dir), base_host) as client:
+        upload(client, "plain", plain)
+        want_plain = greedy(client, "plain", PROMPTS[1], n=8)["tokens"]
+        for name, folder in blocks.items():
+            files = [("files", (n, (folder / n).read_bytes())) for n in ("adapter_config.json", "adapter_model.safetensors")]
+            refused = client.post("/adapters", files=[("name", (None, "block")), *files])
+            assert refused.status_code == 422 and refused.json()["error"]["param"] == "modules_to_save", name
+        upload(client, "norm", norm)
+        model = PeftModel.from_pretrained(load_model(demo_model_dir), norm).eval()
+        want, _ = hf_generate(model, tokenizer, PROMPTS[1], 8)
+        assert greedy(client, "norm", PROMPTS[1], n=8)["tokens"] == want
+        assert greedy(client, "plain", PROMPTS[1], n=8)["tokens"] == want_plain
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"prompt": "hi", "min_new_tokens": 10, "max_new_tokens": 5}, "min_new_tokens"),
     ({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, "prompt"),

@@ -180,6 +180,9 @@ CASES = [
     Case("gpt2-lora-bias", "gpt2", {"r": 4, "lora_bias": True, "target_modules": ["c_attn", "c_fc"]}),
     Case("llama-lora-bias", "llama", {"r": 4, "lora_bias": True, "target_modules": QV}, can_merge=False),
     Case("llama-modules-to-save", "llama", {"r": 8, "target_modules": QV, "modules_to_save": ["lm_head"]}),
+    Case(  # PEFT's suffix rule: `norm` also saves input_layernorm and post_attention_layernorm
+        "llama-modules-to-save-norm", "llama", {"r": 4, "target_modules": QV, "modules_to_save": ["norm"]}
+    ),
     Case(
         "gpt2-modules-to-save-ln_f",
         "gpt2",

@@ -275,6 +275,22 @@ def test_modules_to_save_with_trained_biases_is_served_as_peft_serves_it(model_d
         sm.prepare(config, tensors)
 
 
+def test_modules_to_save_naming_a_block_is_refused_whatever_was_served_before(
+        saved: dict[str, Saved], model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """An adapter registered before uploads refused it: ``mlp`` (whose layers another adapter's LoRA wraps) is
+    refused naming modules_to_save, leaving the model as it was; the adapter served before still serves."""
+    sm = slotted(model_dirs["llama"], num_slots=2)
+    first = saved["llama-all-linear"]
+    load_into(sm, 1, first.path)
+    before = routed_logits(sm, first.ids, [1, 0, 1, 0])
+    block = _save(Case("llama-mlp-copy", "llama", {"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["mlp"]}),
+                  model_dirs["llama"], tmp_path / "block")
+    with pytest.raises(ConfigError, match="mlp") as info:
+        sm.prepare(*read_adapter(block.path))
+    assert info.value.field == "modules_to_save"
+    assert torch.equal(routed_logits(sm, first.ids, [1, 0, 1, 0]), before)
+
+
 def test_preparing_an_adapter_on_another_thread_wraps_modules_only_while_nobody_walks_them(
         saved: dict[str, Saved], model_dirs: dict[str, Path]) -> None:
     """Serving prepares adapters on request threads (on GPUs) while its engine thread runs forwards and loads,
