@@ -6,34 +6,13 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from app.serving.bank import AdapterBank
 from app.serving.engine import EngineLimits, EngineMetrics, GenerationEngine, RequestHandle, _Request, _Row
 from app.serving.sampling import SamplingParams
-
-
-@dataclass
-class Prepared:
-    name: str
-    nbytes: int = 100
-
-
-class RecordingSlots:
-    def __init__(self, num_slots: int) -> None:
-        self.num_slots = num_slots
-        self.loads = 0
-        self.held: dict[int, str] = {}
-
-    def load(self, slot: int, prepared: Any) -> None:
-        self.loads += 1
-        self.held[slot] = prepared.name
-
-    def clear(self, slot: int) -> None:
-        self.held.pop(slot, None)
+from tests.app.test_serving_bank import Prepared, RecordingSlots
 
 
 class Scheduler:
