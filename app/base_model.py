@@ -126,6 +126,16 @@ class BaseModelHost:
             check_init()
         weightless: dict[str, Any] = {"init_lora_weights": True, "use_dora": False}
         probe = dataclasses.replace(config, **{k: v for k, v in weightless.items() if hasattr(config, k)})
+        wanted = getattr(config, "modules_to_save", None)
+        if wanted:  # a trained adapter the server could not serve is refused before it trains
+            from adapters_core.errors import ConfigError, TargetModulesNotFoundError
+            from adapters_core.serving.slotted import saved_module_names
+
+            try:
+                with self._lock:
+                    saved_module_names(self._skeleton, wanted)
+            except TargetModulesNotFoundError as exc:
+                raise ConfigError(str(exc), field="modules_to_save") from exc
         with self._lock:
             adapters = self._fresh()
             adapters.add_adapter(_VALIDATION_SLOT, probe, dtype=torch.bfloat16)

@@ -63,6 +63,13 @@ def ds(client: TestClient) -> str:
 # ------------------------------------------------------------------------------------------ submit: train
 
 
+def test_a_train_job_saving_single_layers_is_accepted(client: TestClient, ds: str) -> None:
+    """The server serves copies of single layers (a block such as `mlp` is refused: see the refusals below)."""
+    config = {"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["lm_head", "norm"]}
+    job = submit(client, train_body(ds, adapter={"name": "heads", "method": "lora", "config": config}))
+    assert job["status"] == "queued"
+
+
 def test_train_job_is_stored_then_enqueued(client: TestClient, ds: str) -> None:
     job = submit(client, train_body(ds))
     assert job["id"].startswith("job_") and job["object"] == "job"
@@ -166,6 +173,8 @@ def test_malformed_json_is_400(client: TestClient, ds: str) -> None:
     # names and ids
     ({"adapter": {"name": "bad name!"}}, "adapter.name", ("invalid adapter name",)),
     ({"adapter": {"name": "base"}}, "adapter.name", ("reserved",)),
+    ({"adapter": {"name": "b", "config": {"modules_to_save": ["mlp"]}}}, "adapter.config.modules_to_save",
+     ("single layers",)),  # a block of modules: the server could not serve the trained adapter
     ({"dataset_id": "ds_missing"}, "dataset_id", ("ds_missing", "POST /datasets")),
     ({"validation_dataset_id": "ds_missing"}, "validation_dataset_id", ("ds_missing",)),
     # the base model
