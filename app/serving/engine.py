@@ -322,8 +322,8 @@ class GenerationEngine:
                 continue
             if prompt_tokens >= limit:
                 raise RequestTooLarge(
-                    f"{prompt_param} has {prompt_tokens} tokens: with the least one generated token, above {what} "
-                    f"of {limit}", param=prompt_param)
+                    f"{prompt_param} has {prompt_tokens} tokens, which leaves no room for a single new token within "
+                    f"{what} of {limit}", param=prompt_param)
             raise RequestTooLarge(
                 f"{prompt_param} has {prompt_tokens} tokens and {length_param} is {new}: together "
                 f"{prompt_tokens + new}, above {what} of {limit} (at most {limit - prompt_tokens} new tokens fit)",
