@@ -99,13 +99,10 @@ class BaseModelHost:
         weights, NaN/Inf.
         """
         from adapters_core.config import load_config
-        from adapters_core.serving.slotted import saved_module_names
 
         config = load_config(directory)
-        wanted = getattr(config, "modules_to_save", None)
+        self._check_saved_modules(config)
         with self._lock:
-            if wanted:  # what the server can serve of them (single layers), on the untouched architecture
-                saved_module_names(self._skeleton, wanted)
             self._fresh().load_adapter(directory, _VALIDATION_SLOT)
         return config
 
@@ -126,20 +123,26 @@ class BaseModelHost:
             check_init()
         weightless: dict[str, Any] = {"init_lora_weights": True, "use_dora": False}
         probe = dataclasses.replace(config, **{k: v for k, v in weightless.items() if hasattr(config, k)})
-        wanted = getattr(config, "modules_to_save", None)
-        if wanted:  # a trained adapter the server could not serve is refused before it trains
-            from adapters_core.errors import ConfigError, TargetModulesNotFoundError
-            from adapters_core.serving.slotted import saved_module_names
-
-            try:
-                with self._lock:
-                    saved_module_names(self._skeleton, wanted)
-            except TargetModulesNotFoundError as exc:
-                raise ConfigError(str(exc), field="modules_to_save") from exc
+        self._check_saved_modules(config)  # a trained adapter the server could not serve is refused before it trains
         with self._lock:
             adapters = self._fresh()
             adapters.add_adapter(_VALIDATION_SLOT, probe, dtype=torch.bfloat16)
             self._check_ranks(adapters)
+
+    def _check_saved_modules(self, config: AdapterConfig) -> None:
+        """``ConfigError`` on ``modules_to_save`` unless its entries name single layers of the architecture, which
+        the server can serve copies of (``adapters_core.serving.slotted.saved_module_names``)."""
+        from adapters_core.errors import ConfigError, TargetModulesNotFoundError
+        from adapters_core.serving.slotted import saved_module_names
+
+        wanted = getattr(config, "modules_to_save", None)
+        if not wanted:
+            return
+        try:
+            with self._lock:
+                saved_module_names(self._skeleton, wanted)
+        except TargetModulesNotFoundError as exc:
+            raise ConfigError(str(exc), field="modules_to_save") from exc
 
     @staticmethod
     def _check_ranks(adapters: Any) -> None:

@@ -433,6 +433,17 @@ def test_upload_refuses_the_base_models_own_name(client: TestClient, adapter_dir
     assert stored_objects(client) == [] and registry_counts(client) == (0, 0) and work_folders(client) == []
 
 
+def test_upload_naming_a_module_to_save_the_base_model_lacks_names_the_field(client: TestClient, adapter_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    config = json.loads((adapter_dir / CONFIG).read_text()) | {"modules_to_save": ["missing_head"]}
+    (edited / CONFIG).write_text(json.dumps(config))
+    (edited / WEIGHTS).write_bytes((adapter_dir / WEIGHTS).read_bytes())
+    assert_error(upload(client, "bot", files_of(edited)), 422, "invalid_request", "modules_to_save", "missing_head")
+    assert stored_objects(client) == [] and registry_counts(client) == (0, 0) and work_folders(client) == []
+
+
 def test_upload_must_be_multipart_with_the_documented_fields(client: TestClient, adapter_dir: Path) -> None:
     assert_error(client.post("/adapters", json={"name": "bot"}), 415, "unsupported_media_type", None, "multipart")
     assert_error(client.post("/adapters", content=b"x"), 415, "unsupported_media_type", None, "multipart")
