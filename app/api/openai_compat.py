@@ -291,14 +291,15 @@ _SSE_DOC = {
 async def completions(body: CompletionRequest, request: Request, services: ServicesDep) -> Any:
     host = inference.serving_host(services)
     prompts = body.prompt_ids(host)
-    _check_ids(host, prompts, body.prompt_params())
+    prompt_params = body.prompt_params()
+    _check_ids(host, prompts, prompt_params)
     n = body.n or 1
     inference.check_queue_room(host, len(prompts), n, prompt_param="prompt")
     max_tokens = body.max_tokens or 16
     logprobs = -1 if body.logprobs is None else body.logprobs
     expanded = [ids for ids in prompts for _ in range(n)]
     params = [body.params(max_tokens, logprobs, j) for _ in prompts for j in range(n)]
-    names = [name for name in body.prompt_params() for _ in range(n)]  # (n choices per prompt, as expanded)
+    names = [name for name in prompt_params for _ in range(n)]  # (n choices per prompt, as expanded)
     ref = await _model_ref(services, host, body.model)
     generation = await inference.start(services, ref, "model", expanded, params,
                                        stream=bool(body.stream), prompt_params=names, length_param="max_tokens")

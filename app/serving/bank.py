@@ -14,8 +14,8 @@ Two bounded LRU tiers over the artifact store (vLLM's LoRA manager, S-LoRA):
 (the engine thread, between forwards) gives the lease a device slot, loading into a free slot or
 the least recently used one without running rows, or answers ``None`` while every slot runs rows
 (``drain_candidate`` then names the slot the engine should let drain, so that the request is not
-overtaken for ever); ``release`` ends the lease. ``evict`` forgets a version (deleted from the registry): its host copy goes at once,
-its slot once no request holds it (requests accepted before still run on it). Keys are registry
+overtaken for ever); ``release`` ends the lease. ``evict`` forgets a version (deleted from the
+registry): its host copy goes at once, its slot once no request holds it (requests accepted before still run on it). Keys are registry
 version ids, so a new version or a moved alias is simply another key: nothing needs a restart.
 """
 
@@ -228,7 +228,7 @@ class AdapterBank:
         idle = [(slot, h) for slot, h in self._slots.items() if not h.running and not h.pinned]
         for slot, holder in sorted(idle, key=lambda item: item[1].leases > 0):  # (stable: LRU order within)
             if holder.leases and holder.prepared is None:
-                continue  # (cannot happen: a leased version keeps its host copy) never lose its weights
+                continue  # its host copy is being read again (a fetch in progress): the slot has the only one
             del self._slots[slot]
             holder.slot = None
             if holder.prepared is None and not holder.leases and self._entries.get(holder.key) is holder:
@@ -246,7 +246,6 @@ class AdapterBank:
                 if slot not in exclude and not holder.pinned:
                     return slot
         return None
-
 
     def sweep(self) -> None:
         """Clear the slots of evicted versions that no row uses any more (engine thread)."""

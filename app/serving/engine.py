@@ -465,10 +465,7 @@ class GenerationEngine:
         tokens = sum(r.request.reserved for r in self._rows)
         draining: set[int] = set()  # slots freeing for older requests
         blocked: set[str] = set()  # adapter versions waiting for a slot (one drained slot each)
-        horizon: dict[int, int] = {}  # by slot: the steps its running rows may still take, at most
-        for row in self._rows:
-            left = row.request.params.max_new_tokens - len(row.generated)
-            horizon[row.slot] = max(horizon.get(row.slot, 0), left)
+        horizon: dict[int, int] = {}  # by slot: the steps its rows may still take (once a slot drains)
         with self._cond:
             kept: deque[_Request] = deque()
             while self._waiting:
@@ -482,7 +479,7 @@ class GenerationEngine:
                 if request.lease is not None:
                     entry = request.lease.entry  # (its slot changes on this thread only)
                     if (entry.slot is not None and entry.slot in draining
-                            and request.params.max_new_tokens > horizon.get(entry.slot, 0)):
+                            and request.params.max_new_tokens > horizon[entry.slot]):
                         kept.append(request)  # it would hold the slot longer: behind the request it frees for
                         continue
                     try:
@@ -500,11 +497,17 @@ class GenerationEngine:
                             blocked.add(entry.key)
                             victim = self.bank.drain_candidate(draining)
                             if victim is not None:
+                                if not draining:  # the first: what the running and admitted rows have left
+                                    for row in (*self._rows, *admitted):
+                                        left = row.request.params.max_new_tokens - len(row.generated)
+                                        horizon[row.slot] = max(horizon.get(row.slot, 0), left)
                                 draining.add(victim)
+                                horizon.setdefault(victim, 0)
                         kept.append(request)
                         continue
                     slot = acquired
-                    horizon[slot] = max(horizon.get(slot, 0), request.params.max_new_tokens)
+                    if draining:
+                        horizon[slot] = max(horizon.get(slot, 0), request.params.max_new_tokens)
                 params = request.params
                 try:
                     tracker = None  # read at every step only where needed; otherwise once, when answered
