@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from adapters_core.config_types import check_field_types
 from adapters_core.errors import AdapterFormatError, ConfigError, UnknownPeftTypeError
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class AdapterConfig:
             )
         if isinstance(self.task_type, enum.Enum):
             self.task_type = str(self.task_type.value)
+        check_field_types(self)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with every field (sets become sorted lists), as PEFT writes it."""
