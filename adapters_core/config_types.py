@@ -10,7 +10,6 @@ where floats are declared, ``bool`` is never an integer, and every float must be
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import types
 import typing
@@ -21,10 +20,14 @@ from adapters_core.errors import ConfigError
 _SEQUENCES = (list, tuple, set, frozenset)
 
 
-@functools.cache
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}  # by config class
+
+
 def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    if cls not in _FIELD_TYPES:
+        hints = typing.get_type_hints(cls)
+        _FIELD_TYPES[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return _FIELD_TYPES[cls]
 
 
 def _options(tp: Any) -> tuple[Any, ...]:
