@@ -2,14 +2,17 @@
 
 An archive may hold the PEFT folder at its root or inside one top-level directory. Refused with
 :class:`UnsafeArchive` (the API's 400) before anything is written: absolute paths, ``..`` parts,
-links and devices, more than ``max_files`` members, unpacked size over ``max_bytes``, and anything
-that is not a regular file or directory. Only the files an adapter needs are extracted.
+links and devices, more than ``max_files`` members, unpacked size over ``max_bytes``, anything
+that is not a regular file or directory, and archives that cannot be read whole (truncated, bad
+CRCs, corrupt compressed data, encrypted members). Only the files an adapter needs are extracted.
 """
 
 from __future__ import annotations
 
+import lzma
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -36,7 +39,22 @@ def _check_name(raw: str) -> PurePosixPath:
     return path
 
 
+# What reading a damaged archive raises: truncated or corrupt gzip/bzip2/xz streams, bad CRCs, members
+# compressed with a method this Python lacks, or encrypted ones.
+_READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError,
+                NotImplementedError, RuntimeError)
+
+
 def _members(path: Path) -> tuple[str, list[_Member]]:
+    try:
+        return _list_members(path)
+    except UnsafeArchive:
+        raise
+    except _READ_ERRORS as exc:
+        raise UnsafeArchive(f"not a .tar.gz or .zip archive, or a corrupt one: {exc}") from exc
+
+
+def _list_members(path: Path) -> tuple[str, list[_Member]]:
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             out = []
@@ -46,16 +64,39 @@ def _members(path: Path) -> tuple[str, list[_Member]]:
                     raise UnsafeArchive(f"archive member {info.filename!r} is not a regular file")
                 out.append(_Member(_check_name(info.filename), info.file_size, info.is_dir()))
             return "zip", out
+    with tarfile.open(path, "r:*") as tf:
+        out = []
+        for m in tf.getmembers():
+            if not (m.isfile() or m.isdir()):
+                raise UnsafeArchive(f"archive member {m.name!r} is a link or special file")
+            out.append(_Member(_check_name(m.name), m.size, m.isdir()))
+        return "tar", out
+
+
+def _read_wanted(archive: Path, kind: str, wanted: set[PurePosixPath]) -> dict[PurePosixPath, bytes]:
+    """The bytes of the ``wanted`` members; a member that cannot be read whole is :class:`UnsafeArchive`."""
+    out: dict[PurePosixPath, bytes] = {}
     try:
-        with tarfile.open(path, "r:*") as tf:
-            out = []
-            for m in tf.getmembers():
-                if not (m.isfile() or m.isdir()):
-                    raise UnsafeArchive(f"archive member {m.name!r} is a link or special file")
-                out.append(_Member(_check_name(m.name), m.size, m.isdir()))
-            return "tar", out
-    except tarfile.TarError as exc:
-        raise UnsafeArchive(f"not a .tar.gz or .zip archive: {exc}") from exc
+        if kind == "zip":
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    name = _check_name(info.filename)
+                    if name in wanted:
+                        out[name] = zf.read(info)
+        else:
+            with tarfile.open(archive, "r:*") as tf:
+                for m in tf.getmembers():
+                    name = _check_name(m.name)
+                    if name in wanted:
+                        src = tf.extractfile(m)
+                        if src is None:
+                            raise UnsafeArchive(f"cannot read archive member {m.name!r}")
+                        out[name] = src.read()
+    except UnsafeArchive:
+        raise
+    except _READ_ERRORS as exc:
+        raise UnsafeArchive(f"the archive is corrupt: {exc}") from exc
+    return out
 
 
 def extract_adapter_archive(archive: Path, dest: Path, *, max_bytes: int, max_files: int = 64) -> Path:
@@ -72,21 +113,9 @@ def extract_adapter_archive(archive: Path, dest: Path, *, max_bytes: int, max_fi
     folder = configs[0].parent
     if len(folder.parts) > 1:
         raise UnsafeArchive("adapter files must be at the archive root or inside one top-level folder")
-    wanted = {m.name: m for m in files if m.name.parent == folder and m.name.name in ADAPTER_FILES}
+    wanted = {m.name for m in files if m.name.parent == folder and m.name.name in ADAPTER_FILES}
+    contents = _read_wanted(archive, kind, wanted)
     dest.mkdir(parents=True, exist_ok=True)
-    if kind == "zip":
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                name = _check_name(info.filename)
-                if name in wanted:
-                    (dest / name.name).write_bytes(zf.read(info))
-    else:
-        with tarfile.open(archive, "r:*") as tf:
-            for m in tf.getmembers():
-                name = _check_name(m.name)
-                if name in wanted:
-                    src = tf.extractfile(m)
-                    if src is None:
-                        raise UnsafeArchive(f"cannot read archive member {m.name!r}")
-                    (dest / name.name).write_bytes(src.read())
+    for name, data in contents.items():
+        (dest / name.name).write_bytes(data)
     return dest

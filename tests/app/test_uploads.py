@@ -7,6 +7,7 @@ import tarfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,3 +80,35 @@ def test_refuses_links_too_many_members_and_garbage(tmp_path: Path) -> None:
     junk.write_bytes(b"not an archive")
     with pytest.raises(UnsafeArchive, match="not a"):
         extract_adapter_archive(junk, tmp_path / "o3", max_bytes=10_000)
+
+
+def _corrupt(path: Path, kind: str) -> Path:
+    """``path`` with its stored bytes damaged the way ``kind`` says."""
+    data = bytearray(path.read_bytes())
+    if kind == "truncated":
+        data = data[: len(data) // 2]
+    else:  # flip bytes of the first member's (compressed) data, past its local header
+        start = data.index(b"adapter_config.json") + len("adapter_config.json")
+        for i in range(start + 2, start + 10):
+            data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("maker", "kind"),
+    [(_tar, "truncated"), (_zip, "truncated"), (_zip, "damaged"), ("deflated zip", "damaged")],
+    ids=["tar.gz-truncated", "zip-truncated", "zip-bad-crc", "zip-bad-deflate"],
+)
+def test_refuses_corrupt_archives(tmp_path: Path, maker: Any, kind: str) -> None:
+    members = {"adapter_config.json": CONFIG * 50, "adapter_model.safetensors": bytes(range(256)) * 40}
+    if maker == "deflated zip":
+        archive = tmp_path / "a.zip"
+        with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name, data in members.items():
+                zf.writestr(name, data)
+    else:
+        archive = maker(tmp_path / "a.arc", members)
+    _corrupt(archive, kind)
+    with pytest.raises(UnsafeArchive, match=r"corrupt|not a"):
+        extract_adapter_archive(archive, tmp_path / "out", max_bytes=100_000)
