@@ -133,8 +133,8 @@ def load_config(directory: str | Path) -> AdapterConfig:
         data = json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise AdapterFormatError(f"{path} not found: not a PEFT adapter directory") from exc
-    except json.JSONDecodeError as exc:
-        raise AdapterFormatError(f"{path} is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # not UTF-8 or JSON, an integer too long, nested too deeply
+        raise AdapterFormatError(f"{path} is not valid JSON: {exc or 'nested too deeply'}") from exc
     if not isinstance(data, dict):
         raise AdapterFormatError(f"{path} must hold a JSON object")
     return config_from_dict(data)

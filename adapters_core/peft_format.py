@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -33,12 +34,15 @@ KEY_PREFIX = "base_model.model."
 
 
 def read_adapter_weights(directory: str | Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Load the adapter tensors of ``directory`` (safetensors preferred), checked for NaN/Inf."""
+    """Load the adapter tensors of ``directory`` (safetensors preferred), checked to be floating point and
+    free of NaN/Inf."""
     d = Path(directory)
     st = d / WEIGHTS_NAME
     if st.exists():
         with st.open("rb") as f:
-            return load_weights(read_into_buffer(f), str(st))
+            tensors = load_weights(read_into_buffer(f), str(st))
+        check_floating(tensors, str(st))
+        return tensors
     if (d / PICKLE_WEIGHTS_NAME).exists():
         if not allow_pickle:
             raise UnsafeCheckpointError(
@@ -49,6 +53,7 @@ def read_adapter_weights(directory: str | Path, *, allow_pickle: bool = False) -
         if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
             raise AdapterFormatError(f"{d / PICKLE_WEIGHTS_NAME} does not hold a flat dict of tensors")
         tensors = dict(loaded)
+        check_floating(tensors, str(d / PICKLE_WEIGHTS_NAME))
         check_finite(tensors)
         return tensors
     raise AdapterFormatError(f"no {WEIGHTS_NAME} in {d}")
@@ -134,6 +139,17 @@ _EXPONENT_BITS: dict[torch.dtype, tuple[torch.dtype, int]] = {
     torch.bfloat16: (torch.int16, 0x7F80),
     torch.float64: (torch.int64, 0x7FF0000000000000),
 }
+
+
+def check_floating(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`AdapterFormatError` naming the first key (in key order) whose tensor is not floating
+    point: every weight of the methods this engine implements is, and loading would cast integers or
+    booleans to floats without a word."""
+    for key in sorted(tensors):
+        dtype = tensors[key].dtype
+        if not dtype.is_floating_point:
+            raise AdapterFormatError(f"{source}: tensor {key} has dtype {str(dtype).removeprefix('torch.')}; "
+                                     "adapter weights must be floating point (float16, bfloat16, float32 or float64)")
 
 
 def check_finite(tensors: dict[str, torch.Tensor]) -> None:

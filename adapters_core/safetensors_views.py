@@ -45,7 +45,7 @@ def tensor_views(buffer: bytearray) -> dict[str, torch.Tensor] | None:
         return None
     try:
         header = json.loads(bytes(buffer[8:start]).decode("utf-8"), object_pairs_hook=_refuse_duplicates)
-    except ValueError:  # not UTF-8, not JSON, or a key given twice
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, a key given twice, or nested too deeply
         return None
     if not isinstance(header, dict):
         return None

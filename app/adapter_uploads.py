@@ -313,15 +313,63 @@ def adapter_folder(form: ReceivedForm, work: Path, *, max_bytes: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------- 3. checks
+class _NonFiniteConstant:
+    """``NaN``, ``Infinity`` or ``-Infinity`` where JSON has none: Python's parser accepts them."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class JSONRefused(ValueError):
+    """Text that is not strict JSON; ``key``: the top-level key holding a NaN/Infinity, if that is why."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _first_non_finite(value: Any) -> _NonFiniteConstant | None:
+    if isinstance(value, _NonFiniteConstant):
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        found = _first_non_finite(item)
+        if found is not None:
+            return found
+    return None
+
+
+def parse_strict_json(raw: bytes) -> Any:
+    """``raw`` (UTF-8 JSON) parsed, or :class:`JSONRefused` saying why: not UTF-8, not JSON, nested too
+    deeply, an integer too long for Python's parser, or a ``NaN``/``Infinity`` (which strict JSON, a
+    PostgreSQL ``json`` column and every scale refuse)."""
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_NonFiniteConstant)
+    except RecursionError:
+        raise JSONRefused("it is nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, or an integer over the digit limit
+        raise JSONRefused(str(exc)) from exc
+    if isinstance(data, dict):
+        for key, value in data.items():
+            found = _first_non_finite(value)
+            if found is not None:
+                raise JSONRefused(f"{key}: {found.text} is not a JSON number", key=key)
+    else:
+        found = _first_non_finite(data)
+        if found is not None:
+            raise JSONRefused(f"{found.text} is not a JSON number")
+    return data
+
+
 def read_config(folder: Path) -> dict[str, Any]:
     """The uploaded ``adapter_config.json`` as a dict, checked to name a method this engine knows."""
     path = folder / CONFIG_NAME
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise UploadRejected(f"{CONFIG_NAME} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UploadRejected(f"{CONFIG_NAME} is not valid JSON: {exc}") from exc
+        data = parse_strict_json(path.read_bytes())
+    except JSONRefused as exc:
+        raise UploadRejected(f"{CONFIG_NAME} is not valid JSON: {exc}", param=exc.key or FILES_FIELD) from exc
     if not isinstance(data, dict):
         raise UploadRejected(f"{CONFIG_NAME} must hold a JSON object, not {type(data).__name__}")
     try:
@@ -348,8 +396,8 @@ def check_safetensors_header(path: Path) -> None:
             raise _bad_weights(f"header length {header_len} does not fit a file of {size} bytes")
         raw = f.read(header_len)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = parse_strict_json(raw)
+    except JSONRefused as exc:
         raise _bad_weights(f"header is not JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise _bad_weights("header is not a JSON object")

@@ -30,7 +30,13 @@ from adapters_core.errors import (
     UnknownPeftTypeError,
     UnsupportedModuleError,
 )
-from adapters_core.peft_format import WEIGHTS_NAME, base_rewriting_init, load_weights, read_into_buffer
+from adapters_core.peft_format import (
+    WEIGHTS_NAME,
+    base_rewriting_init,
+    check_floating,
+    load_weights,
+    read_into_buffer,
+)
 from adapters_core.serving import PreparedAdapter, SlottedModel, cpu_bgmv
 from adapters_core.serving.gpu_bgmv import KernelUnavailable
 from app.base_model import BaseModelSource, resolve_base_model, resolve_device
@@ -237,6 +243,7 @@ class ServingHost:
         (``RankTooLarge``, ``IncompatibleBaseModel``, ``AdapterNotServable``) otherwise."""
         try:
             tensors = load_weights(files.weights, f"the weights of {version.ref}")
+            check_floating(tensors, f"the weights of {version.ref}")  # uploads are checked; older rows may not be
             return self.slotted.prepare(config_from_dict(files.config), tensors)
         except RankTooLargeError as exc:
             raise RankTooLarge(

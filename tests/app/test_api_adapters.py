@@ -342,6 +342,21 @@ def _nan_weights(folder: Path) -> dict[str, bytes]:
     return {CONFIG: (folder / CONFIG).read_bytes(), WEIGHTS: _safetensors_bytes(tensors)}
 
 
+def _weights_as(folder: Path, dtype: torch.dtype) -> dict[str, bytes]:
+    tensors = {k: (v * 100).to(dtype) for k, v in _tensors(folder).items()}
+    return {CONFIG: (folder / CONFIG).read_bytes(), WEIGHTS: _safetensors_bytes(tensors)}
+
+
+def _config_text(folder: Path, key: str, raw_value: str) -> dict[str, bytes]:
+    """The folder's files with ``key`` set to ``raw_value`` written as is into the config's JSON text."""
+    text = (folder / CONFIG).read_text().rstrip().removesuffix("}") + f', "{key}": {raw_value}}}'
+    return {CONFIG: text.encode(), WEIGHTS: (folder / WEIGHTS).read_bytes()}
+
+
+def _header_text(folder: Path, raw: bytes) -> dict[str, bytes]:
+    return {CONFIG: (folder / CONFIG).read_bytes(), WEIGHTS: struct.pack("<Q", len(raw)) + raw}
+
+
 def _header_beyond_file(folder: Path) -> dict[str, bytes]:
     return {CONFIG: (folder / CONFIG).read_bytes(), WEIGHTS: struct.pack("<Q", 10**9) + b'{"a": 1}'}
 
@@ -370,6 +385,20 @@ BAD_UPLOADS: dict[str, tuple[Any, int, str, str | None, str]] = {
                                     422, "invalid_adapter", "files", "header is not JSON"),
     "safetensors offsets wrong": (lambda a, w: {CONFIG: files_of(a)[CONFIG], WEIGHTS: _bad_offsets()}, 422,
                                   "invalid_adapter", "files", "do not hold F32 [2, 2]"),
+    "integer weights": (lambda a, w: _weights_as(a, torch.int32), 422, "invalid_adapter", "files", "floating point"),
+    "bool weights": (lambda a, w: _weights_as(a, torch.bool), 422, "invalid_adapter", "files", "floating point"),
+    "config NaN alpha": (lambda a, w: _config_text(a, "lora_alpha", "NaN"), 422, "invalid_request", "lora_alpha",
+                         "NaN"),
+    "config Infinity in an unknown key": (lambda a, w: _config_text(a, "future", '{"x": [-Infinity]}'), 422,
+                                          "invalid_request", "future", "Infinity"),
+    "config nested too deeply": (lambda a, w: _config_text(a, "deep", "[" * 100_000 + "]" * 100_000), 422,
+                                 "invalid_request", "files", "nested too deeply"),
+    "config integer too long": (lambda a, w: _config_text(a, "r", "1" * 5000), 422, "invalid_request", "files",
+                                "not valid JSON"),
+    "safetensors header nested too deeply": (lambda a, w: _header_text(a, b"[" * 100_000 + b"]" * 100_000), 422,
+                                             "invalid_adapter", "files", "nested too deeply"),
+    "safetensors header NaN": (lambda a, w: _header_text(a, b'{"__metadata__": NaN}'), 422, "invalid_adapter",
+                               "files", "NaN"),
     "malformed config": (lambda a, w: {CONFIG: b'{"peft_type": "LORA",', WEIGHTS: files_of(a)[WEIGHTS]}, 422,
                          "invalid_request", "files", "not valid JSON"),
     "unknown peft_type": (lambda a, w: _with_config(a, peft_type="SUPERLORA"), 422, "invalid_request", "peft_type",
