@@ -43,6 +43,7 @@ from app.adapter_uploads import (
 )
 from app.api.deps import Services, ServicesDep, SessionDep
 from app.api.errors import ERROR_RESPONSES, ApiError
+from app.digits import is_ascii_number
 from app.registry import adapters as registry
 from app.registry.models import MAX_DB_INT, AdapterVersion, Alias
 from app.storage import ArtifactNotFound, iter_file
@@ -256,7 +257,7 @@ async def upload_adapter(request: Request, services: ServicesDep, session: Sessi
     work = Path(tempfile.mkdtemp(prefix="adapter-", dir=uploads))
     try:
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if is_ascii_number(declared) and int(declared) > limit:
             raise UploadTooLarge(f"upload is larger than the limit of {limit} bytes", param=None)
         try:
             form: ReceivedForm = await receive_form(request.headers.get("content-type"), request.stream(), work,
@@ -334,7 +335,7 @@ def list_versions(name: NameParam, session: SessionDep, limit: LimitQuery = 20,
     before = None
     if after:
         value = _decode_cursor(after, "v")
-        if not value.isdigit() or int(value) > MAX_DB_INT:
+        if not is_ascii_number(value) or int(value) > MAX_DB_INT:
             raise ApiError(422, "invalid cursor: pass the `next_cursor` of the previous page", param="after")
         before = int(value)
     found, has_more = registry.list_versions(session, name, limit=limit, before=before)

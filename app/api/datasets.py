@@ -28,6 +28,7 @@ from adapters_core.training.data import ValidationReport, validate_file
 from adapters_core.training.hyperparameters import Hyperparameters
 from app.api.deps import Services, ServicesDep, SessionDep
 from app.api.errors import ERROR_RESPONSES, ApiError
+from app.digits import is_ascii_number
 from app.registry.datasets import DatasetNotFound, create_dataset, delete_dataset, get_dataset, list_datasets
 from app.registry.models import Dataset
 from app.storage import iter_file
@@ -205,7 +206,7 @@ async def _receive(request: Request, reader: _MultipartReader) -> _Upload:
     if not boundary:
         raise ApiError(400, "multipart/form-data body without a boundary")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > reader.max_bytes + _FORM_OVERHEAD:
+    if is_ascii_number(declared) and int(declared) > reader.max_bytes + _FORM_OVERHEAD:
         raise ApiError(413, f"the upload exceeds the limit of {reader.max_bytes} bytes", param="file")
     parser = MultipartParser(boundary, reader.callbacks())  # type: ignore[arg-type]
     try:
@@ -223,7 +224,7 @@ def _max_seq_len(fields: dict[str, str]) -> int:
     raw = fields.get("max_seq_len", "")
     if not raw:
         return DEFAULT_MAX_SEQ_LEN
-    if not raw.isdigit() or int(raw) < 1:
+    if not is_ascii_number(raw) or int(raw) < 1:
         raise ApiError(422, f"max_seq_len must be an integer >= 1, got {raw!r}", param="max_seq_len")
     return int(raw)
 

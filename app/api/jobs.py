@@ -26,6 +26,7 @@ from app.api.datasets import UtcDatetime
 from app.api.deps import Services, ServicesDep, SessionDep
 from app.api.errors import ERROR_RESPONSES, ApiError
 from app.api.job_specs import JOB_TYPES, JobIn, plan_job
+from app.digits import is_ascii_number
 from app.registry.jobs import (
     TERMINAL,
     JobNotFound,
@@ -365,7 +366,7 @@ async def get_job_events(
     if "text/event-stream" not in request.headers.get("accept", ""):
         return await asyncio.to_thread(_events_page, services, job_id, after, limit)
     if last_event_id is not None:
-        if not last_event_id.strip().isdigit() or int(last_event_id) > MAX_DB_INT:
+        if not is_ascii_number(last_event_id.strip()) or int(last_event_id) > MAX_DB_INT:
             raise ApiError(422, f"Last-Event-ID must be an event id (an integer), got {last_event_id!r}",
                            param="Last-Event-ID")
         after = int(last_event_id)

@@ -17,6 +17,7 @@ from sqlalchemy import Row, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.digits import is_ascii_number
 from app.registry.models import MAX_DB_INT, Adapter, AdapterVersion, Alias, utcnow
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -151,7 +152,7 @@ def latest_version(session: Session, name: str) -> AdapterVersion:
 
 def set_alias(session: Session, name: str, alias: str, version: int) -> Alias:
     """Point ``alias`` of ``name`` at ``version`` (creating or moving it)."""
-    if not ALIAS_RE.match(alias) or alias.isdigit():
+    if not ALIAS_RE.match(alias) or is_ascii_number(alias):
         raise InvalidName(f"invalid alias {alias!r}: a letter, then letters, digits, '_' or '-'", param="alias")
     if alias.lower() == "latest":  # `name@latest` pointing anywhere but where `name` does would mislead
         raise InvalidName("the alias 'latest' is reserved: the adapter's name alone means its latest version",
@@ -193,7 +194,7 @@ def resolve_ref(session: Session, ref: str) -> AdapterVersion:
     check_name(name)
     if not sep:
         return latest_version(session, name)
-    if selector.isdigit():
+    if is_ascii_number(selector):
         return get_version(session, name, int(selector))
     adapter = get_adapter(session, name)
     row = session.get(Alias, (adapter.id, selector))
@@ -216,7 +217,7 @@ def resolve_ref_id(session: Session, ref: str) -> tuple[str, int]:
              .where(Adapter.name == name, Adapter.deleted_at.is_(None), AdapterVersion.deleted_at.is_(None)))
     if not sep:
         query = query.order_by(AdapterVersion.version.desc()).limit(1)
-    elif selector.isdigit():
+    elif is_ascii_number(selector):
         if int(selector) > MAX_DB_INT:
             return _resolved(resolve_ref(session, ref))  # the error get_version gives
         query = query.where(AdapterVersion.version == int(selector))

@@ -289,3 +289,11 @@ def test_openapi_documents_every_dataset_field(client: TestClient) -> None:
     for name in ("DatasetOut", "DatasetList", "DeletedDatasetOut"):
         for field, schema in spec["components"]["schemas"][name]["properties"].items():
             assert schema.get("description"), f"{name}.{field} has no description"
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "abc", "\u00b2", "\u0661\u0662"])  # superscript two, Arabic-Indic 12
+def test_max_seq_len_must_be_a_plain_positive_integer(client: TestClient, value: str) -> None:
+    response = upload(client, max_seq_len=value)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == "max_seq_len"
+    assert value in response.json()["error"]["message"]
