@@ -1,7 +1,8 @@
 """Adapter registry queries: versions, aliases, references (``name``, ``name@3``, ``name@prod``).
 
-Version numbers come from ``adapters.next_version`` read under ``SELECT ... FOR UPDATE`` (PostgreSQL;
-SQLite serialises writers), so concurrent creations of one name get distinct consecutive numbers.
+Version numbers come from ``adapters.next_version`` read under the adapter row's lock
+(:mod:`app.registry.locks`: a row lock on PostgreSQL, the write lock on SQLite), so concurrent creations of
+one name get distinct consecutive numbers.
 Deleted versions keep their numbers: nothing is ever renumbered or reused.
 """
 
@@ -18,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.digits import is_ascii_number
+from app.registry.locks import lock_rows
 from app.registry.models import MAX_DB_INT, Adapter, AdapterVersion, Alias, utcnow
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -73,9 +75,16 @@ def check_new_name(name: str) -> None:
         raise InvalidName(f"the adapter name {name!r} is reserved: `model={name!r}` names the base model", param="name")
 
 
+def _lock_adapter_row(session: Session, name: str) -> None:
+    """Lock the adapter row of ``name`` (if any) for this transaction, before anything about it is read."""
+    lock_rows(session, Adapter.next_version, Adapter.name == name)
+
+
 def _locked_adapter(session: Session, name: str, method: str) -> Adapter:
-    """The adapter row for ``name``, locked for this transaction, created if missing."""
-    stmt = select(Adapter).where(Adapter.name == name).with_for_update()
+    """The adapter row for ``name``, locked for this transaction (:func:`_lock_adapter_row`), created if
+    missing."""
+    _lock_adapter_row(session, name)
+    stmt = select(Adapter).where(Adapter.name == name).with_for_update().execution_options(populate_existing=True)
     for _ in range(5):
         adapter = session.execute(stmt).scalar_one_or_none()
         if adapter is not None:
@@ -363,10 +372,12 @@ def check_method(session: Session, name: str, method: str) -> None:
     """Make sure a version of ``method`` may join ``name``; raises :class:`MethodConflict` if not.
 
     An adapter keeps one method while it has live versions. One that was deleted (or whose
-    versions all were) takes the new method. Locks the adapter row for the transaction (PostgreSQL),
-    so call it in the transaction that then calls :func:`create_version`.
+    versions all were) takes the new method. Locks the adapter row for the transaction
+    (:func:`_lock_adapter_row`), so call it in the transaction that then calls :func:`create_version`.
     """
-    adapter = session.execute(select(Adapter).where(Adapter.name == name).with_for_update()).scalar_one_or_none()
+    _lock_adapter_row(session, name)
+    adapter = session.execute(select(Adapter).where(Adapter.name == name).with_for_update()
+                              .execution_options(populate_existing=True)).scalar_one_or_none()
     if adapter is None or adapter.method == method:
         return
     live = session.execute(

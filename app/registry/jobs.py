@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from app.registry.locks import lock_rows
 from app.registry.models import Job, JobEvent, utcnow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -47,6 +48,13 @@ def get_job(session: Session, job_id: str) -> Job:
     return job
 
 
+def _locked_job(session: Session, job_id: str) -> Job | None:
+    """The job ``job_id``, locked for this transaction (:mod:`app.registry.locks`) and read after the lock."""
+    lock_rows(session, Job.attempts, Job.id == job_id)
+    stmt = select(Job).where(Job.id == job_id).with_for_update().execution_options(populate_existing=True)
+    return session.execute(stmt).scalar_one_or_none()
+
+
 def claim(session: Session, job_id: str, owner: str, lease_seconds: float, now: datetime | None = None) -> Job | None:
     """Take the job's lease if it is queued, or running with an expired lease; ``None`` if not ours.
 
@@ -58,7 +66,9 @@ def claim(session: Session, job_id: str, owner: str, lease_seconds: float, now: 
         Job.cancel_requested.is_(False),
         or_(Job.status == "queued", and_(Job.status == "running", Job.lease_expires_at < now)),
     )
-    job = session.execute(select(Job).where(claimable).with_for_update()).scalar_one_or_none()
+    lock_rows(session, Job.attempts, Job.id == job_id)
+    job = session.execute(select(Job).where(claimable).with_for_update()
+                          .execution_options(populate_existing=True)).scalar_one_or_none()
     if job is None:
         return None
     if job.attempts >= job.max_attempts:
@@ -95,7 +105,7 @@ def finish(session: Session, job_id: str, owner: str, status: str, *, error: dic
     """End a running job held by ``owner`` (``JobConflict`` if the lease was lost meanwhile)."""
     if status not in TERMINAL:
         raise ValueError(f"not a terminal status: {status!r}")
-    job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
+    job = _locked_job(session, job_id)
     if job is None:
         raise JobNotFound(f"no job {job_id!r}")
     if job.status != "running" or job.lease_owner != owner:
@@ -110,7 +120,7 @@ def finish(session: Session, job_id: str, owner: str, status: str, *, error: dic
 
 def request_cancel(session: Session, job_id: str, now: datetime | None = None) -> Job:
     """Queued jobs are cancelled at once; running ones are flagged for the worker; terminal ones conflict."""
-    job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
+    job = _locked_job(session, job_id)
     if job is None:
         raise JobNotFound(f"no job {job_id!r}")
     if job.status in TERMINAL:

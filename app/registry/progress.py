@@ -12,11 +12,14 @@ from typing import Any
 from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session
 
+from app.registry.locks import lock_rows
 from app.registry.models import Job, utcnow
 
 
 def _held(session: Session, job_id: str, owner: str) -> Job | None:
-    stmt = select(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running").with_for_update()
+    lock_rows(session, Job.attempts, Job.id == job_id)  # read after the lock (app.registry.locks)
+    stmt = (select(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
+            .with_for_update().execution_options(populate_existing=True))
     return session.execute(stmt).scalar_one_or_none()
 
 

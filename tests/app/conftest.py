@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.db import make_engine
 from app.registry.migrate import upgrade
 
 PG_URL = os.environ.get("ADAPTERFORGE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -66,7 +67,7 @@ def postgres_schema(prefix: str) -> Iterator[str]:
 def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
     """Sessions on a freshly migrated database (pool large enough for the concurrency tests)."""
     upgrade(db_url)
-    engine = create_engine(db_url, pool_size=25 if db_url.startswith("postgresql") else 5)
+    engine = make_engine(db_url, pool_size=25)  # the app's engine: SQLite's WAL and busy timeout too
     yield sessionmaker(engine, expire_on_commit=False)
     engine.dispose()
 

@@ -11,6 +11,7 @@ from app.registry.adapters import (
     InvalidName,
     NotFound,
     VersionSpec,
+    check_method,
     create_version,
     delete_adapter,
     delete_alias,
@@ -118,22 +119,22 @@ def test_alias_rules(sessions: sessionmaker[Session]) -> None:
             delete_alias(s, "a", "prod")
 
 
-def test_concurrent_uploads_get_distinct_consecutive_versions(sessions: sessionmaker[Session], db_url: str) -> None:
-    if not db_url.startswith("postgresql"):
-        pytest.skip("row locks are PostgreSQL's; SQLite serialises writers (covered above)")
+def test_concurrent_uploads_get_distinct_consecutive_versions(sessions: sessionmaker[Session]) -> None:
     barrier = threading.Barrier(20)
     got: list[int] = []
     errors: list[BaseException] = []
 
-    def upload() -> None:
+    def upload(checked_first: bool) -> None:
         try:
             barrier.wait()
             with sessions.begin() as s:
+                if checked_first:  # as the upload route does: the method check, then the version
+                    check_method(s, "hot", SPEC.method)
                 got.append(create_version(s, "hot", SPEC).version)
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=upload) for _ in range(20)]
+    threads = [threading.Thread(target=upload, args=(i % 2 == 0,)) for i in range(20)]
     for t in threads:
         t.start()
     for t in threads:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import pytest
@@ -105,3 +106,32 @@ def test_queued_jobs_whose_message_was_lost_are_found(sessions: sessionmaker[Ses
         assert stale_jobs(s, queued_for=60, now=utcnow() + timedelta(seconds=120)) == [(job_id, "train", "message_lost")]
         mark_enqueued(s, job_id, now=utcnow() + timedelta(seconds=100))
         assert stale_jobs(s, queued_for=60, now=utcnow() + timedelta(seconds=120)) == []  # rung again just now
+
+
+def test_workers_racing_for_one_job_get_one_lease(sessions: sessionmaker[Session]) -> None:
+    """Ten workers claim the same queued job at once: one gets it, on SQLite too (whose driver ignores
+    FOR UPDATE and would let every claimant read "queued" before any wrote)."""
+    job_id = _job(sessions)
+    barrier = threading.Barrier(10)
+    winners: list[str] = []
+    errors: list[BaseException] = []
+
+    def worker(owner: str) -> None:
+        try:
+            barrier.wait()
+            with sessions.begin() as s:
+                if claim(s, job_id, owner, 60) is not None:
+                    winners.append(owner)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(winners) == 1, winners
+    with sessions.begin() as s:
+        job = get_job(s, job_id)
+        assert (job.lease_owner, job.attempts) == (winners[0], 1)
