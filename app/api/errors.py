@@ -69,6 +69,15 @@ def error_body(code: str, message: str, param: str | None = None) -> dict[str, A
     return {"error": {"code": code, "message": message, "param": param}}
 
 
+def serving_error_code(exc: ServingError) -> str:
+    """The ``code`` a serving error answers with (JSON or in a stream): a failure of ours is ``internal_error``."""
+    return exc.code if exc.status < 500 or exc.code != "error" else "internal_error"
+
+
+def serving_error_body(exc: ServingError) -> dict[str, Any]:
+    return error_body(serving_error_code(exc), str(exc), exc.param)
+
+
 def error_response(status: int, code: str, message: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(code, message, param), status_code=status, headers=headers)
@@ -208,8 +217,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status >= 500:
             logger.error("serving error: %s", exc)
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
-        code = exc.code if exc.status < 500 or exc.code != "error" else "internal_error"
-        return error_response(exc.status, code, str(exc), exc.param, headers)
+        return error_response(exc.status, serving_error_code(exc), str(exc), exc.param, headers)
 
     @app.exception_handler(ConfigError)
     async def _config(_: Request, exc: ConfigError) -> JSONResponse:

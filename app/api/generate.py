@@ -172,7 +172,7 @@ AdapterQuery = Annotated[str | None, Query(
 _STREAM_DOC = {
     "description": "With `stream: true`: server-sent events. `event: token` carries `{index, text, tokens, "
     "logprobs}` for new output; `event: result` carries `{index, ...result}` when a prompt is done; "
-    "`event: error` carries the error shape.",
+    "`event: error` carries `{index, error}` when prompt `index` fails (the others go on).",
     "content": {"text/event-stream": {"schema": {"type": "string"}}},
 }
 
@@ -217,7 +217,7 @@ async def _stream(host: ServingHost, generation: inference.Generation, body: Gen
         elif isinstance(item, GenerationResult):
             yield inference.sse({"index": index, **result_out(host, item).model_dump()}, event="result")
         elif isinstance(item, ServingError):
-            yield inference.sse_error(item)
+            yield inference.sse_error(item, index)
 
 
 def _dump_top(host: ServingHost, steps: list[list[tuple[int, float]]] | None) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import Request
 
 from app.api.deps import Services
-from app.api.errors import ERROR_RESPONSES, ApiError, error_body, error_doc
+from app.api.errors import ERROR_RESPONSES, ApiError, error_doc, serving_error_body
 from app.registry import adapters as registry
 from app.registry.models import AdapterVersion
 from app.serving.bank import AdapterLease
@@ -87,6 +87,7 @@ class Generation:
 
     adapter: str | None
     handles: list[RequestHandle]
+    param: str = "adapter"  # the request's field naming the adapter (the OpenAI routes': "model")
 
     def cancel(self) -> None:
         for handle in self.handles:
@@ -109,7 +110,14 @@ class Generation:
             with contextlib.suppress(asyncio.CancelledError, ServingError):
                 await gathered
             raise ApiError(499, "the client closed the connection", code="client_closed_request")
-        return list(gathered.result())
+        try:
+            return list(gathered.result())
+        except ServingError as exc:  # one prompt failed: the answer is its error, so stop the others
+            self.cancel()
+            raise in_request_terms(exc, self.param) from None
+        except BaseException:
+            self.cancel()
+            raise
 
     async def events(self) -> AsyncIterator[tuple[int, StreamDelta | GenerationResult | ServingError]]:
         """``(prompt index, delta or result or error)`` in the order they happen; cancels on exit."""
@@ -118,7 +126,7 @@ class Generation:
                 async for item in self.handles[0].events():
                     yield 0, item
             except ServingError as exc:
-                yield 0, exc
+                yield 0, in_request_terms(exc, self.param)
             finally:
                 self.cancel()
             return
@@ -129,7 +137,7 @@ class Generation:
                 async for item in handle.events():
                     await merged.put((index, item))
             except ServingError as exc:
-                await merged.put((index, exc))
+                await merged.put((index, in_request_terms(exc, self.param)))
 
         tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(self.handles)]
         open_prompts = len(tasks)
@@ -143,6 +151,14 @@ class Generation:
             self.cancel()
             for task in tasks:
                 task.cancel()
+
+
+def in_request_terms(exc: ServingError, param: str) -> ServingError:
+    """``exc`` naming the request's own field for the adapter (``model`` on the OpenAI routes) where the
+    serving layer named it ``adapter``."""
+    if exc.param == "adapter":
+        exc.param = param
+    return exc
 
 
 async def _disconnected(request: Request) -> None:
@@ -208,7 +224,10 @@ async def start(services: Services, adapter: str | None, param: str, prompts: Se
     version: ServedVersion | None = None
     leases: list[AdapterLease | None] = [None] * len(prompts)
     if adapter is not None:
-        version, leased = await _leased(services, adapter, param, len(prompts))
+        try:
+            version, leased = await _leased(services, adapter, param, len(prompts))
+        except ServingError as exc:  # a version that cannot be served (rank, base model) names `param`
+            raise in_request_terms(exc, param) from None
         leases = list(leased)
     try:  # all or none: a request refused here leaves nothing queued
         handles = host.engine.submit_all(list(zip(prompts, params, leases, strict=True)),
@@ -218,7 +237,7 @@ async def start(services: Services, adapter: str | None, param: str, prompts: Se
             if lease is not None:
                 host.bank.release(lease)
         raise
-    return Generation(version.ref if version is not None else None, handles)
+    return Generation(version.ref if version is not None else None, handles, param)
 
 
 def sse(data: Any, event: str | None = None) -> str:
@@ -228,5 +247,7 @@ def sse(data: Any, event: str | None = None) -> str:
     return f"{head}data: {payload}\n\n"
 
 
-def sse_error(exc: ServingError) -> str:
-    return sse(error_body(exc.code, str(exc), exc.param), event="error")
+def sse_error(exc: ServingError, index: int | None = None) -> str:
+    """An ``error`` event; ``index``: the prompt of the request it ended, where the request has several."""
+    head = {} if index is None else {"index": index}
+    return sse(head | serving_error_body(exc), event="error")

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.api import inference
 from app.api.deps import Services, ServicesDep
-from app.api.errors import ERROR_RESPONSES, ApiError, FieldError, error_body
+from app.api.errors import ERROR_RESPONSES, ApiError, FieldError, serving_error_body
 from app.registry import adapters as registry
 from app.serving.engine import GenerationResult, StreamDelta
 from app.serving.errors import ServingError
@@ -280,7 +280,7 @@ def _top_dict(host: ServingHost, step: list[tuple[int, float]], chosen: int, log
 
 _SSE_DOC = {
     "description": "The completion; with `stream: true`, server-sent events of OpenAI's chunks, ending with "
-    "`data: [DONE]`.",
+    "`data: [DONE]` (after an `{error}` chunk where a generation failed).",
     "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}},
 }
 
@@ -318,13 +318,14 @@ async def _chunks(generation: inference.Generation, head: dict[str, Any], prompt
                   end_choice: Callable[[int, str], dict[str, Any]],
                   opening: Sequence[dict[str, Any]] = ()) -> AsyncIterator[str]:
     """OpenAI's stream: ``opening`` choices, a chunk per delta, a chunk per finished choice, the usage
-    when asked, ``[DONE]``; an engine error ends it with the error shape."""
+    when asked, ``[DONE]``; an engine error ends it with the error shape, then ``[DONE]``."""
     for choice in opening:
         yield inference.sse({**head, "choices": [choice]})
     results: list[GenerationResult] = []
     async for index, item in generation.events():
-        if isinstance(item, ServingError):
-            yield inference.sse(error_body(item.code, str(item), item.param))
+        if isinstance(item, ServingError):  # the stream's answer is the error (the other choices stop)
+            yield inference.sse(serving_error_body(item))
+            yield inference.sse("[DONE]")
             return
         if isinstance(item, StreamDelta):
             yield inference.sse({**head, "choices": [delta_choice(index, item)]})

@@ -1,0 +1,142 @@
+"""A generation that fails after it was queued (its scores turn NaN): what each route answers.
+
+One prompt of a request fails; the others run. Streams name the failed prompt (`index`), use the
+same error code as the JSON answers (`internal_error`), and the OpenAI streams still end with
+`[DONE]`; a JSON answer that is an error stops the request's other generations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from fastapi.testclient import TestClient
+
+from tests.app.serving_helpers import peft_adapter, served_app, serving_settings, upload
+
+GOOD, BAD = "hello there", "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path, base_host: Any) -> Iterator[TestClient]:
+    settings = serving_settings(tmp_path_factory.mktemp("errors"), demo_model_dir, max_lora_rank=8)
+    with served_app(settings, base_host) as test_client:
+        root = tmp_path_factory.mktemp("adapters")
+        upload(test_client, "bot", peft_adapter(demo_model_dir, root / "bot", seed=21, r=4))
+        upload(test_client, "wide", peft_adapter(demo_model_dir, root / "wide", seed=22, r=16))
+        yield test_client
+
+
+@contextlib.contextmanager
+def failing(client: TestClient, prompt: str | None) -> Iterator[None]:
+    """Rows whose prompt is ``prompt`` (``None``: every row) get NaN scores once they have 2 tokens (an
+    overflowing adapter)."""
+    services = client.app.state.services  # type: ignore[attr-defined]
+    engine, host = services.serving.engine, services.serving
+    bad_ids = None if prompt is None else host.encode_prompt(prompt)
+    original = engine._forward
+
+    def corrupting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        logits = original(*args, **kwargs)
+        if kwargs.get("last_only") is False and len(engine._rows) == logits.shape[0]:
+            for i, row in enumerate(engine._rows):
+                if bad_ids in (None, row.request.prompt_ids) and len(row.generated) >= 2:
+                    logits = logits.clone()
+                    logits[i, ..., 5] = float("nan")
+        return logits
+
+    engine._forward = corrupting
+    try:
+        yield
+    finally:
+        engine._forward = original
+        deadline = time.monotonic() + 60
+        while engine.running_rows and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+def sse_lines(response: Any) -> list[tuple[str, Any]]:
+    """``(event, data)`` of each event; ``[DONE]`` stays a string."""
+    events, kind = [], "message"
+    for line in response.text.splitlines():
+        if line.startswith("event: "):
+            kind = line[len("event: "):]
+        elif line.startswith("data: "):
+            raw = line[len("data: "):]
+            events.append((kind, raw if raw == "[DONE]" else json.loads(raw)))
+            kind = "message"
+    return events
+
+
+def finished(client: TestClient, reason: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if (line.startswith("adapterforge_generate_requests_total{") and 'adapter="bot"' in line
+                and f'finish_reason="{reason}"' in line):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_streamed_batch_names_the_prompt_that_failed(client: TestClient) -> None:
+    with failing(client, BAD):
+        response = client.post("/generate?adapter=bot", json={"prompt": [GOOD, BAD], "max_new_tokens": 8,
+                                                               "temperature": 0, "stream": True})
+    assert response.status_code == 200
+    events = sse_lines(response)
+    errors = [data for kind, data in events if kind == "error"]
+    assert len(errors) == 1, events
+    assert errors[0]["index"] == 1
+    assert errors[0]["error"]["code"] == "internal_error" and "not finite" in errors[0]["error"]["message"]
+    assert [data["index"] for kind, data in events if kind == "result"] == [0]
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_an_openai_stream_that_fails_says_so_then_ends_with_done(client: TestClient, route: str) -> None:
+    body: dict[str, Any] = {"model": "bot", "max_tokens": 8, "temperature": 0, "stream": True,
+                            "stream_options": {"include_usage": True}}
+    if route == "/v1/completions":
+        body["prompt"] = BAD
+    else:
+        body["messages"] = [{"role": "user", "content": BAD}]
+    with failing(client, None):
+        response = client.post(route, json=body)
+    assert response.status_code == 200
+    events = sse_lines(response)
+    assert events[-1] == ("message", "[DONE]"), events[-3:]
+    errors = [data["error"] for _, data in events if isinstance(data, dict) and "error" in data]
+    assert len(errors) == 1 and errors[0]["code"] == "internal_error", events
+
+
+@pytest.mark.parametrize("route", ["/generate?adapter=bot", "/v1/completions"])
+def test_a_failed_json_answer_stops_the_requests_other_generations(client: TestClient, route: str) -> None:
+    body: dict[str, Any] = {"prompt": [GOOD, BAD], "temperature": 0}
+    if route == "/v1/completions":
+        body |= {"model": "bot", "max_tokens": 200, "min_tokens": 200}
+    else:
+        body |= {"max_new_tokens": 200, "min_new_tokens": 200}
+    before = {reason: finished(client, reason) for reason in ("length", "cancelled", "error")}
+    with failing(client, BAD):
+        response = client.post(route, json=body)
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+    after = {reason: finished(client, reason) for reason in ("length", "cancelled", "error")}
+    assert {k: after[k] - before[k] for k in after} == {"length": 0, "cancelled": 1, "error": 1}
+
+
+def test_an_openai_route_names_model_where_generate_names_adapter(client: TestClient) -> None:
+    """The rank check happens when the version is leased, after the name resolved: its error still names
+    the request's own field."""
+    native = client.post("/generate?adapter=wide", json={"prompt": GOOD, "max_new_tokens": 2})
+    assert native.status_code == 422 and native.json()["error"]["param"] == "adapter"
+    for stream in (False, True):
+        answer = client.post("/v1/completions", json={"model": "wide", "prompt": GOOD, "max_tokens": 2,
+                                                      "stream": stream})
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error"]["param"] == "model" and "rank" in answer.json()["error"]["message"]
