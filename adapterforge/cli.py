@@ -25,6 +25,9 @@ logger = logging.getLogger("adapterforge")
 
 #: How long a stopping worker may take to hand its job back before it is killed.
 WORKER_STOP_TIMEOUT = 30.0
+#: On Ctrl-C, how long open requests (a generation streaming its tokens) may take to finish before the
+#: API closes them; job event streams end at once.
+GRACEFUL_SHUTDOWN_SECONDS = 5
 #: A worker that dies sooner than this after starting is restarted after a growing delay.
 WORKER_MIN_UPTIME = 30.0
 #: Set in the environment of the worker that ``adapterforge up`` starts: the worker exits when
@@ -132,14 +135,17 @@ def _up(host: str | None, port: int | None) -> int:
     demo = "" if settings.base_model else "; the tiny demo model: set ADAPTERFORGE_BASE_MODEL to train a real one"
     logger.info("base model: %s (%s)%s", source.name, source.path, demo)
 
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
-                                           log_level=settings.log_level.lower()))
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_level=settings.log_level.lower(),
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS))
     stop_requested = threading.Event()
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
         if not stop_requested.is_set():
             logger.info("%s received: shutting down", signal.Signals(signum).name)
         stop_requested.set()
+        app.state.stopping.set()  # job event streams end now; generations get the grace period
         server.should_exit = True
 
     # uvicorn swaps in its own handlers while serving and re-raises what it caught afterwards:

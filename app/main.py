@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -170,6 +171,9 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
         description=_DESCRIPTION,
         lifespan=lifespan,
     )
+    # set by whoever stops the server (``adapterforge up`` on Ctrl-C): streams that would otherwise run
+    # for as long as a job trains (its event stream) end, so the server's graceful shutdown can finish
+    app.state.stopping = threading.Event()
     install_error_handlers(app)
     known_params = Depends(reject_unknown_query_params)
     auth = [Depends(_require_api_key(settings)), known_params]  # the key is checked first

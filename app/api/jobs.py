@@ -334,6 +334,9 @@ async def _stream(request: Request, services: Services, job_id: str, after: int)
         if await request.is_disconnected():
             logger.debug("event stream of job %s: client went away", job_id)
             return
+        if request.app.state.stopping.is_set():  # the server is stopping: EventSource reconnects and resumes
+            logger.debug("event stream of job %s: the server is stopping", job_id)
+            return
         if time.monotonic() - last_write >= KEEPALIVE_SECONDS:
             yield ": keepalive\n\n"
             last_write = time.monotonic()

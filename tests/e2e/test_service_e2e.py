@@ -5,6 +5,12 @@ durability design exists for: a worker SIGKILLed mid-training, and Redis restart
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,3 +125,41 @@ def test_redis_restarted_with_jobs_queued_loses_none(production: Processes, redi
             assert "requeued" in event_kinds(client, job_id)
         listed = {a["name"]: a["latest_version"] for a in client.get("/adapters", params={"q": "queued-"}).json()["data"]}
         assert listed == {"queued-0": 1, "queued-1": 1, "queued-2": 1}
+
+
+def test_ctrl_c_stops_the_embedded_service_while_a_client_follows_a_job(tmp_path: Path, demo_model_dir: Path) -> None:
+    """README: "Ctrl-C stops both, and a job that was training resumes from its last checkpoint on the
+    next start". A client following the job's event stream must not keep the API (and so the worker)
+    up until the job has trained to its end."""
+    procs = Processes(tmp_path, _env(tmp_path, demo_model_dir))
+    procs.start_up()
+    try:
+        procs.wait_ready()
+        with httpx.Client(base_url=procs.base, timeout=30) as client:
+            job_id = submit_train_job(client, "long", upload_dataset(client), max_steps=100_000, save_steps=5)
+            wait_for(lambda: client.get(f"/jobs/{job_id}").json()["progress"]["step"] >= 1, 240, "training to start",
+                     procs.logs)
+        follower = threading.Thread(target=_follow, args=(procs.base, job_id), daemon=True)
+        follower.start()
+        time.sleep(1.0)  # the stream is open
+        up = procs.procs["up"]
+        os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in its terminal sends
+        try:
+            up.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"adapterforge up still running 90 s after SIGINT\n{procs.logs()}") from None
+        assert up.returncode == 0, procs.logs()
+        procs.start_up()  # the job was handed back: it resumes
+        procs.wait_ready()
+        with httpx.Client(base_url=procs.base, timeout=30) as client:
+            job = client.get(f"/jobs/{job_id}").json()
+            assert job["status"] in ("queued", "running"), job
+    finally:
+        procs.stop_all()
+
+
+def _follow(base: str, job_id: str) -> None:
+    with contextlib.suppress(httpx.HTTPError), httpx.stream(
+            "GET", f"{base}/jobs/{job_id}/events", headers={"Accept": "text/event-stream"}, timeout=None) as events:
+        for _ in events.iter_lines():
+            pass
