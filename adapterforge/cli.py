@@ -33,6 +33,50 @@ WORKER_MIN_UPTIME = 30.0
 #: Set in the environment of the worker that ``adapterforge up`` starts: the worker exits when
 #: this process is gone (see ``worker.celery_app``).
 SUPERVISOR_PID_ENV = "ADAPTERFORGE_SUPERVISOR_PID"
+#: Settings that a flag of this CLI also sets (named in errors along with the variable).
+_FLAGS = {"host": "--host", "port": "--port"}
+
+
+class CliError(Exception):
+    """A failure the user can fix: logged as one line (no traceback); ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _settings(**overrides: Any) -> Any:
+    """``Settings(**overrides)``, or :class:`CliError` (exit 2) naming each bad variable or flag."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from app.settings import Settings
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            where = f"ADAPTERFORGE_{field.upper()}" + (f" / {_FLAGS[field]}" if field in _FLAGS else "")
+            problems.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
+        raise CliError("invalid settings: " + "; ".join(problems), code=2) from None
+    except SettingsError as exc:  # a value the environment source cannot even parse (JSON lists)
+        field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else "?"
+        raise CliError(f"invalid settings: ADAPTERFORGE_{field.upper()}: {exc} (lists are JSON: "
+                       f'\'["a", "b"]\')', code=2) from None
+
+
+def _database_error(url: str, exc: Exception) -> CliError:
+    """A :class:`CliError` for a database that cannot be used, the URL shown without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not even a URL
+        shown = url.split("@")[-1] if "@" in url else url
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    return CliError(f"cannot use the database {shown}: {reason}")
 
 
 def worker_command(pool: str = "solo", concurrency: int = 1, loglevel: str = "INFO") -> list[str]:
@@ -112,13 +156,12 @@ def _up(host: str | None, port: int | None) -> int:
     """``adapterforge up``: migrate (SQLite) or check the schema, then serve the API with one worker."""
     import uvicorn
 
-    from app.base_model import resolve_base_model
+    from app.base_model import BaseModelNotFound, resolve_base_model
     from app.main import SchemaOutOfDate, check_schema, create_app
     from app.registry.migrate import upgrade
-    from app.settings import Settings
 
     overrides: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
-    settings = Settings(**overrides)
+    settings = _settings(**overrides)
     logging.getLogger().setLevel(settings.log_level)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -131,7 +174,10 @@ def _up(host: str | None, port: int | None) -> int:
         except SchemaOutOfDate as exc:
             logger.error("%s", exc)
             return 1
-    source = resolve_base_model(settings)  # builds the demo model on first start (and says so)
+    try:
+        source = resolve_base_model(settings)  # builds the demo model on first start (and says so)
+    except BaseModelNotFound as exc:
+        raise CliError(str(exc)) from None
     demo = "" if settings.base_model else "; the tiny demo model: set ADAPTERFORGE_BASE_MODEL to train a real one"
     logger.info("base model: %s (%s)%s", source.name, source.path, demo)
 
@@ -167,9 +213,7 @@ def _up(host: str | None, port: int | None) -> int:
 
 def _worker(pool: str, concurrency: int) -> int:
     """``adapterforge worker``: replace this process with one Celery worker (signals go straight to it)."""
-    from app.settings import Settings
-
-    command = worker_command(pool, concurrency, Settings().log_level)
+    command = worker_command(pool, concurrency, _settings().log_level)
     logger.info("starting worker: %s", " ".join(command[1:]))
     sys.stdout.flush()
     sys.stderr.flush()
@@ -233,15 +277,25 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _store_gc(older_than: float, dry_run: bool) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
     from app.db import Database
-    from app.main import check_schema
-    from app.settings import Settings
+    from app.main import SchemaOutOfDate, check_schema
     from app.storage import LocalArtifactStore
     from app.store_gc import collect_garbage
 
-    settings = Settings()
-    check_schema(settings.resolved_database_url)
-    db = Database(settings.resolved_database_url)
+    settings = _settings()
+    url = settings.resolved_database_url
+    if url.startswith("sqlite:///") and not settings.data_dir.exists():
+        raise CliError(f"no service data in {settings.data_dir} (ADAPTERFORGE_DATA_DIR): nothing to collect; "
+                       "run `adapterforge up` or `adapterforge db upgrade` first")
+    try:
+        check_schema(url)
+    except SchemaOutOfDate as exc:
+        raise CliError(str(exc)) from None
+    except SQLAlchemyError as exc:
+        raise _database_error(url, exc) from None
+    db = Database(url)
     try:
         with db.session() as session:
             report = collect_garbage(session, LocalArtifactStore(settings.store_dir), older_than=older_than,
@@ -256,24 +310,41 @@ def _store_gc(older_than: float, dry_run: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``adapterforge`` console script."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin otherwise
     parser = _build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except CliError as exc:
+        logger.error("%s", exc)
+        return exc.code
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "demo-model":
         from adapters_core.tiny_models import ensure_tiny_model
 
-        path = ensure_tiny_model(args.directory, arch=args.arch, seed=args.seed)
+        try:
+            path = ensure_tiny_model(args.directory, arch=args.arch, seed=args.seed)
+        except OSError as exc:
+            raise CliError(f"cannot build the demo model in {args.directory}: {exc}") from None
         logger.info("demo %s model ready in %s", args.arch, path)
         return 0
     if args.command == "db":
-        from app.registry.migrate import current_revision, upgrade
-        from app.settings import Settings
+        from sqlalchemy.exc import SQLAlchemyError
 
-        settings = Settings()
+        from app.registry.migrate import current_revision, upgrade
+
+        settings = _settings()
         url = args.url or settings.resolved_database_url
         if url.startswith("sqlite:///"):
             settings.data_dir.mkdir(parents=True, exist_ok=True)
-        upgrade(url)
-        logger.info("database schema at revision %s", current_revision(url))
+        try:
+            upgrade(url)
+            revision = current_revision(url)
+        except SQLAlchemyError as exc:
+            raise _database_error(url, exc) from None
+        logger.info("database schema at revision %s", revision)
         return 0
     if args.command == "up":
         try:

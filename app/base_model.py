@@ -35,12 +35,26 @@ class BaseModelSource:
     path: str
 
 
+class BaseModelNotFound(ValueError):
+    """``ADAPTERFORGE_BASE_MODEL`` is a local path with nothing there."""
+
+
+def _is_path(value: str) -> bool:
+    """Whether ``value`` can only be a filesystem path: an HF id is ``name`` or ``org/name``."""
+    return value.startswith(("/", ".", "~")) or value.count("/") > 1 or "\\" in value
+
+
 def resolve_base_model(settings: Settings) -> BaseModelSource:
-    """The configured base model, building the demo model first when none is configured."""
+    """The configured base model, building the demo model first when none is configured;
+    :class:`BaseModelNotFound` for a local path that does not exist (rather than asking the Hub for it)."""
     if settings.base_model:
         local = Path(settings.base_model).expanduser()
-        path = str(local) if local.exists() else settings.base_model
-        return BaseModelSource(settings.base_model, path)
+        if local.exists():
+            return BaseModelSource(settings.base_model, str(local))
+        if _is_path(settings.base_model):
+            raise BaseModelNotFound(f"ADAPTERFORGE_BASE_MODEL is {settings.base_model!r}: no such directory "
+                                    "(set it to a local model directory or an HF model id such as org/name)")
+        return BaseModelSource(settings.base_model, settings.base_model)
     from adapters_core.tiny_models import ensure_tiny_model
 
     if not (settings.demo_model_dir / "adapterforge_tiny.json").exists():

@@ -119,6 +119,11 @@ class Settings(BaseSettings):
             raise ValueError(f"unsupported database URL scheme {scheme!r}; use sqlite:// or postgresql+psycopg://")
         return value
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value  # `debug` is DEBUG, as in logging
+
     @field_validator("broker_url")
     @classmethod
     def _check_broker_url(cls, value: str | None) -> str | None:

@@ -1,0 +1,87 @@
+"""The CLI's answers to bad settings, flags and paths: one clear line and a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from adapterforge.cli import main
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for key in ("ADAPTERFORGE_DATABASE_URL", "ADAPTERFORGE_BROKER_URL", "ADAPTERFORGE_BASE_MODEL",
+                "ADAPTERFORGE_API_KEYS", "ADAPTERFORGE_LOG_LEVEL", "ADAPTERFORGE_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("ADAPTERFORGE_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+def _run(argv: list[str], caplog: pytest.LogCaptureFixture) -> tuple[int, str]:
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        code = main(argv)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert all(r.exc_info is None for r in errors), "a traceback was logged"
+    return code, "\n".join(r.getMessage() for r in errors)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "needles"),
+    [
+        (["up", "--port", "0"], {}, ["--port", "greater than or equal to 1"]),
+        (["up", "--port", "99999"], {}, ["--port", "99999"]),
+        (["store", "gc"], {"ADAPTERFORGE_API_KEYS": "notjson"}, ["ADAPTERFORGE_API_KEYS"]),
+        (["store", "gc"], {"ADAPTERFORGE_LOG_LEVEL": "loud"}, ["ADAPTERFORGE_LOG_LEVEL", "LOUD", "DEBUG"]),
+        (["worker"], {"ADAPTERFORGE_BROKER_URL": "bogus://x"}, ["ADAPTERFORGE_BROKER_URL", "bogus://x"]),
+    ],
+    ids=["port-0", "port-too-big", "api-keys-not-json", "log-level", "broker-url"],
+)
+def test_bad_settings_and_flags_are_named(data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture, argv: list[str], env: dict[str, str],
+                                          needles: list[str]) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code, message = _run(argv, caplog)
+    assert code == 2, message
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_log_level_is_case_insensitive(data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("ADAPTERFORGE_LOG_LEVEL", "debug")
+    assert _run(["db", "upgrade"], caplog) == (0, "")
+
+
+def test_store_gc_without_a_database_says_what_to_run(data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    code, message = _run(["store", "gc"], caplog)  # no data directory at all
+    assert code == 1 and "adapterforge db upgrade" in message, message
+    data_dir.mkdir(parents=True)
+    code, message = _run(["store", "gc"], caplog)  # a directory, no schema
+    assert code == 1 and "adapterforge db upgrade" in message, message
+
+
+@pytest.mark.parametrize("url", ["bogus://x", "postgresql+psycopg://user:secret@127.0.0.1:1/x"])
+def test_db_upgrade_on_a_bad_url_names_it_without_its_password(data_dir: Path, caplog: pytest.LogCaptureFixture,
+                                                               url: str) -> None:
+    code, message = _run(["db", "upgrade", "--url", url], caplog)
+    assert code == 1 and "cannot" in message, message
+    assert "secret" not in message
+
+
+def test_demo_model_into_a_file_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    code, message = _run(["demo-model", str(target)], caplog)
+    assert code == 1 and str(target) in message, message
+
+
+def test_up_with_a_missing_local_base_model_says_so(data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    missing = tmp_path / "models" / "my-model"
+    monkeypatch.setenv("ADAPTERFORGE_BASE_MODEL", str(missing))
+    code, message = _run(["up", "--port", "8123"], caplog)
+    assert code == 1 and str(missing) in message and "ADAPTERFORGE_BASE_MODEL" in message, message
