@@ -314,7 +314,8 @@ def adapter_folder(form: ReceivedForm, work: Path, *, max_bytes: int) -> Path:
 
 # ---------------------------------------------------------------------------------- 3. checks
 class _NonFiniteConstant:
-    """``NaN``, ``Infinity`` or ``-Infinity`` where JSON has none: Python's parser accepts them."""
+    """``NaN``, ``Infinity``, ``-Infinity`` (which JSON has not; Python's parser accepts them) or a number past
+    float's range (``1e999``, which it reads as infinity)."""
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -326,6 +327,11 @@ class JSONRefused(ValueError):
     def __init__(self, message: str, key: str | None = None) -> None:
         super().__init__(message)
         self.key = key
+
+
+def _finite_float(text: str) -> float | _NonFiniteConstant:
+    value = float(text)
+    return value if math.isfinite(value) else _NonFiniteConstant(text)  # 1e999: past float's range
 
 
 def _first_non_finite(value: Any) -> _NonFiniteConstant | None:
@@ -344,7 +350,7 @@ def parse_strict_json(raw: bytes) -> Any:
     deeply, an integer too long for Python's parser, or a ``NaN``/``Infinity`` (which strict JSON, a
     PostgreSQL ``json`` column and every scale refuse)."""
     try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_NonFiniteConstant)
+        data = json.loads(raw.decode("utf-8"), parse_constant=_NonFiniteConstant, parse_float=_finite_float)
     except RecursionError:
         raise JSONRefused("it is nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, or an integer over the digit limit
@@ -353,11 +359,11 @@ def parse_strict_json(raw: bytes) -> Any:
         for key, value in data.items():
             found = _first_non_finite(value)
             if found is not None:
-                raise JSONRefused(f"{key}: {found.text} is not a JSON number", key=key)
+                raise JSONRefused(f"{key}: {found.text} is not a finite JSON number", key=key)
     else:
         found = _first_non_finite(data)
         if found is not None:
-            raise JSONRefused(f"{found.text} is not a JSON number")
+            raise JSONRefused(f"{found.text} is not a finite JSON number")
     return data
 
 

@@ -391,6 +391,8 @@ BAD_UPLOADS: dict[str, tuple[Any, int, str, str | None, str]] = {
                          "NaN"),
     "config Infinity in an unknown key": (lambda a, w: _config_text(a, "future", '{"x": [-Infinity]}'), 422,
                                           "invalid_request", "future", "Infinity"),
+    "config number past float range": (lambda a, w: _config_text(a, "future", "[1e999]"), 422, "invalid_request",
+                                       "future", "1e999"),
     "config nested too deeply": (lambda a, w: _config_text(a, "deep", "[" * 100_000 + "]" * 100_000), 422,
                                  "invalid_request", "files", "nested too deeply"),
     "config integer too long": (lambda a, w: _config_text(a, "r", "1" * 5000), 422, "invalid_request", "files",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -10,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.registry.jobs import (
     JobConflict,
+    add_event,
     claim,
     create_job,
     finish,
@@ -135,3 +137,38 @@ def test_workers_racing_for_one_job_get_one_lease(sessions: sessionmaker[Session
     with sessions.begin() as s:
         job = get_job(s, job_id)
         assert (job.lease_owner, job.attempts) == (winners[0], 1)
+
+
+def test_a_cancel_racing_the_workers_last_transaction_gets_a_conflict_not_a_deadlock(
+    sessions: sessionmaker[Session],
+) -> None:
+    """The worker's last transaction records events (rows that reference the job) and then finishes the
+    job; an API cancel arriving in between waits for it and answers 409, on PostgreSQL as on SQLite."""
+    job_id = _job(sessions)
+    with sessions.begin() as s:
+        assert claim(s, job_id, "w1", 600) is not None
+    worker = sessions()
+    add_event(worker, job_id, "adapter_version", "registered bot@1")
+    worker.flush()
+    outcome: dict[str, str] = {}
+
+    def cancel() -> None:
+        try:
+            with sessions.begin() as s:
+                request_cancel(s, job_id)
+            outcome["cancel"] = "ok"
+        except JobConflict:
+            outcome["cancel"] = "conflict"
+        except Exception as exc:  # reported below
+            outcome["cancel"] = f"{type(exc).__name__}: {exc}"
+
+    canceller = threading.Thread(target=cancel)
+    canceller.start()
+    time.sleep(0.5)  # the cancel is waiting on the worker's transaction
+    finish(worker, job_id, "w1", "succeeded")
+    worker.commit()
+    worker.close()
+    canceller.join(60)
+    assert outcome == {"cancel": "conflict"}
+    with sessions.begin() as s:
+        assert get_job(s, job_id).status == "succeeded"

@@ -40,6 +40,7 @@ from adapters_core import (  # noqa: E402
     UnsafeCheckpointError,
     UnsupportedModuleError,
 )
+from adapters_core.config import config_from_dict  # noqa: E402
 from adapters_core.methods.lora.layer import LoraLayer  # noqa: E402
 from tests.conftest import load_model  # noqa: E402
 
@@ -428,6 +429,8 @@ def test_unsupported_field_from_real_peft_file(
         ({"rank_pattern": [1]}, "rank_pattern", "[1]"),
         ({"task_type": 3}, "task_type", "3"),
         ({"r": True}, "r", "True"),
+        ({"rank_pattern": {"(": 8}}, "rank_pattern", "regular expression"),
+        ({"alpha_pattern": {"q_proj[": 8}}, "alpha_pattern", "regular expression"),
     ],
     ids=[
         "r0",
@@ -455,6 +458,8 @@ def test_unsupported_field_from_real_peft_file(
         "rank-pattern-list",
         "task-type-int",
         "r-bool",
+        "rank-pattern-bad-regex",
+        "alpha-pattern-bad-regex",
     ],
 )
 def test_invalid_config_values(kw: dict[str, Any], field: str, needle: str) -> None:
@@ -706,3 +711,32 @@ def test_an_adapter_on_a_weightless_model_stays_weightless(tiny_llama_dir: Path)
     am.add_adapter("probe", LoraConfig(r=8, target_modules="all-linear"))
     devices = {p.device.type for name, p in am.named_parameters() if "lora_" in name}
     assert devices == {"meta"}
+
+
+PEFT_CONFIGS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "null patterns and loftq (PEFT's Optional fields)": {"rank_pattern": None, "alpha_pattern": None,
+                                                          "loftq_config": None},
+    "all-linear": {"target_modules": "all-linear", "r": 16, "lora_alpha": 32},
+    "regex": {"target_modules": r".*\.(q|v)_proj", "lora_dropout": 0.05},
+    "patterns": {"target_modules": ["q_proj", "v_proj"], "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"v_proj": 3}},
+    "layers": {"target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": "layers"},
+    "layers as int": {"target_modules": ["q_proj"], "layers_to_transform": 1},
+    "dora + rslora": {"target_modules": ["q_proj"], "use_dora": True, "use_rslora": True},
+    "modules_to_save + bias": {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"], "bias": "lora_only"},
+    "exclude": {"target_modules": "all-linear", "exclude_modules": ["o_proj"]},
+    "init pissa": {"target_modules": ["q_proj"], "init_lora_weights": "pissa_niter_4"},
+    "init gaussian, task type": {"target_modules": ["q_proj"], "init_lora_weights": "gaussian", "task_type": "CAUSAL_LM"},
+}
+
+
+@pytest.mark.parametrize("kw", list(PEFT_CONFIGS.values()), ids=list(PEFT_CONFIGS))
+def test_configs_peft_writes_load(kw: dict[str, Any], tmp_path: Path) -> None:
+    """What PEFT's own ``LoraConfig(...).save_pretrained`` writes loads here, and means the same."""
+    PeftLoraConfig(**kw).save_pretrained(str(tmp_path))
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    config = config_from_dict(data)
+    assert isinstance(config, LoraConfig)
+    for key in ("r", "lora_alpha", "use_dora", "use_rslora", "bias", "layers_to_transform"):
+        assert getattr(config, key) == data[key], key
+    assert config.rank_pattern == (data["rank_pattern"] or {}) and config.alpha_pattern == (data["alpha_pattern"] or {})

@@ -77,6 +77,9 @@ class LoraConfig(AdapterConfig):
     ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("rank_pattern", "alpha_pattern", "loftq_config"):  # PEFT types these Optional: null is {}
+            if getattr(self, name) is None:
+                setattr(self, name, {})
         super().__post_init__()
         if isinstance(self.target_modules, set | tuple):
             self.target_modules = sorted(self.target_modules)
@@ -84,9 +87,9 @@ class LoraConfig(AdapterConfig):
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, set | tuple):
             self.modules_to_save = list(self.modules_to_save)
-        self.rank_pattern = dict(self.rank_pattern or {})
-        self.alpha_pattern = dict(self.alpha_pattern or {})
-        self.loftq_config = dict(self.loftq_config or {})
+        self.rank_pattern = dict(self.rank_pattern)
+        self.alpha_pattern = dict(self.alpha_pattern)
+        self.loftq_config = dict(self.loftq_config)
         self._validate()
 
     def _validate(self) -> None:
@@ -104,6 +107,13 @@ class LoraConfig(AdapterConfig):
         for key, alpha in self.alpha_pattern.items():
             if isinstance(alpha, bool) or not isinstance(alpha, int | float):
                 raise ConfigError(f"alpha_pattern[{key!r}] must be a number", field="alpha_pattern")
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, field_name):
+                try:
+                    re.compile(key)
+                except re.error as exc:
+                    raise ConfigError(f"{field_name} key {key!r} is not a valid regular expression: {exc}",
+                                      field=field_name) from exc
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError(
                 "layers_to_transform cannot be used when target_modules is a regex string", field="layers_to_transform"
