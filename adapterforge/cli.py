@@ -59,12 +59,22 @@ def _settings(**overrides: Any) -> Any:
         for error in exc.errors():
             field = str(error["loc"][0]) if error["loc"] else "?"
             where = f"ADAPTERFORGE_{field.upper()}" + (f" / {_FLAGS[field]}" if field in _FLAGS else "")
-            problems.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
+            problems.append(f"{where}: {error['msg']} (got {_without_password(error.get('input'))!r})")
         raise CliError("invalid settings: " + "; ".join(problems), code=2) from None
     except SettingsError as exc:  # a value the environment source cannot even parse (JSON lists)
         field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else "?"
         raise CliError(f"invalid settings: ADAPTERFORGE_{field.upper()}: {exc} (lists are JSON: "
                        f'\'["a", "b"]\')', code=2) from None
+
+
+def _without_password(value: Any) -> Any:
+    """``value`` with the password of a ``scheme://user:password@host`` URL starring out."""
+    if isinstance(value, str) and "://" in value and "@" in value:
+        scheme, rest = value.split("://", 1)
+        credentials, _, host = rest.rpartition("@")
+        if ":" in credentials:
+            return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+    return value
 
 
 def _database_error(url: str, exc: Exception) -> CliError:
@@ -155,6 +165,7 @@ class WorkerSupervisor:
 def _up(host: str | None, port: int | None) -> int:
     """``adapterforge up``: migrate (SQLite) or check the schema, then serve the API with one worker."""
     import uvicorn
+    from sqlalchemy.exc import SQLAlchemyError
 
     from app.base_model import BaseModelNotFound, resolve_base_model
     from app.main import SchemaOutOfDate, check_schema, create_app
@@ -166,14 +177,16 @@ def _up(host: str | None, port: int | None) -> int:
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url
-    if url.startswith("sqlite"):
-        upgrade(url)  # the embedded database keeps itself current
-    else:
-        try:
+    try:
+        if url.startswith("sqlite"):
+            upgrade(url)  # the embedded database keeps itself current
+        else:
             check_schema(url)
-        except SchemaOutOfDate as exc:
-            logger.error("%s", exc)
-            return 1
+    except SchemaOutOfDate as exc:
+        logger.error("%s", exc)
+        return 1
+    except SQLAlchemyError as exc:
+        raise _database_error(url, exc) from None
     try:
         source = resolve_base_model(settings)  # builds the demo model on first start (and says so)
     except BaseModelNotFound as exc:
@@ -182,9 +195,6 @@ def _up(host: str | None, port: int | None) -> int:
     logger.info("base model: %s (%s)%s", source.name, source.path, demo)
 
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           log_level=settings.log_level.lower(),
-                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS))
     stop_requested = threading.Event()
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
@@ -193,6 +203,17 @@ def _up(host: str | None, port: int | None) -> int:
         stop_requested.set()
         app.state.stopping.set()  # job event streams end now; generations get the grace period
         server.should_exit = True
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, telling the app when a signal asks it to stop: uvicorn installs its own
+        handlers while it serves (and re-raises the signal only once it has shut down)."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            request_stop(sig, frame)
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                                   timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS))
 
     # uvicorn swaps in its own handlers while serving and re-raises what it caught afterwards:
     # these handle both the re-raise and signals outside that window

@@ -36,8 +36,10 @@ def _run(argv: list[str], caplog: pytest.LogCaptureFixture) -> tuple[int, str]:
         (["store", "gc"], {"ADAPTERFORGE_API_KEYS": "notjson"}, ["ADAPTERFORGE_API_KEYS"]),
         (["store", "gc"], {"ADAPTERFORGE_LOG_LEVEL": "loud"}, ["ADAPTERFORGE_LOG_LEVEL", "LOUD", "DEBUG"]),
         (["worker"], {"ADAPTERFORGE_BROKER_URL": "bogus://x"}, ["ADAPTERFORGE_BROKER_URL", "bogus://x"]),
+        (["store", "gc"], {"ADAPTERFORGE_DATABASE_URL": "mysql://admin:s3cret@db/af"},
+         ["ADAPTERFORGE_DATABASE_URL", "mysql://admin:***@db/af"]),
     ],
-    ids=["port-0", "port-too-big", "api-keys-not-json", "log-level", "broker-url"],
+    ids=["port-0", "port-too-big", "api-keys-not-json", "log-level", "broker-url", "database-url"],
 )
 def test_bad_settings_and_flags_are_named(data_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                           caplog: pytest.LogCaptureFixture, argv: list[str], env: dict[str, str],
@@ -48,6 +50,7 @@ def test_bad_settings_and_flags_are_named(data_dir: Path, monkeypatch: pytest.Mo
     assert code == 2, message
     for needle in needles:
         assert needle in message, message
+    assert "s3cret" not in message
 
 
 def test_log_level_is_case_insensitive(data_dir: Path, monkeypatch: pytest.MonkeyPatch,
@@ -69,6 +72,15 @@ def test_db_upgrade_on_a_bad_url_names_it_without_its_password(data_dir: Path, c
                                                                url: str) -> None:
     code, message = _run(["db", "upgrade", "--url", url], caplog)
     assert code == 1 and "cannot" in message, message
+    assert "secret" not in message
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://user:secret@127.0.0.1:1/x", "sqlite:////nonexistent/dir/x.db"])
+def test_up_on_an_unusable_database_says_so_in_one_line(data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture, url: str) -> None:
+    monkeypatch.setenv("ADAPTERFORGE_DATABASE_URL", url)
+    code, message = _run(["up", "--port", "8123"], caplog)
+    assert code == 1 and "cannot use the database" in message, message
     assert "secret" not in message
 
 

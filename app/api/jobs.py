@@ -350,7 +350,8 @@ async def _stream(request: Request, services: Services, job_id: str, after: int)
     description="The job's events oldest first, a page at a time (cursor `after` = the last event id seen). With "
     "`Accept: text/event-stream`, a live Server-Sent Events stream instead: each event as `id`, `event` (its "
     "kind) and `data` (the event as JSON), resuming after `Last-Event-ID` or `after`; `: keepalive` comments "
-    "while idle; the stream ends once the job has finished and all its events were sent.",
+    "while idle; the stream ends once the job has finished and all its events were sent, or when the server "
+    "stops (reconnect with `Last-Event-ID` to resume).",
     responses={
         200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
               "description": "JSON page, or an SSE stream when asked for with `Accept: text/event-stream`."},
