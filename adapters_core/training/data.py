@@ -289,8 +289,15 @@ def read_examples(source: Source) -> tuple[list[Example], ValidationReport]:
         seen_line = True
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except RecursionError:
+            errors.append(DataIssue(line, None, "bad_json", "invalid JSON: nested too deeply"))
+            continue
+        except ValueError as exc:  # JSONDecodeError, or an integer past Python's digit limit
             errors.append(DataIssue(line, None, "bad_json", f"invalid JSON: {exc}"))
+            continue
+        if _holds_lone_surrogate(obj):
+            errors.append(DataIssue(line, None, "bad_text", "holds a lone UTF-16 surrogate escape (such as \\ud800), "
+                                    "which is not text: encode each character as UTF-8 or as a surrogate pair"))
             continue
         if not isinstance(obj, dict):
             errors.append(
@@ -393,6 +400,22 @@ def validate_or_raise(
     if tokenizer is not None:
         _attach_summary(report, token_summary(examples, tokenizer, max_seq_len, truncate))
     return examples, report
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    """Whether a string in the parsed JSON ``value`` (keys included) holds a surrogate ``\\uXXXX`` escape that
+    is not half of a pair: Python's parser keeps it, and nothing downstream can encode it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_holds_lone_surrogate(k) or _holds_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_lone_surrogate(v) for v in value)
+    return False
 
 
 def validate_file(

@@ -297,3 +297,13 @@ def test_max_seq_len_must_be_a_plain_positive_integer(client: TestClient, value:
     assert response.status_code == 422, response.text
     assert response.json()["error"]["param"] == "max_seq_len"
     assert value in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("line", [b'{"text": "a", "\\ud800": 1}', b'{"text": "a", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"],
+                         ids=["lone-surrogate-key", "nested-too-deeply"])
+def test_lines_json_cannot_hold_are_refused_and_the_listing_still_works(client: TestClient, line: bytes) -> None:
+    response = upload(client, b'{"text": "fine"}\n' + line + b"\n")
+    assert response.status_code == 422, response.text
+    assert "line 2" in response.text
+    listing = client.get("/datasets")
+    assert listing.status_code == 200 and listing.json()["data"] == []
