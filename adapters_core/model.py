@@ -48,7 +48,7 @@ from adapters_core.targeting import candidate_modules, find_targets
 
 logger = logging.getLogger(__name__)
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_\-]+")
 _MODULE_ATTRIBUTES = frozenset(dir(nn.Module()))
 
 
@@ -148,7 +148,7 @@ class AdapterModel(nn.Module):
     def _check_new_name(self, name: str) -> None:
         if name in self.peft_config:
             raise AdapterExistsError(f"an adapter named {name!r} is already loaded")
-        if name == BASE_ADAPTER or not _NAME_RE.match(name):
+        if name == BASE_ADAPTER or not _NAME_RE.fullmatch(name):
             raise ConfigError(
                 f"invalid adapter name {name!r}: use letters, digits, '_' or '-' (and not {BASE_ADAPTER!r})",
                 field="name",

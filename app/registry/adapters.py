@@ -22,8 +22,8 @@ from app.digits import is_ascii_number
 from app.registry.locks import lock_rows
 from app.registry.models import MAX_DB_INT, Adapter, AdapterVersion, Alias, utcnow
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")
 
 
 class RegistryError(Exception):
@@ -61,7 +61,7 @@ RESERVED_NAMES = frozenset({"base"})  # the OpenAI routes' name of the base mode
 
 
 def check_name(name: str) -> None:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise InvalidName(
             f"invalid adapter name {name!r}: 1-128 letters, digits, '_', '-', '.', starting with a letter or digit",
             param="name",
@@ -161,7 +161,7 @@ def latest_version(session: Session, name: str) -> AdapterVersion:
 
 def set_alias(session: Session, name: str, alias: str, version: int) -> Alias:
     """Point ``alias`` of ``name`` at ``version`` (creating or moving it)."""
-    if not ALIAS_RE.match(alias) or is_ascii_number(alias):
+    if not ALIAS_RE.fullmatch(alias) or is_ascii_number(alias):
         raise InvalidName(f"invalid alias {alias!r}: a letter, then letters, digits, '_' or '-'", param="alias")
     if alias.lower() == "latest":  # `name@latest` pointing anywhere but where `name` does would mislead
         raise InvalidName("the alias 'latest' is reserved: the adapter's name alone means its latest version",

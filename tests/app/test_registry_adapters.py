@@ -56,7 +56,7 @@ def test_deleted_versions_keep_their_numbers_and_drop_aliases(sessions: sessionm
 
 @pytest.mark.parametrize(
     ("ref", "error", "param"),
-    [("../etc", InvalidName, "name"), ("nope", NotFound, "name"), ("a@9", NotFound, "version"),
+    [("../etc", InvalidName, "name"), ("a\n", InvalidName, "name"), ("nope", NotFound, "name"), ("a@9", NotFound, "version"),
      ("a@missing", NotFound, "adapter"), ("a@99999999999", NotFound, "version"),
      ("a@\u00b2", NotFound, "adapter"),  # superscript two: str.isdigit() says yes, int() refuses it
      ("a@\u0661", NotFound, "adapter")],  # Arabic-Indic one: int() reads it as 1; not a version here
@@ -141,3 +141,12 @@ def test_concurrent_uploads_get_distinct_consecutive_versions(sessions: sessionm
         t.join()
     assert not errors, errors
     assert sorted(got) == list(range(1, 21))
+
+
+def test_a_trailing_newline_is_not_part_of_a_valid_name_or_alias(sessions: sessionmaker[Session]) -> None:
+    with sessions.begin() as s, pytest.raises(InvalidName):
+        create_version(s, "bot\n", SPEC)
+    with sessions.begin() as s:
+        create_version(s, "bot", SPEC)
+    with sessions.begin() as s, pytest.raises(InvalidName):
+        set_alias(s, "bot", "prod\n", 1)
