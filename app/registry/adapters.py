@@ -206,7 +206,7 @@ def resolve_ref(session: Session, ref: str) -> AdapterVersion:
     if is_ascii_number(selector):
         return get_version(session, name, int(selector))
     adapter = get_adapter(session, name)
-    row = session.get(Alias, (adapter.id, selector))
+    row = session.get(Alias, (adapter.id, selector)) if ALIAS_RE.fullmatch(selector) else None
     if row is None:
         raise NotFound(f"adapter {name!r} has no alias {selector!r}", param="adapter")
     version = session.get(AdapterVersion, row.version_id)
@@ -230,6 +230,8 @@ def resolve_ref_id(session: Session, ref: str) -> tuple[str, int]:
         if int(selector) > MAX_DB_INT:
             return _resolved(resolve_ref(session, ref))  # the error get_version gives
         query = query.where(AdapterVersion.version == int(selector))
+    elif not ALIAS_RE.fullmatch(selector):  # no alias is spelled so (NUL would be a database error)
+        return _resolved(resolve_ref(session, ref))
     else:
         query = query.join(Alias, (Alias.version_id == AdapterVersion.id) & (Alias.adapter_id == Adapter.id)).where(
             Alias.alias == selector)

@@ -8,7 +8,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from app.registry.jobs import JobConflict
-from app.registry.models import Dataset, Job, utcnow
+from app.registry.models import Dataset, Job, is_id_text, utcnow
 
 
 class DatasetNotFound(Exception):
@@ -25,7 +25,7 @@ def create_dataset(session: Session, *, filename: str, sha256: str, size: int, f
 
 
 def get_dataset(session: Session, dataset_id: str) -> Dataset:
-    ds = session.get(Dataset, dataset_id)
+    ds = session.get(Dataset, dataset_id) if is_id_text(dataset_id) else None
     if ds is None or ds.deleted_at is not None:
         raise DatasetNotFound(f"no dataset {dataset_id!r}")
     return ds

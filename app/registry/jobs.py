@@ -16,7 +16,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.registry.locks import lock_rows
-from app.registry.models import Job, JobEvent, utcnow
+from app.registry.models import Job, JobEvent, is_id_text, utcnow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -42,7 +42,7 @@ def create_job(session: Session, *, type: str, adapter_name: str, spec: dict[str
 
 
 def get_job(session: Session, job_id: str) -> Job:
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id) if is_id_text(job_id) else None
     if job is None:
         raise JobNotFound(f"no job {job_id!r}")
     return job
@@ -186,6 +186,8 @@ def list_jobs(session: Session, *, limit: int = 20, after: str | None = None, st
     if status is not None:
         stmt = stmt.where(Job.status == status)
     if adapter_name is not None:
+        if not is_id_text(adapter_name):  # no job has such a name (and PostgreSQL refuses NUL in a query)
+            return [], False
         stmt = stmt.where(Job.adapter_name == adapter_name)
     if after is not None:
         cursor = get_job(session, after)

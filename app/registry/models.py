@@ -33,6 +33,19 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
+def is_id_text(value: str) -> bool:
+    """Whether ``value`` could be stored and looked up at all: no NUL (PostgreSQL's text refuses it) and
+    no lone UTF-16 surrogate (no encoding holds it). Lookups answer "not found" for anything else
+    without asking the database, which would raise instead."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

@@ -59,7 +59,7 @@ def test_deleted_versions_keep_their_numbers_and_drop_aliases(sessions: sessionm
     [("../etc", InvalidName, "name"), ("a\n", InvalidName, "name"), ("nope", NotFound, "name"), ("a@9", NotFound, "version"),
      ("a@missing", NotFound, "adapter"), ("a@99999999999", NotFound, "version"),
      ("a@\u00b2", NotFound, "adapter"),  # superscript two: str.isdigit() says yes, int() refuses it
-     ("a@\u0661", NotFound, "adapter")],  # Arabic-Indic one: int() reads it as 1; not a version here
+     ("a@\u0661", NotFound, "adapter"), ("a@\x00", NotFound, "adapter"), ("a@pr\x00d", NotFound, "adapter")],  # Arabic-Indic one: int() reads it as 1; not a version here
 )
 def test_bad_refs_name_the_problem(sessions: sessionmaker[Session], ref: str, error: type, param: str) -> None:
     with sessions.begin() as s:
@@ -80,7 +80,7 @@ def test_the_one_query_resolution_agrees_with_resolve_ref(sessions: sessionmaker
         set_alias(s, "b", "prod", 1)
         set_alias(s, "a", "canary", 3)
     refs = ["a", "a@1", "a@2", "a@3", "a@4", "a@0", "a@99999999999", "a@prod", "a@canary", "a@missing", "b", "b@prod", "nope",
-            "nope@1", "nope@prod", "../etc", "a@", "a@\u00b2", "a@\u0661"]
+            "nope@1", "nope@prod", "../etc", "a@", "a@\u00b2", "a@\u0661", "a@\x00"]
 
     def outcome(fn: object, s: Session, ref: str) -> tuple[str, object, str | None]:
         try:
