@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,23 @@ LR_SCHEDULERS = (
     "inverse_sqrt",
 )
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+
+_STEPS = 2**31 - 1  # steps are counted in SQL INTEGER columns
+# the largest value of each integer hyperparameter: past these a run cannot be recorded or would not end
+_LARGEST = {
+    "epochs": 10_000,
+    "max_steps": _STEPS,
+    "batch_size": 65_536,
+    "gradient_accumulation_steps": 65_536,
+    "max_seq_len": 1 << 20,
+    "eval_steps": _STEPS,
+    "save_steps": _STEPS,
+    "save_total_limit": _STEPS,
+    "early_stopping_patience": _STEPS,
+    "seed": 2**32 - 1,  # what NumPy's and torch's generators are seeded with
+}
+_OPTIONAL = ("max_steps", "eval_steps", "save_steps", "save_total_limit", "early_stopping_patience")
 
 
 @dataclass
@@ -51,13 +69,13 @@ class Hyperparameters:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        positive_ints = ("epochs", "batch_size", "gradient_accumulation_steps", "max_seq_len")
-        for name in positive_ints:
-            _check_int(name, getattr(self, name), minimum=1)
-        for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit", "early_stopping_patience"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=1)
-        _check_int("seed", self.seed, minimum=0)
+        for name, maximum in _LARGEST.items():
+            if getattr(self, name) is not None or name not in _OPTIONAL:
+                _check_int(name, getattr(self, name), minimum=0 if name == "seed" else 1, maximum=maximum)
+        for name in ("learning_rate", "warmup_ratio", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if _is_number(value) and not _finite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}", field=name)
         if not _is_number(self.learning_rate) or self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}", field="learning_rate")
         if not _is_number(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
@@ -96,6 +114,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}", field=name)
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer past float's range
+        return False
+
+
+def _check_int(name: str, value: Any, *, minimum: int, maximum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be an integer >= {minimum} and <= {maximum}, got {value!r}", field=name)

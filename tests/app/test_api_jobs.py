@@ -157,6 +157,12 @@ def test_malformed_json_is_400(client: TestClient, ds: str) -> None:
     ({"adapter": {"name": "b", "config": {"peft_type": "IA3"}}}, "adapter.config.peft_type", ()),
     ({"hyperparameters": {"learning_rate": -1}}, "hyperparameters.learning_rate", ("> 0",)),
     ({"hyperparameters": {"early_stopping_patience": 2}}, "hyperparameters.early_stopping_patience", ("eval_steps",)),
+    ({"hyperparameters": {"seed": 2**64}}, "hyperparameters.seed", ("<= 4294967295",)),
+    ({"hyperparameters": {"epochs": 10**30}}, "hyperparameters.epochs", ("<= 10000",)),
+    ({"hyperparameters": {"max_steps": 2**31}}, "hyperparameters.max_steps", ("<= 2147483647",)),
+    ({"hyperparameters": {"batch_size": 10**20}}, "hyperparameters.batch_size", ("<=",)),
+    ({"hyperparameters": {"max_seq_len": 10**12}}, "hyperparameters.max_seq_len", ("<=",)),
+    ({"hyperparameters": {"learning_rate": 10**400}}, "hyperparameters.learning_rate", ("finite",)),
     # unknown fields
     ({"priority": 1}, "priority", ("unknown field",)),
     ({"adapter": {"name": "b", "rank": 8}}, "adapter.rank", ("unknown field",)),
