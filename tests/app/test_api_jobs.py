@@ -528,6 +528,8 @@ def _collect(client: TestClient, job_id: str, disconnect_after: int) -> str:
     checks = 0
 
     class FakeRequest:
+        app = client.app  # its state says whether the server is stopping
+
         async def is_disconnected(self) -> bool:
             nonlocal checks
             checks += 1
