@@ -97,13 +97,14 @@ def _plural(tp: Any) -> str:
     return f"values ({_describe(tp)})"
 
 
-def _non_finite(value: Any) -> bool:
+def holds_non_finite(value: Any) -> bool:
+    """Whether ``value`` is, or (in dicts, lists, tuples and sets) holds, a NaN or infinite float."""
     if isinstance(value, float):
         return not math.isfinite(value)
     if isinstance(value, dict):
-        return any(_non_finite(v) for v in value.values())
+        return any(holds_non_finite(v) for v in value.values())
     if isinstance(value, _SEQUENCES):
-        return any(_non_finite(v) for v in value)
+        return any(holds_non_finite(v) for v in value)
     return False
 
 
@@ -114,8 +115,8 @@ def check_field_types(config: Any) -> None:
         value = getattr(config, name)
         if not _matches(value, tp):
             raise ConfigError(f"{name} must be {_describe(tp)}, got {value!r}", field=name)
-        if _non_finite(value):
+        if holds_non_finite(value):
             raise ConfigError(f"{name} must be finite, got {value!r}", field=name)
 
 
-__all__ = ["check_field_types"]
+__all__ = ["check_field_types", "holds_non_finite"]

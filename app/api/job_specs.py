@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -38,6 +37,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from adapters_core.config import AdapterConfig, config_class, known_peft_types
+from adapters_core.config_types import holds_non_finite
 from adapters_core.errors import (
     AdapterError,
     ConfigError,
@@ -382,16 +382,6 @@ def _json_type(value: Any) -> str:
     return "array" if isinstance(value, list) else "object"
 
 
-def _non_finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    if isinstance(value, dict):
-        return any(_non_finite(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_non_finite(v) for v in value)
-    return False
-
-
 def _check_fields(cls: type, data: dict[str, Any], prefix: str, what: str) -> None:
     """Refuse keys that are not fields of dataclass ``cls`` and values not of the field's JSON type."""
     validators = _field_validators(cls)
@@ -401,7 +391,7 @@ def _check_fields(cls: type, data: dict[str, Any], prefix: str, what: str) -> No
                        f"{prefix}.{unknown[0]}")
     for key, value in data.items():
         type_name, validator = validators[key]
-        if _non_finite(value):
+        if holds_non_finite(value):
             raise _invalid(f"{key} must be finite (no NaN or Infinity)", f"{prefix}.{key}")
         try:
             validator.validate_json(json.dumps(value), strict=True)
