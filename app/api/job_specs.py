@@ -81,7 +81,8 @@ _HYPERPARAMETER_DOCS = {
     "train_on_inputs": "Also compute the loss on prompts and user turns, not only on completions.",
     "gradient_checkpointing": "Trade compute for memory by recomputing activations.",
     "mixed_precision": "auto, no, bf16 or fp16 (auto: bf16 where supported, else fp16 on GPU, fp32 on CPU).",
-    "eval_steps": "Evaluate on the validation dataset every this many steps; null = once per epoch.",
+    "eval_steps": "Evaluate on the validation dataset every this many steps; null = once per epoch. Needs "
+                  "`validation_dataset_id`.",
     "early_stopping_patience": "Stop after this many evaluations without improvement (needs eval_steps).",
     "save_steps": "Checkpoint every this many steps; null = once per epoch.",
     "seed": "Random seed (>= 0).",
@@ -265,6 +266,11 @@ def _plan_train(session: Session, host: BaseModelHost, body: TrainJobIn) -> JobP
     except ConfigError as exc:
         raise _invalid(str(exc), _field_param("hyperparameters", exc.field)) from exc
 
+    if body.validation_dataset_id is None:  # evaluation settings would be ignored without a set to evaluate on
+        for name in ("eval_steps", "early_stopping_patience"):
+            if body.hyperparameters.get(name) is not None:
+                raise _invalid(f"{name} needs validation_dataset_id: there is nothing to evaluate on",
+                               f"hyperparameters.{name}")
     for param, dataset_id in (("dataset_id", body.dataset_id), ("validation_dataset_id", body.validation_dataset_id)):
         if dataset_id is None:
             continue

@@ -158,6 +158,7 @@ def test_malformed_json_is_400(client: TestClient, ds: str) -> None:
     ({"hyperparameters": {"learning_rate": -1}}, "hyperparameters.learning_rate", ("> 0",)),
     ({"hyperparameters": {"early_stopping_patience": 2}}, "hyperparameters.early_stopping_patience", ("eval_steps",)),
     ({"hyperparameters": {"seed": 2**64}}, "hyperparameters.seed", ("<= 4294967295",)),
+    ({"hyperparameters": {"eval_steps": 5}}, "hyperparameters.eval_steps", ("validation_dataset_id",)),
     ({"hyperparameters": {"epochs": 10**30}}, "hyperparameters.epochs", ("<= 10000",)),
     ({"hyperparameters": {"max_steps": 2**31}}, "hyperparameters.max_steps", ("<= 2147483647",)),
     ({"hyperparameters": {"batch_size": 10**20}}, "hyperparameters.batch_size", ("<=",)),
