@@ -308,8 +308,9 @@ def test_validate_file_never_raises(tmp_path: Path, tokenizer: Any) -> None:
 
 
 def test_lines_json_cannot_hold_are_refused_naming_the_line() -> None:
-    """Deep nesting and over-long integers (which Python's parser raises on) and lone UTF-16 surrogates
-    (which it accepts, and which no UTF-8 text, database or JSON answer can hold) are line errors."""
+    """Deep nesting and over-long integers (which Python's parser raises on), lone UTF-16 surrogates
+    (which it accepts, and which no UTF-8 text, database or JSON answer can hold) and keys given twice
+    (of which it keeps the last without a word) are line errors."""
     lines = [
         json.dumps(TEXT),
         '{"text": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
@@ -317,12 +318,15 @@ def test_lines_json_cannot_hold_are_refused_naming_the_line() -> None:
         '{"text": "a", "\\ud800": 1}',
         '{"text": "q\\udc00"}',
         '{"text": "fine \\ud83d\\ude00"}',  # a surrogate pair is one character (an emoji)
+        '{"text": "first", "text": "second"}',
+        '{"messages": [{"role": "user", "role": "assistant", "content": "x"}]}',
     ]
     examples, report = read_examples(lines)
     assert [e.line for e in examples] == [1, 6]
     found = by_line(report)
-    assert sorted(found) == [2, 3, 4, 5]
+    assert sorted(found) == [2, 3, 4, 5, 7, 8]
     assert "nested too deeply" in found[2][0].message
+    assert all(found[n][0].code == "bad_json" and "given twice" in found[n][0].message for n in (7, 8))
     assert found[3][0].code == "bad_json"
     assert all(found[n][0].code == "bad_text" and "surrogate" in found[n][0].message for n in (4, 5))
     json.dumps([i.message for i in report.errors]).encode("utf-8")  # every message is valid text
