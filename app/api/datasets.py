@@ -176,6 +176,8 @@ class _MultipartReader:
             self._out.close()
             self._out = None
         elif self._field is not None:
+            if self._field in self.upload.fields:  # which value was meant? (the last would win silently)
+                raise ApiError(422, f"form field {self._field} is given twice", param=self._field)
             self.upload.fields[self._field] = self._value.decode("utf-8", "replace").strip()
             self._field = None
 

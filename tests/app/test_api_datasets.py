@@ -307,3 +307,11 @@ def test_lines_json_cannot_hold_are_refused_and_the_listing_still_works(client: 
     assert "line 2" in response.text
     listing = client.get("/datasets")
     assert listing.status_code == 200 and listing.json()["data"] == []
+
+
+def test_a_form_field_given_twice_is_refused(client: TestClient) -> None:
+    response = client.post("/datasets", files=[("file", ("train.jsonl", CHAT, "application/jsonl")),
+                                               ("max_seq_len", (None, "8")), ("max_seq_len", (None, "4096"))])
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == "max_seq_len" and "twice" in response.json()["error"]["message"]
+    assert client.get("/datasets").json()["data"] == []
