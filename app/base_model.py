@@ -142,6 +142,7 @@ class BaseModelHost:
             adapters = self._fresh()
             adapters.add_adapter(_VALIDATION_SLOT, probe, dtype=torch.bfloat16)
             self._check_ranks(adapters)
+            self._check_patterns(config, adapters)
 
     def _check_saved_modules(self, config: AdapterConfig) -> None:
         """``ConfigError`` on ``modules_to_save`` unless its entries name single layers of the architecture, which
@@ -157,6 +158,21 @@ class BaseModelHost:
                 saved_module_names(self._skeleton, wanted)
         except TargetModulesNotFoundError as exc:
             raise ConfigError(str(exc), field="modules_to_save") from exc
+
+    @staticmethod
+    def _check_patterns(config: AdapterConfig, adapters: Any) -> None:
+        """A ``rank_pattern`` / ``alpha_pattern`` key must match a module the adapter targets (a typo would
+        otherwise be ignored, and every layer trained at ``r`` / ``lora_alpha``)."""
+        import re
+
+        suffix = f".lora_A.{_VALIDATION_SLOT}"
+        targeted = [n.removesuffix(suffix) for n, _ in adapters.named_parameters() if n.endswith(suffix)]
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(config, field_name, None) or {}:
+                if not any(re.match(rf"(.*\.)?({key})$", module) for module in targeted):
+                    from adapters_core.errors import ConfigError
+
+                    raise ConfigError(f"{field_name} key {key!r} matches no module the adapter targets", field=field_name)
 
     @staticmethod
     def _check_ranks(adapters: Any) -> None:
