@@ -4,7 +4,8 @@ FastAPI drops unknown query parameters without a word, so a typo changes what a 
 ``/generate?adaptor=qa`` would be answered by the base model, ``/adapters?limt=5`` with a page of 50.
 The app-wide dependency here answers 422 naming the parameter (and the ones the route takes) instead.
 A parameter that takes one value and is given several (``/generate?adapter=qa&adapter=base``) is
-refused too: FastAPI would keep the last one and drop the others just as silently.
+refused too: FastAPI would keep the last one and drop the others just as silently. An integer
+parameter must be written as digits: pydantic's lax parsing would read ``1_0`` as 10 and ``2.0`` as 2.
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ from fastapi.dependencies.utils import field_annotation_is_sequence
 from fastapi.routing import APIRoute
 
 from app.api.errors import ApiError
+from app.digits import is_ascii_number
+
+
+def integer_query_params(dependant: Dependant) -> set[str]:
+    """The query parameter names (aliases) of a route's dependency tree that take an integer."""
+    names = {field.alias for field in dependant.query_params if field.field_info.annotation is int}
+    for sub in dependant.dependencies:
+        names |= integer_query_params(sub)
+    return names
 
 
 def accepted_query_params(dependant: Dependant) -> dict[str, bool]:
@@ -41,6 +51,10 @@ async def reject_unknown_query_params(request: Request) -> None:
         takes = ", ".join(f"`{name}`" for name in sorted(accepted)) or "none"
         raise ApiError(422, f"unknown query parameter `{unknown[0]}` for {request.method} {route.path} "
                             f"(it takes: {takes})", param=unknown[0])
+    integers = integer_query_params(route.dependant)
+    for name, value in given:  # pydantic would read "1_0" as 10, "2.0" as 2, " +2 " as 2
+        if name in integers and not is_ascii_number(value.removeprefix("-")):
+            raise ApiError(422, f"query parameter `{name}` must be an integer (digits only), got {value!r}", param=name)
     if len(given) > len(request.query_params):  # some name came more than once
         for name in request.query_params:
             count = len(request.query_params.getlist(name))

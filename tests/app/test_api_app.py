@@ -57,6 +57,16 @@ def test_unknown_query_parameters_are_refused_naming_the_parameter(client: TestC
     assert twice.status_code == 422 and twice.json()["error"]["param"] == "limit", twice.text
 
 
+@pytest.mark.parametrize("value", ["1_0", "2.0", "+2", " 2 ", "\u0662"])
+@pytest.mark.parametrize("route", ["/adapters", "/jobs", "/datasets"])
+def test_integer_query_parameters_take_digits_only(client: TestClient, route: str, value: str) -> None:
+    """pydantic's lax parsing would read 1_0 as 10 and 2.0 as 2: the page size asked for is not a guess."""
+    response = client.get(route, params={"limit": value})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == "limit" and repr(value) in response.json()["error"]["message"]
+    assert client.get(route, params={"limit": "2"}).status_code == 200
+
+
 def test_api_keys_when_configured(api_settings: Settings, base_host: Any) -> None:
     from tests.app.conftest import RecordingQueue
 
