@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -155,10 +156,12 @@ class Generation:
 
 def in_request_terms(exc: ServingError, param: str) -> ServingError:
     """``exc`` naming the request's own field for the adapter (``model`` on the OpenAI routes) where the
-    serving layer named it ``adapter``."""
-    if exc.param == "adapter":
-        exc.param = param
-    return exc
+    serving layer named it ``adapter``: a copy, as one error may answer several requests."""
+    if exc.param != "adapter" or param == "adapter":
+        return exc
+    renamed = copy.copy(exc)
+    renamed.param = param
+    return renamed
 
 
 async def _disconnected(request: Request) -> None:
