@@ -77,6 +77,24 @@ def _without_password(value: Any) -> Any:
     return value
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """:class:`CliError` when ``host:port`` cannot be bound (in use, or not an address of this machine)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise CliError(f"cannot serve on {host}:{port} (ADAPTERFORGE_HOST / --host): {exc}", code=2) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise CliError(f"cannot serve on {host}:{port}: {exc.strerror or exc} (another server there? "
+                           "pick one with --port)") from None
+
+
 def _database_error(url: str, exc: Exception) -> CliError:
     """A :class:`CliError` for a database that cannot be used, the URL shown without its password."""
     from sqlalchemy.engine import make_url
@@ -173,6 +191,7 @@ def _up(host: str | None, port: int | None) -> int:
 
     overrides: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     settings = _settings(**overrides)
+    _check_port_free(settings.host, settings.port)  # before the worker starts and the model loads
     logging.getLogger().setLevel(settings.log_level)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     settings.data_dir.mkdir(parents=True, exist_ok=True)

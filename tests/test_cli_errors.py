@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,14 @@ def test_up_with_a_missing_local_base_model_says_so(data_dir: Path, tmp_path: Pa
     monkeypatch.setenv("ADAPTERFORGE_BASE_MODEL", str(missing))
     code, message = _run(["up", "--port", "8123"], caplog)
     assert code == 1 and str(missing) in message and "ADAPTERFORGE_BASE_MODEL" in message, message
+
+
+def test_up_on_a_port_in_use_says_so_before_starting_anything(data_dir: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, message = _run(["up", "--host", "127.0.0.1", "--port", str(port)], caplog)
+    assert code == 1 and str(port) in message and "--port" in message, message
+    assert not data_dir.exists()  # no database, no demo model, no worker
