@@ -261,6 +261,20 @@ def _worker(pool: str, concurrency: int) -> int:
     return 0  # pragma: no cover - execv does not return
 
 
+def _at_least(minimum: float, kind: type[int] | type[float]) -> Any:
+    """An argparse ``type``: a number of ``kind`` no smaller than ``minimum`` (argparse names the flag)."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not value >= minimum:  # (NaN too)
+            raise argparse.ArgumentTypeError(f"must be >= {minimum:g}, got {text}")
+        return value
+
+    return parse
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adapterforge",
@@ -289,7 +303,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "another database must be migrated first with `adapterforge db upgrade`. Ctrl-C stops both.",
     )
     up.add_argument("--host", default=None, help="address to bind (default: ADAPTERFORGE_HOST or 127.0.0.1)")
-    up.add_argument("--port", type=int, default=None, help="port to bind (default: ADAPTERFORGE_PORT or 8000)")
+    up.add_argument("--port", type=_at_least(1, int), default=None, help="port to bind (default: ADAPTERFORGE_PORT or 8000)")
     worker = sub.add_parser(
         "worker",
         help="run one training worker in the foreground (production: one per GPU)",
@@ -301,7 +315,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="Celery pool: solo (default) trains in this process and hands a running job back "
                         "on SIGTERM; prefork trains in child processes, each loading its own copy of the model, "
                         "and finishes running jobs before stopping")
-    worker.add_argument("--concurrency", type=int, default=1,
+    worker.add_argument("--concurrency", type=_at_least(1, int), default=1,
                         help="prefork: child processes, i.e. jobs at once (default: 1, one per GPU)")
     store = sub.add_parser("store", help="artifact store maintenance")
     store_sub = store.add_subparsers(dest="store_command", metavar="STORE_COMMAND", required=True)
@@ -310,7 +324,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Deletes artifact-store objects that no registry row (deleted ones included) references "
         "and that were not modified for --older-than seconds.",
     )
-    gc.add_argument("--older-than", type=float, default=3600.0,
+    gc.add_argument("--older-than", type=_at_least(0, float), default=3600.0,
                     help="grace period in seconds, so uploads on their way to a commit are spared (default 3600)")
     gc.add_argument("--dry-run", action="store_true", help="only report what would be deleted")
     return parser

@@ -32,7 +32,6 @@ def _run(argv: list[str], caplog: pytest.LogCaptureFixture) -> tuple[int, str]:
 @pytest.mark.parametrize(
     ("argv", "env", "needles"),
     [
-        (["up", "--port", "0"], {}, ["--port", "greater than or equal to 1"]),
         (["up", "--port", "99999"], {}, ["--port", "99999"]),
         (["store", "gc"], {"ADAPTERFORGE_API_KEYS": "notjson"}, ["ADAPTERFORGE_API_KEYS"]),
         (["store", "gc"], {"ADAPTERFORGE_LOG_LEVEL": "loud"}, ["ADAPTERFORGE_LOG_LEVEL", "LOUD", "DEBUG"]),
@@ -40,7 +39,7 @@ def _run(argv: list[str], caplog: pytest.LogCaptureFixture) -> tuple[int, str]:
         (["store", "gc"], {"ADAPTERFORGE_DATABASE_URL": "mysql://admin:s3cret@db/af"},
          ["ADAPTERFORGE_DATABASE_URL", "mysql://admin:***@db/af"]),
     ],
-    ids=["port-0", "port-too-big", "api-keys-not-json", "log-level", "broker-url", "database-url"],
+    ids=["port-too-big", "api-keys-not-json", "log-level", "broker-url", "database-url"],
 )
 def test_bad_settings_and_flags_are_named(data_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                           caplog: pytest.LogCaptureFixture, argv: list[str], env: dict[str, str],
@@ -109,3 +108,14 @@ def test_up_on_a_port_in_use_says_so_before_starting_anything(data_dir: Path,
         code, message = _run(["up", "--host", "127.0.0.1", "--port", str(port)], caplog)
     assert code == 1 and str(port) in message and "--port" in message, message
     assert not data_dir.exists()  # no database, no demo model, no worker
+
+
+@pytest.mark.parametrize("argv", [["up", "--port", "0"], ["worker", "--concurrency", "0"],
+                                  ["store", "gc", "--older-than", "-5"],
+                                  ["store", "gc", "--older-than", "nan"]])
+def test_flags_out_of_range_are_usage_errors(data_dir: Path, argv: list[str],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert argv[-2] in capsys.readouterr().err
