@@ -22,6 +22,7 @@ from fastapi.openapi.utils import get_openapi
 from app.api import adapters, datasets, generate, health, jobs, openai_compat
 from app.api.deps import Services
 from app.api.errors import ApiError, install_error_handlers, use_error_schema_for_validation
+from app.api.json_body import reject_repeated_json_keys
 from app.api.query_params import reject_unknown_query_params
 from app.base_model import BaseModelHost
 from app.db import Database
@@ -176,7 +177,8 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.state.stopping = threading.Event()
     install_error_handlers(app)
     known_params = Depends(reject_unknown_query_params)
-    auth = [Depends(_require_api_key(settings)), known_params]  # the key is checked first
+    auth = [Depends(_require_api_key(settings)), known_params,  # the key is checked first
+            Depends(reject_repeated_json_keys)]
     app.include_router(health.router, dependencies=[known_params])  # probes stay open; /metrics is behind the key
     app.include_router(health.metrics_router, dependencies=auth)
     app.include_router(datasets.router, dependencies=auth)

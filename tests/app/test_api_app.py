@@ -67,6 +67,19 @@ def test_integer_query_parameters_take_digits_only(client: TestClient, route: st
     assert client.get(route, params={"limit": "2"}).status_code == 200
 
 
+@pytest.mark.parametrize("body", [
+    b'{"type": "train", "type": "merge", "dataset_id": "ds_x", "adapter": {"name": "b"}}',
+    b'{"type": "train", "dataset_id": "ds_x", "adapter": {"name": "b"}, "hyperparameters": {"epochs": 1, "epochs": 50}}',
+], ids=["top-level", "nested"])
+def test_a_json_body_giving_a_key_twice_is_refused(client: TestClient, body: bytes) -> None:
+    """Python's json keeps the last of a repeated key silently: which one the client meant is unknowable."""
+    response = client.post("/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] in ("type", "epochs") and "more than once" in error["message"]
+    assert client.get("/jobs").json()["data"] == []
+
+
 def test_api_keys_when_configured(api_settings: Settings, base_host: Any) -> None:
     from tests.app.conftest import RecordingQueue
 
