@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from adapters_core.json_objects import object_without_repeats
+
 MAX_HEADER_BYTES = 100_000_000  # what the safetensors library accepts
 
 # the format's dtype names -> torch dtypes (those this torch build has)
@@ -44,7 +46,7 @@ def tensor_views(buffer: bytearray) -> dict[str, torch.Tensor] | None:
     if header_bytes > MAX_HEADER_BYTES or start > len(buffer) or buffer[8:9] != b"{":
         return None
     try:
-        header = json.loads(bytes(buffer[8:start]).decode("utf-8"), object_pairs_hook=_refuse_duplicates)
+        header = json.loads(bytes(buffer[8:start]).decode("utf-8"), object_pairs_hook=object_without_repeats)
     except (ValueError, RecursionError):  # not UTF-8, not JSON, a key given twice, or nested too deeply
         return None
     if not isinstance(header, dict):
@@ -75,13 +77,6 @@ def tensor_views(buffer: bytearray) -> dict[str, torch.Tensor] | None:
             torch.empty(0, dtype=dtype)
         views[key] = flat.view(shape)
     return views
-
-
-def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise ValueError("a key is given twice")
-    return result
 
 
 def _span(key: str, entry: object) -> tuple[int, int, str, torch.dtype, list[int]] | None:

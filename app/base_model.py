@@ -163,15 +163,14 @@ class BaseModelHost:
     def _check_patterns(config: AdapterConfig, adapters: Any) -> None:
         """A ``rank_pattern`` / ``alpha_pattern`` key must match a module the adapter targets (a typo would
         otherwise be ignored, and every layer trained at ``r`` / ``lora_alpha``)."""
-        import re
+        from adapters_core.errors import ConfigError
+        from adapters_core.methods.lora.config import pattern_key
 
         suffix = f".lora_A.{_VALIDATION_SLOT}"
         targeted = [n.removesuffix(suffix) for n, _ in adapters.named_parameters() if n.endswith(suffix)]
         for field_name in ("rank_pattern", "alpha_pattern"):
             for key in getattr(config, field_name, None) or {}:
-                if not any(re.match(rf"(.*\.)?({key})$", module) for module in targeted):
-                    from adapters_core.errors import ConfigError
-
+                if not any(pattern_key([key], module) for module in targeted):
                     raise ConfigError(f"{field_name} key {key!r} matches no module the adapter targets", field=field_name)
 
     @staticmethod

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from adapters_core.errors import AdapterError
+from adapters_core.json_objects import object_without_repeats
 from adapters_core.training.examples import ROLES, Example, ExampleForm, Message
 from adapters_core.training.tokenize import encode_example
 
@@ -288,7 +289,7 @@ def read_examples(source: Source) -> tuple[list[Example], ValidationReport]:
             continue
         seen_line = True
         try:
-            obj = json.loads(text, object_pairs_hook=_object_without_repeats)
+            obj = json.loads(text, object_pairs_hook=object_without_repeats)
         except RecursionError:
             errors.append(DataIssue(line, None, "bad_json", "invalid JSON: nested too deeply"))
             continue
@@ -400,16 +401,6 @@ def validate_or_raise(
     if tokenizer is not None:
         _attach_summary(report, token_summary(examples, tokenizer, max_seq_len, truncate))
     return examples, report
-
-
-def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object's dict; a key given twice is an error (``json`` would keep the last value silently)."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"key {key!r} is given twice")
-        out[key] = value
-    return out
 
 
 def _holds_lone_surrogate(value: Any) -> bool:

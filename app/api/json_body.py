@@ -9,27 +9,12 @@ stream their body themselves (the multipart uploads) declare no body field and a
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from fastapi import Request
 from fastapi.routing import APIRoute
 
+from adapters_core.json_objects import RepeatedKey, object_without_repeats
 from app.api.errors import ApiError
-
-
-class _RepeatedKey(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _RepeatedKey(key)
-        out[key] = value
-    return out
 
 
 async def reject_repeated_json_keys(request: Request) -> None:
@@ -41,8 +26,8 @@ async def reject_repeated_json_keys(request: Request) -> None:
     if not body:
         return
     try:
-        json.loads(body, object_pairs_hook=_object)
-    except _RepeatedKey as exc:
+        json.loads(body, object_pairs_hook=object_without_repeats)
+    except RepeatedKey as exc:
         raise ApiError(422, f"the JSON body gives the key {exc.key!r} more than once (which value was meant?)",
                        param=exc.key) from None
     except (ValueError, RecursionError):  # not JSON at all: the route's own parsing has answered that

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,3 +100,17 @@ def hf_generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) ->
     new = out.sequences[0, ids["input_ids"].shape[1]:].tolist()
     logprobs = [float(torch.log_softmax(step[0].float(), dim=-1)[t]) for step, t in zip(out.logits, new, strict=True)]
     return new, logprobs
+
+
+def sse_events(response: Any) -> list[tuple[str, Any]]:
+    """``(event, data)`` of each server-sent event of ``response`` (``message`` where none is named); the data
+    parsed as JSON, except OpenAI's closing ``[DONE]``, kept as that string."""
+    events, kind = [], "message"
+    for line in response.text.splitlines():
+        if line.startswith("event: "):
+            kind = line[len("event: "):]
+        elif line.startswith("data: "):
+            raw = line[len("data: "):]
+            events.append((kind, raw if raw == "[DONE]" else json.loads(raw)))
+            kind = "message"
+    return events

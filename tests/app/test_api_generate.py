@@ -34,6 +34,7 @@ from tests.app.serving_helpers import (
     peft_adapter,
     served_app,
     serving_settings,
+    sse_events,
     upload,
 )
 from tests.conftest import load_model
@@ -227,17 +228,6 @@ def test_min_new_tokens_suppresses_end_of_sequence(served: TestClient) -> None:
 
 
 # ----------------------------------------------------------------------------------------- streaming
-def sse_events(response: Any) -> list[tuple[str, Any]]:
-    events, kind = [], "message"
-    for line in response.text.splitlines():
-        if line.startswith("event: "):
-            kind = line[len("event: "):]
-        elif line.startswith("data: "):
-            events.append((kind, json.loads(line[len("data: "):])))
-            kind = "message"
-    return events
-
-
 def test_streaming_sends_tokens_then_the_full_answer(served: TestClient) -> None:
     want = greedy(served, "a7", PROMPTS[2], 20, min_new_tokens=20)
     response = generate(served, "a7", prompt=PROMPTS[2], max_new_tokens=20, min_new_tokens=20, temperature=0,

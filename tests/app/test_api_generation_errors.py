@@ -8,7 +8,6 @@ same error code as the JSON answers (`internal_error`), and the OpenAI streams s
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ pytest.importorskip("peft")
 
 from fastapi.testclient import TestClient
 
-from tests.app.serving_helpers import peft_adapter, served_app, serving_settings, upload
+from tests.app.serving_helpers import peft_adapter, served_app, serving_settings, sse_events, upload
 
 GOOD, BAD = "hello there", "The quick brown fox"
 
@@ -64,19 +63,6 @@ def failing(client: TestClient, prompt: str | None) -> Iterator[None]:
             time.sleep(0.01)
 
 
-def sse_lines(response: Any) -> list[tuple[str, Any]]:
-    """``(event, data)`` of each event; ``[DONE]`` stays a string."""
-    events, kind = [], "message"
-    for line in response.text.splitlines():
-        if line.startswith("event: "):
-            kind = line[len("event: "):]
-        elif line.startswith("data: "):
-            raw = line[len("data: "):]
-            events.append((kind, raw if raw == "[DONE]" else json.loads(raw)))
-            kind = "message"
-    return events
-
-
 def finished(client: TestClient, reason: str) -> float:
     for line in client.get("/metrics").text.splitlines():
         if (line.startswith("adapterforge_generate_requests_total{") and 'adapter="bot"' in line
@@ -90,7 +76,7 @@ def test_a_streamed_batch_names_the_prompt_that_failed(client: TestClient) -> No
         response = client.post("/generate?adapter=bot", json={"prompt": [GOOD, BAD], "max_new_tokens": 8,
                                                                "temperature": 0, "stream": True})
     assert response.status_code == 200
-    events = sse_lines(response)
+    events = sse_events(response)
     errors = [data for kind, data in events if kind == "error"]
     assert len(errors) == 1, events
     assert errors[0]["index"] == 1
@@ -109,7 +95,7 @@ def test_an_openai_stream_that_fails_says_so_then_ends_with_done(client: TestCli
     with failing(client, None):
         response = client.post(route, json=body)
     assert response.status_code == 200
-    events = sse_lines(response)
+    events = sse_events(response)
     assert events[-1] == ("message", "[DONE]"), events[-3:]
     errors = [data["error"] for _, data in events if isinstance(data, dict) and "error" in data]
     assert len(errors) == 1 and errors[0]["code"] == "internal_error", events

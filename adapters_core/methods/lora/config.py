@@ -162,16 +162,16 @@ class LoraConfig(AdapterConfig):
 
     def rank_for(self, module_name: str) -> int:
         """Rank of the module named ``module_name`` after ``rank_pattern``."""
-        key = _pattern_key(self.rank_pattern, module_name)
+        key = pattern_key(self.rank_pattern, module_name)
         return int(self.rank_pattern[key]) if key is not None else self.r
 
     def alpha_for(self, module_name: str) -> float:
         """Alpha of the module named ``module_name`` after ``alpha_pattern``."""
-        key = _pattern_key(self.alpha_pattern, module_name)
+        key = pattern_key(self.alpha_pattern, module_name)
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
 
 
-def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
+def pattern_key(patterns: dict[str, Any] | list[str], module_name: str) -> str | None:
     """First pattern key that equals ``module_name`` or matches a dotted suffix of it (regex allowed)."""
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module_name):
