@@ -6,7 +6,9 @@
   Assistant spans are found by rendering prefix by prefix: the text an assistant turn adds after
   ``render(messages[:i], add_generation_prompt=True)`` is its content plus the turn's suffix; the content and
   the suffix up to and including its first special token (the end-of-turn token, e.g. ``<|im_end|>``)
-  are trainable, any later text of the suffix (e.g. the newline after ``<|im_end|>``) is not. The pieces are
+  are trainable, any later text of the suffix (e.g. the newline after ``<|im_end|>``) is not (a conversation
+  that opens with the assistant has no prefix to render: that turn's header is the text before its
+  content). A template that refuses a conversation fails with the example's line. The pieces are
   tokenised one by one and their concatenation is checked against the tokenisation of the full render; when
   a BPE merge crosses a piece boundary the labels come from the full render's offset mapping instead.
 * completion: ``tokenizer(prompt)`` (with the tokenizer's default special tokens, e.g. BOS) + completion
@@ -33,12 +35,20 @@ IGNORE_INDEX = -100
 _Span = tuple[int, int]
 
 
-def _render(tokenizer: Any, messages: Sequence[Message], template: str | None, *, generation: bool) -> str:
-    """The chat template's text for ``messages`` (no tokenisation)."""
+def _render(
+    tokenizer: Any, messages: Sequence[Message], template: str | None, *, generation: bool, line: int
+) -> str:
+    """The chat template's text for ``messages`` (no tokenisation); a template that refuses them (many
+    raise on a conversation they do not accept) fails with the example's line."""
     conversation = [{"role": m.role, "content": m.content} for m in messages]
-    text = tokenizer.apply_chat_template(
-        conversation, tokenize=False, add_generation_prompt=generation, chat_template=template
-    )
+    try:
+        text = tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=generation, chat_template=template
+        )
+    except Exception as exc:
+        raise ValueError(
+            f"line {line}: the chat template cannot render the first {len(messages)} messages: {exc}"
+        ) from exc
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
     return text
@@ -77,12 +87,12 @@ def _chat_pieces(
     pieces: list[tuple[str, bool]] = []
     done = ""  # rendered text covered by ``pieces`` so far
     for i, message in enumerate(messages):
-        if message.role == "assistant":
-            header_end = _render(tokenizer, messages[:i], template, generation=True)
+        if message.role == "assistant" and i > 0:  # (no template renders an empty conversation: see below)
+            header_end = _render(tokenizer, messages[:i], template, generation=True, line=example.line)
             if header_end.startswith(done) and len(header_end) > len(done):
                 pieces.append((header_end[len(done) :], train_on_inputs))
                 done = header_end
-        full = _render(tokenizer, messages[: i + 1], template, generation=False)
+        full = _render(tokenizer, messages[: i + 1], template, generation=False, line=example.line)
         if not full.startswith(done):
             raise ValueError(
                 f"line {example.line}: the chat template's render of the first {i + 1} messages does not "
@@ -90,9 +100,14 @@ def _chat_pieces(
             )
         turn = full[len(done) :]
         if message.role == "assistant":
-            cut = _trainable_end(turn, message.content, specials)
+            head = 0
+            if i == 0:  # a conversation that opens with the assistant: its header is the text before the content
+                stripped = message.content.strip()
+                head = max(turn.find(stripped), 0) if stripped else 0
+                pieces.append((turn[:head], train_on_inputs))
+            cut = head + _trainable_end(turn[head:], message.content, specials)
             in_loss = message.weight != 0
-            pieces.append((turn[:cut], in_loss))
+            pieces.append((turn[head:cut], in_loss))
             pieces.append((turn[cut:], train_on_inputs and in_loss))
         else:
             pieces.append((turn, train_on_inputs))

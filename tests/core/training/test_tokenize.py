@@ -73,6 +73,29 @@ def test_weight_zero_assistant_turn_is_masked(tok: Any) -> None:
     assert "again" in "".join(trained_spans(tok, t_all))
 
 
+def test_conversation_opening_with_the_assistant(tok: Any) -> None:
+    """No template renders an empty conversation, so the opening turn's header is found by its content: the
+    header stays out of the loss, the content and end of turn are in it, and the ids are the full render's."""
+    ex = chat(("assistant", "Hello! Ask me anything."), ("user", "What is 2+2?"), ("assistant", "It is 4."))
+    t = tokenize_example(ex, tok, max_seq_len=512)
+    rendered = tok.apply_chat_template([{"role": m.role, "content": m.content} for m in ex.messages], tokenize=False)
+    assert t.input_ids == tok(rendered, add_special_tokens=False)["input_ids"]
+    assert trained_spans(tok, t) == ["Hello! Ask me anything.<|im_end|>", "It is 4.<|im_end|>"]
+    assert tokenize_chat(ex, tok) == tokenize_chat(ex, tok, use_offsets=True)
+
+
+def test_template_refusing_a_conversation_names_the_line(tok: Any) -> None:
+    from transformers import AutoTokenizer
+
+    strict = AutoTokenizer.from_pretrained(tok.name_or_path)
+    strict.chat_template = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with a user turn') }}"
+        "{% endif %}" + CHAT_TEMPLATE
+    )
+    with pytest.raises(ValueError, match=r"^line 7: the chat template cannot render .*must start with a user turn"):
+        tokenize_example(chat(("assistant", "hi"), ("user", "yo"), ("assistant", "ok"), line=7), strict, max_seq_len=64)
+
+
 def test_train_on_inputs_counts_every_token(tok: Any) -> None:
     t = tokenize_example(CHAT, tok, max_seq_len=512, train_on_inputs=True)
     assert t.labels == t.input_ids
