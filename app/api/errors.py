@@ -65,8 +65,15 @@ class FieldError(ValueError):
         self.field = field
 
 
-def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "param": param}}
+def error_type(status: int) -> str:
+    """OpenAI's ``type`` of an error answer with this HTTP status (its clients read it)."""
+    if status >= 500:
+        return "server_error"
+    return "rate_limit_error" if status == 429 else "invalid_request_error"
+
+
+def error_body(code: str, message: str, param: str | None = None, status: int = 400) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "param": param, "type": error_type(status)}}
 
 
 def serving_error_code(exc: ServingError) -> str:
@@ -75,12 +82,12 @@ def serving_error_code(exc: ServingError) -> str:
 
 
 def serving_error_body(exc: ServingError) -> dict[str, Any]:
-    return error_body(serving_error_code(exc), str(exc), exc.param)
+    return error_body(serving_error_code(exc), str(exc), exc.param, exc.status)
 
 
 def error_response(status: int, code: str, message: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(code, message, param), status_code=status, headers=headers)
+    return JSONResponse(error_body(code, message, param, status), status_code=status, headers=headers)
 
 
 class ErrorDetail(BaseModel):
@@ -89,6 +96,8 @@ class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable code, e.g. `invalid_request`, `not_found`, `conflict`.")
     message: str = Field(description="Human-readable explanation naming the problem (and the line, for data).")
     param: str | None = Field(default=None, description="The offending field or parameter, e.g. `adapter.config.r`.")
+    type: str = Field(description="OpenAI's error type, by status: `invalid_request_error` (4xx), "
+                      "`rate_limit_error` (429), `server_error` (5xx).")
 
 
 class ErrorResponse(BaseModel):
@@ -116,13 +125,14 @@ def use_error_schema_for_validation(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def error_doc(code: str, description: str) -> dict[str, Any]:
+def error_doc(code: str, description: str, status: int = 400) -> dict[str, Any]:
     """An OpenAPI ``responses`` entry for an error answer."""
-    return {"description": description, "content": {"application/json": {"example": error_body(code, "...")}}}
+    return {"description": description,
+            "content": {"application/json": {"example": error_body(code, "...", status=status)}}}
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: error_doc(code, code.replace("_", " "))
+    status: error_doc(code, code.replace("_", " "), status)
     for status, code in _STATUS_CODES.items() if status in (400, 404, 409, 413, 415, 422)
 }
 

@@ -28,11 +28,11 @@ INFERENCE_ERRORS: dict[int | str, dict[str, Any]] = {
     400: error_doc("invalid_json", "the body is not valid JSON"),
     404: ERROR_RESPONSES[404],
     422: ERROR_RESPONSES[422],
-    429: error_doc("rate_limited", "ADAPTERFORGE_MAX_QUEUE_DEPTH requests already wait (Retry-After)"),
+    429: error_doc("rate_limited", "ADAPTERFORGE_MAX_QUEUE_DEPTH requests already wait (Retry-After)", 429),
     500: error_doc("internal_error", "the generation failed: a forward on the device, or this request's "
-                   "next-token scores were not finite"),
+                   "next-token scores were not finite", 500),
     503: error_doc("unavailable", "inference is disabled or stopping, or every adapter slot is pinned to other "
-                   "adapters (Retry-After)"),
+                   "adapters (Retry-After)", 503),
 }
 
 

@@ -204,7 +204,7 @@ class CompletionRequest(_Common):
                                  "and of the N likeliest alternatives.")
     echo: bool | None = Field(default=None, description="Not supported: only false is accepted.")
     suffix: str | None = Field(default=None, description="Not supported.")
-    best_of: int | None = Field(default=None, ge=1, description="Only equal to n (or 1) is accepted.")
+    best_of: int | None = Field(default=None, ge=1, description="Only equal to n is accepted.")
 
     @model_validator(mode="after")
     def _refuse_completion_extras(self) -> CompletionRequest:
@@ -212,10 +212,13 @@ class CompletionRequest(_Common):
             raise FieldError("echo", "echo is not supported by this server")
         if self.suffix:
             raise FieldError("suffix", "suffix is not supported by this server")
-        if self.best_of not in (None, 1, self.n or 1):
+        if self.best_of is not None and self.best_of < (self.n or 1):
+            raise FieldError("best_of", "best_of must be at least n")
+        if self.best_of not in (None, self.n or 1):
             raise FieldError("best_of", "best_of other than n is not supported by this server")
-        if isinstance(self.prompt, list) and (not self.prompt or len(self.prompt) > MAX_PROMPTS):
-            raise FieldError("prompt", f"prompt as a list needs 1 to {MAX_PROMPTS} entries")
+        p = self.prompt  # a list of token ids is one prompt, of any length
+        if isinstance(p, list) and (not p or (len(p) > MAX_PROMPTS and not all(isinstance(x, int) for x in p))):
+            raise FieldError("prompt", f"prompt as a list of prompts needs 1 to {MAX_PROMPTS} entries")
         return self
 
     def prompt_ids(self, host: ServingHost) -> list[list[int]]:
@@ -318,7 +321,10 @@ async def _chunks(generation: inference.Generation, head: dict[str, Any], prompt
                   end_choice: Callable[[int, str], dict[str, Any]],
                   opening: Sequence[dict[str, Any]] = ()) -> AsyncIterator[str]:
     """OpenAI's stream: ``opening`` choices, a chunk per delta, a chunk per finished choice, the usage
-    when asked, ``[DONE]``; an engine error ends it with the error shape, then ``[DONE]``."""
+    when asked (then every other chunk says ``"usage": null``), ``[DONE]``; an engine error ends it with the
+    error shape, then ``[DONE]``."""
+    if include_usage:
+        head = {**head, "usage": None}
     for choice in opening:
         yield inference.sse({**head, "choices": [choice]})
     results: list[GenerationResult] = []
@@ -422,6 +428,8 @@ class ChatCompletionRequest(_Common):
             raise FieldError("response_format", "response_format other than text is not supported by this server")
         if self.top_logprobs and not self.logprobs:
             raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
+        if self.max_tokens is not None and self.max_completion_tokens not in (None, self.max_tokens):
+            raise FieldError("max_tokens", "max_tokens and max_completion_tokens differ: send one of them")
         return self
 
 
@@ -448,10 +456,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     messages = [{"role": m.role, "content": m.text(f"messages[{i}]"),
                  **({"name": m.name} if m.name is not None else {})} for i, m in enumerate(body.messages)]
     ids = host.encode_chat(messages)
-    named = [i for i, m in enumerate(body.messages) if m.name is not None]
-    if named and host.encode_chat([{k: v for k, v in m.items() if k != "name"} for m in messages]) == ids:
-        raise ApiError(422, f"messages[{named[0]}].name: the base model's chat template does not use participant "
-                            "names: send the messages without `name`", param=f"messages[{named[0]}].name")
+    for i, m in enumerate(body.messages):  # each name must change the prompt: one the template drops is refused
+        if m.name is not None and host.encode_chat([{k: v for k, v in x.items() if k != "name" or j != i}
+                                                    for j, x in enumerate(messages)]) == ids:
+            raise ApiError(422, f"messages[{i}].name: the base model's chat template does not use this message's "
+                                "participant name: send it without `name`", param=f"messages[{i}].name")
     n = body.n or 1
     inference.check_queue_room(host, 1, n, prompt_param="messages")
     max_tokens = body.max_completion_tokens or body.max_tokens or _default_chat_tokens(host, len(ids))

@@ -37,7 +37,7 @@ def test_health_readiness_and_metrics(client: TestClient) -> None:
 def test_unknown_routes_and_methods_use_the_error_shape(client: TestClient) -> None:
     missing = client.get("/no/such/route")
     assert missing.status_code == 404
-    assert missing.json() == {"error": {"code": "not_found", "message": "Not Found", "param": None}}
+    assert missing.json() == {"error": {"code": "not_found", "message": "Not Found", "param": None, "type": "invalid_request_error"}}
     wrong = client.delete("/healthz")
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
 

@@ -68,7 +68,7 @@ def snapshot(client: TestClient) -> Callable[[], None]:
 def assert_error(response: Any, status: int, code: str, param: str | None = None, *words: str) -> None:
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "param"}
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "param", "type"}
     assert body["error"]["code"] == code
     assert body["error"]["param"] == param
     for word in words:

@@ -47,7 +47,8 @@ def test_error_answers_are_documented_with_the_real_error_shape(client: TestClie
     assert not wrong, wrong
     # and what the schema says is what a 422 looks like
     body = client.post("/jobs", json={"type": "train"}).json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "param"}
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "param", "type"}
+    assert set(body["error"]) == set(spec["components"]["schemas"]["ErrorDetail"]["properties"])
 
 
 def test_content_types_and_inference_errors_are_the_ones_sent(client: TestClient) -> None:
