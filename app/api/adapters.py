@@ -45,7 +45,7 @@ from app.api.deps import Services, ServicesDep, SessionDep
 from app.api.errors import ERROR_RESPONSES, ApiError
 from app.digits import is_ascii_number
 from app.registry import adapters as registry
-from app.registry.models import MAX_DB_INT, AdapterVersion, Alias
+from app.registry.models import MAX_DB_INT, AdapterVersion, is_id_text
 from app.storage import ArtifactNotFound, iter_file
 
 logger = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def _decode_cursor(cursor: str, kind: str) -> str:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raw = ""
     prefix, _, value = raw.partition(":")
-    if prefix != kind or not value:
+    if prefix != kind or not value or not is_id_text(value):
         raise ApiError(422, "invalid cursor: pass the `next_cursor` of the previous page", param="after")
     return value
 
@@ -484,7 +484,7 @@ def stream_zip(folder: str, members: list[tuple[str, Path]], mtime: float) -> It
 )
 def put_alias(name: NameParam, alias: AliasParam, body: AliasIn, session: SessionDep,
               response: Response) -> AliasOut:
-    existed = session.get(Alias, (registry.get_adapter(session, name).id, alias)) is not None
+    existed = registry.find_alias(session, name, alias) is not None
     row = registry.set_alias(session, name, alias, body.version)
     session.commit()
     if not existed:

@@ -5,7 +5,8 @@ FastAPI drops unknown query parameters without a word, so a typo changes what a 
 The app-wide dependency here answers 422 naming the parameter (and the ones the route takes) instead.
 A parameter that takes one value and is given several (``/generate?adapter=qa&adapter=base``) is
 refused too: FastAPI would keep the last one and drop the others just as silently. An integer
-parameter must be written as digits: pydantic's lax parsing would read ``1_0`` as 10 and ``2.0`` as 2.
+parameter must be written as digits: pydantic's lax parsing would read ``1_0`` as 10 and ``2.0`` as 2;
+so must an integer in the path (``DELETE /adapters/bot/versions/1_2`` would delete version 12).
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ def integer_query_params(dependant: Dependant) -> set[str]:
     return names
 
 
+def integer_path_params(dependant: Dependant) -> set[str]:
+    """The path parameter names of a route's dependency tree that take an integer."""
+    names = {field.alias for field in dependant.path_params if field.field_info.annotation is int}
+    for sub in dependant.dependencies:
+        names |= integer_path_params(sub)
+    return names
+
+
 def accepted_query_params(dependant: Dependant) -> dict[str, bool]:
     """The query parameter names (aliases) a route's dependency tree declares, each with whether it
     takes several values (a list-typed parameter, given once per value)."""
@@ -38,11 +47,18 @@ def accepted_query_params(dependant: Dependant) -> dict[str, bool]:
 
 
 async def reject_unknown_query_params(request: Request) -> None:
-    """422 for a query parameter the matched route does not declare, or one it takes once given twice."""
-    if not request.query_params:
-        return
+    """422 for a query parameter the matched route does not declare, or one it takes once given twice, and
+    for an integer query or path parameter not written as digits."""
     route = request.scope.get("route")
     if not isinstance(route, APIRoute):
+        return
+    if request.path_params:
+        for name in integer_path_params(route.dependant):
+            value = request.path_params.get(name)
+            if isinstance(value, str) and not is_ascii_number(value):
+                raise ApiError(422, f"`{name}` in the path must be an integer (digits only), got {value!r}",
+                               param=name)
+    if not request.query_params:
         return
     accepted = accepted_query_params(route.dependant)  # a walk of a few nodes: microseconds
     given = request.query_params.multi_items()

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.digits import is_ascii_number
 from app.registry.locks import lock_rows
-from app.registry.models import MAX_DB_INT, Adapter, AdapterVersion, Alias, utcnow
+from app.registry.models import MAX_DB_INT, Adapter, AdapterVersion, Alias, is_id_text, utcnow
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")
@@ -101,7 +101,9 @@ def create_version(session: Session, name: str, spec: VersionSpec) -> AdapterVer
     """Register the next version of ``name`` (creating the adapter on first use). Caller commits."""
     check_new_name(name)
     adapter = _locked_adapter(session, name, spec.method)
-    adapter.deleted_at = None
+    if adapter.deleted_at is not None:  # a fresh adapter under the old name (its version numbers go on)
+        adapter.deleted_at = None
+        adapter.created_at = utcnow()
     version = AdapterVersion(
         adapter_id=adapter.id,
         version=adapter.next_version,
@@ -124,7 +126,7 @@ def create_version(session: Session, name: str, spec: VersionSpec) -> AdapterVer
 def get_adapter(session: Session, name: str) -> Adapter:
     adapter = session.execute(
         select(Adapter).where(Adapter.name == name, Adapter.deleted_at.is_(None))
-    ).scalar_one_or_none()
+    ).scalar_one_or_none() if is_id_text(name) else None  # (PostgreSQL refuses NUL in a query)
     if adapter is None:
         raise NotFound(f"no adapter named {name!r}", param="name")
     return adapter
@@ -159,6 +161,12 @@ def latest_version(session: Session, name: str) -> AdapterVersion:
     return found
 
 
+def find_alias(session: Session, name: str, alias: str) -> Alias | None:
+    """The alias row of live adapter ``name`` (:class:`NotFound` without one), or None."""
+    adapter = get_adapter(session, name)
+    return session.get(Alias, (adapter.id, alias)) if ALIAS_RE.fullmatch(alias) else None
+
+
 def set_alias(session: Session, name: str, alias: str, version: int) -> Alias:
     """Point ``alias`` of ``name`` at ``version`` (creating or moving it)."""
     if not ALIAS_RE.fullmatch(alias) or is_ascii_number(alias):
@@ -179,8 +187,7 @@ def set_alias(session: Session, name: str, alias: str, version: int) -> Alias:
 
 
 def delete_alias(session: Session, name: str, alias: str) -> None:
-    adapter = get_adapter(session, name)
-    row = session.get(Alias, (adapter.id, alias))
+    row = find_alias(session, name, alias)  # (PostgreSQL refuses NUL: no lookup of what no alias is spelled)
     if row is None:
         raise NotFound(f"adapter {name!r} has no alias {alias!r}", param="alias")
     session.delete(row)
@@ -327,6 +334,8 @@ def list_adapters(
     (case-insensitive). Three queries per page whatever its size: the page (walking the unique
     index on ``name``), version counts of the page's adapters, and their aliases.
     """
+    if not all(is_id_text(text) for text in (after or "", method or "", q or "")):
+        return [], False  # no name or method holds NUL or a lone surrogate (and the databases cannot look)
     stmt = _LIVE_ADAPTERS
     if after is not None:
         stmt = stmt.where(Adapter.name > after)
@@ -340,7 +349,7 @@ def list_adapters(
 
 def adapter_summary(session: Session, name: str) -> AdapterSummary:
     """The summary of one live adapter; :class:`NotFound` if there is none."""
-    rows = session.execute(_LIVE_ADAPTERS.where(Adapter.name == name)).all()
+    rows = session.execute(_LIVE_ADAPTERS.where(Adapter.name == name)).all() if is_id_text(name) else []
     if not rows:
         raise NotFound(f"no adapter named {name!r}", param="name")
     return _summaries(session, rows)[0]
