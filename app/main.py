@@ -95,6 +95,21 @@ class _MetricsMiddleware:
 
     def __init__(self, app: Any, metrics: ApiMetrics) -> None:
         self.app, self.metrics = app, metrics
+        self._paths: dict[Any, str] | None = None  # route template by endpoint, for Starlette's own routes
+
+    def _path(self, scope: MutableMapping[str, Any]) -> str:
+        """The matched route's template: FastAPI's routes put themselves in the scope; Starlette's (the
+        OpenAPI document and its pages) only their endpoint. ``unmatched`` when no route matched."""
+        route = scope.get("route")
+        if route is not None:
+            return str(route.path)
+        endpoint = scope.get("endpoint")
+        if endpoint is None:
+            return "unmatched"
+        if self._paths is None:
+            self._paths = {r.endpoint: r.path for r in getattr(scope.get("app"), "routes", ())
+                           if hasattr(r, "endpoint") and hasattr(r, "path")}
+        return self._paths.get(endpoint, "unmatched")
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -112,8 +127,7 @@ class _MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
+            path = self._path(scope)
             self.metrics.requests.labels(scope["method"], path, str(status)).inc()
             self.metrics.latency.labels(scope["method"], path).observe(time.perf_counter() - start)
 

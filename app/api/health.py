@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Response
@@ -24,18 +25,24 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-def _checks(services: Services) -> dict[str, Any]:
+PROBE_TIMEOUT_SECONDS = 5.0  # a dependency that does not answer by then is down, as far as probes go
+
+
+async def _probe(ping: Callable[[], object]) -> dict[str, Any]:
+    """``ping`` (blocking) in a thread: ``{"ok": True}``, or why not, within :data:`PROBE_TIMEOUT_SECONDS`."""
+    try:
+        await asyncio.wait_for(asyncio.to_thread(ping), PROBE_TIMEOUT_SECONDS)
+    except TimeoutError:
+        return {"ok": False, "error": f"no answer within {PROBE_TIMEOUT_SECONDS:g} s"}
+    except Exception as exc:
+        return {"ok": False, "error": f"{exc.__class__.__name__}: {exc}"[:300]}
+    return {"ok": True}
+
+
+async def _checks(services: Services) -> dict[str, Any]:
     checks: dict[str, Any] = {}
-    try:
-        services.db.ping()
-        checks["database"] = {"ok": True}
-    except Exception as exc:
-        checks["database"] = {"ok": False, "error": f"{exc.__class__.__name__}: {exc}"[:300]}
-    try:
-        services.queue.ping()
-        checks["broker"] = {"ok": True}
-    except Exception as exc:
-        checks["broker"] = {"ok": False, "error": f"{exc.__class__.__name__}: {exc}"[:300]}
+    checks["database"], checks["broker"] = await asyncio.gather(_probe(services.db.ping),
+                                                                _probe(services.queue.ping))
     checks["base_model"] = {"ok": services.base_model is not None, "name": services.base_model.name}
     serving = services.serving
     if serving is None:
@@ -54,7 +61,7 @@ def _checks(services: Services) -> dict[str, Any]:
     responses={503: {"description": "a dependency is down"}},
 )
 async def readyz(services: ServicesDep) -> JSONResponse:
-    checks = await asyncio.to_thread(_checks, services)
+    checks = await _checks(services)
     ready = all(c["ok"] for c in checks.values())
     return JSONResponse({"status": "ready" if ready else "unavailable", "checks": checks},
                         status_code=200 if ready else 503)
@@ -72,11 +79,15 @@ def _refresh_gauges(services: Services) -> None:
 
 
 @metrics_router.get("/metrics", summary="Prometheus metrics", description="Request counts and latencies, jobs by status, "
-            "live adapter versions, reconciler requeues, in the Prometheus text format.",
+            "live adapter versions, reconciler requeues and, where the server generates, generations by adapter "
+            "and outcome, prompt and generated tokens, time to first token, inter-token latency, queue depth, "
+            "running rows, adapter cache hits, misses and evictions and slots used, in the Prometheus text format.",
                     response_class=PlainTextResponse)
 async def metrics(services: ServicesDep) -> Response:
     try:
-        await asyncio.to_thread(_refresh_gauges, services)
-    except Exception as exc:  # metrics must still answer when the database is down
+        await asyncio.wait_for(asyncio.to_thread(_refresh_gauges, services), PROBE_TIMEOUT_SECONDS)
+    except TimeoutError:  # metrics must still answer when the database is down, or does not answer
+        logger.warning("could not refresh registry gauges: no answer within %g s", PROBE_TIMEOUT_SECONDS)
+    except Exception as exc:
         logger.warning("could not refresh registry gauges: %s", exc)
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -204,6 +204,7 @@ class AdapterBank:
                     return None
                 if entry.prepared is None:  # cannot happen while leases keep evicted slots; never lose the slot
                     self._free.append(slot)
+                    self.events.slots_used(len(self._slots))  # (taking it may have evicted an adapter)
                     raise AdapterNotFound(f"{entry.ref} was deleted", param="adapter")
                 self.events.miss("device")
                 try:
@@ -211,6 +212,7 @@ class AdapterBank:
                 except BaseException:
                     self.slotted.clear(slot)  # whatever was half-written; the slot goes back to the pool
                     self._free.append(slot)
+                    self.events.slots_used(len(self._slots))
                     raise
                 entry.slot = slot
                 self._slots[slot] = entry
