@@ -14,6 +14,7 @@ them to clear 4xx answers without parsing messages::
     │   ├── UnsafeCheckpointError   pickle weights refused (``allow_pickle=False``)
     │   └── AdapterMismatchError    keys or shapes do not fit this base model
     ├── NonFiniteWeightsError       NaN/Inf in adapter weights or in a merge result
+    ├── TrainingDiverged            the training loss stopped being finite
     ├── RankTooLargeError           an adapter's rank exceeds what the serving slots hold
     └── AdapterStateError           the call does not fit the model's state (e.g. adapters merged)
 """
@@ -70,6 +71,10 @@ class AdapterMismatchError(AdapterFormatError):
 
 class NonFiniteWeightsError(AdapterError, ValueError):
     """NaN or Inf found in adapter weights, or produced by a merge."""
+
+
+class TrainingDiverged(AdapterError, ArithmeticError):
+    """The training loss became NaN or Inf: the run can no longer learn anything."""
 
 
 class AdapterStateError(AdapterError, RuntimeError):

@@ -5,6 +5,8 @@ enqueues (1) running jobs whose lease expired — their worker was killed; the n
 from the last checkpoint — and (2) queued jobs that no worker took within ``requeue_after`` of their
 last enqueue — the message may have been lost (a broker restart without persistence). A duplicate
 message is harmless: claiming a job is atomic, and a worker drops a message for a job it cannot claim.
+Running jobs with a cancel requested whose lease expired (the worker died before it saw the cancel) are
+ended as cancelled: no worker claims them.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import threading
 from app.db import Database
 from app.metrics import ApiMetrics
 from app.queue import JobQueue
-from app.registry.jobs import add_event, mark_enqueued, stale_jobs
+from app.registry.jobs import add_event, cancel_abandoned, mark_enqueued, stale_jobs
 
 logger = logging.getLogger(__name__)
 
 
 def reconcile_once(db: Database, queue: JobQueue, *, requeue_after: float, metrics: ApiMetrics | None = None) -> int:
     """One pass; returns how many jobs were enqueued again."""
+    with db.session() as session:
+        for job_id in cancel_abandoned(session):
+            logger.info("reconciler: job %s cancelled (its worker stopped before it saw the cancel)", job_id)
     with db.session() as session:
         stale = stale_jobs(session, queued_for=requeue_after)
     sent = 0

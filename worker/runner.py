@@ -24,16 +24,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from adapters_core.config import CONFIG_NAME, AdapterConfig, config_from_dict
-from adapters_core.errors import AdapterError, ConfigError
-from adapters_core.training.api import TrainOutcome, train_adapter
+from adapters_core.errors import AdapterError, ConfigError, NonFiniteWeightsError, TrainingDiverged
+from adapters_core.methods.lora.convert import convert_saved
+from adapters_core.peft_format import check_finite, read_adapter_weights
+from adapters_core.training.api import INITIAL_ADAPTER_DIR, TrainOutcome, train_adapter
 from adapters_core.training.data import DataError
 from adapters_core.training.hyperparameters import Hyperparameters
 from adapters_core.training.loop import EvalResult, Progress, TrainingCallbacks, latest_checkpoint
 from app.db import Database
 from app.registry.adapters import RegistryError, VersionSpec, check_method, create_version
 from app.registry.datasets import DatasetNotFound, get_dataset
-from app.registry.jobs import TERMINAL, JobConflict, add_event, claim, finish, get_job, heartbeat
+from app.registry.jobs import (
+    TERMINAL,
+    JobConflict,
+    add_event,
+    cancel_requested_locked,
+    claim,
+    finish,
+    get_job,
+    heartbeat,
+)
 from app.registry.models import Job
 from app.registry.progress import release_lease, update_progress
 from app.settings import Settings
@@ -162,6 +175,8 @@ def parse_train_spec(spec: dict[str, Any]) -> TrainSpec:
 
 def _error_for(exc: Exception) -> dict[str, Any]:
     """The job error a user sees for a problem with their input."""
+    if isinstance(exc, TrainingDiverged):
+        return {"code": "training_diverged", "message": str(exc)}
     if isinstance(exc, DataError):
         return {"code": "invalid_data", "message": str(exc)}
     if isinstance(exc, ConfigError):
@@ -366,6 +381,7 @@ def run_train_job(job_id: str, ctx: WorkerContext, *, observer: TrainingCallback
     owner = new_owner()
     job = _claim(ctx, job_id, owner)
     if job is None:
+        _remove_if_ended(ctx, job_id)  # (out of attempts, or cancelled after its worker went: its checkpoints)
         return None
     stop = threading.Event()
     keeper = LeaseKeeper(ctx.db, job_id, owner, ctx.settings.job_lease_seconds, stop)
@@ -380,8 +396,7 @@ def run_train_job(job_id: str, ctx: WorkerContext, *, observer: TrainingCallback
     except Exception as exc:
         logger.exception("job %s failed", job_id)
         keeper.stop()
-        status = _finish(ctx, job_id, owner, "failed",
-                         {"code": "internal", "message": f"internal error: {exc.__class__.__name__}: {exc}"})
+        status = _finish(ctx, job_id, owner, "failed", {"code": "internal", "message": _internal_message(exc)})
     except BaseException:  # KeyboardInterrupt, SystemExit: this process is going away
         keeper.stop()
         _hand_back(ctx, job_id, owner, "the worker was interrupted")
@@ -391,6 +406,26 @@ def run_train_job(job_id: str, ctx: WorkerContext, *, observer: TrainingCallback
     if status in TERMINAL:
         shutil.rmtree(workdir, ignore_errors=True)
     return status
+
+
+def _internal_message(exc: Exception) -> str:
+    """What a job's ``internal`` error says: the database driver's own words for a database error (the
+    statement and its parameters stay in the worker's log), the exception otherwise."""
+    driver_error = getattr(exc, "orig", None) if isinstance(exc, SQLAlchemyError) else None
+    if driver_error is not None:
+        return f"internal error: the database refused a write: {driver_error}"[:1000]
+    return f"internal error: {exc.__class__.__name__}: {exc}"[:1000]
+
+
+def _remove_if_ended(ctx: WorkerContext, job_id: str) -> None:
+    """Remove the work directory of a job that has ended (a message for it may still arrive)."""
+    try:
+        with ctx.db.session() as session:
+            ended = get_job(session, job_id).status in TERMINAL
+    except Exception:  # no such job, or no database now: leave the directory
+        return
+    if ended:
+        shutil.rmtree(job_workdir(ctx.settings, job_id), ignore_errors=True)
 
 
 def _train(ctx: WorkerContext, job: _JobInfo, owner: str, workdir: Path, stop: threading.Event,
@@ -444,11 +479,23 @@ def _register(ctx: WorkerContext, job: _JobInfo, owner: str, spec: TrainSpec, ou
         best = result.best_checkpoint or adapter_dir.parent / "checkpoints" / "best"
         if (best / CONFIG_NAME).exists():
             adapter_dir = best
+    # PiSSA / OLoRA: registered as the plain LoRA of the real base model (the trained files only fit the
+    # base their initialisation rewrote, which serving and uploads refuse)
+    convert_saved(adapter_dir, outcome.adapter_dir.parent / INITIAL_ADAPTER_DIR)
+    try:
+        check_finite(read_adapter_weights(adapter_dir))
+    except NonFiniteWeightsError as exc:  # the last steps overflowed: serving would refuse these weights
+        raise TrainingDiverged(f"the trained weights hold NaN or Inf ({exc}): the run diverged (lower "
+                               "learning_rate, or set max_grad_norm); nothing was registered") from exc
     files, size = _store_adapter(ctx.store, adapter_dir)
     config = json.loads((adapter_dir / CONFIG_NAME).read_text())
     base_model = ctx.models.source.name
     try:
         with ctx.db.session() as session:
+            if cancel_requested_locked(session, job.id):  # asked during the last step or the save: honoured
+                finish(session, job.id, owner, "cancelled")
+                logger.info("job %s cancelled after its last step; nothing registered", job.id)
+                return "cancelled"
             check_method(session, job.adapter_name, spec.method)  # the name may have changed hands meanwhile
             version = create_version(session, job.adapter_name, VersionSpec(
                 method=spec.method, config=config, files=files, size=size, base_model=base_model,

@@ -15,13 +15,14 @@ from typing import Any
 
 from adapters_core.config import AdapterConfig
 from adapters_core.errors import ConfigError
+from adapters_core.methods.lora.convert import rewrites_base
 from adapters_core.model import AdapterModel
 from adapters_core.training.data import FALLBACK_CHAT_TEMPLATE, ValidationReport, validate_or_raise
 from adapters_core.training.examples import Example, TokenizedExample
 from adapters_core.training.hyperparameters import Hyperparameters
 from adapters_core.training.loop import Trainer, TrainingCallbacks, TrainResult
 from adapters_core.training.packing import collate_packed, collate_padded, pack, supports_packing
-from adapters_core.training.tokenize import tokenize_dataset
+from adapters_core.training.tokenize import IGNORE_INDEX, tokenize_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,14 @@ def _rows(
     return list(tokenized), functools.partial(collate_padded, pad_token_id=pad)
 
 
+INITIAL_ADAPTER_DIR = "initial_adapter"  # under output_dir: a base-rewriting init's adapter before training
+
+
+def _in_loss(row: Any) -> bool:
+    """Whether a tokenized example or packed row has a token in the loss (past the first: labels shift)."""
+    return any(label != IGNORE_INDEX for label in row.labels[1:])
+
+
 def train_adapter(
     model: AdapterModel,
     tokenizer: Any,
@@ -78,7 +87,10 @@ def train_adapter(
     """Train a new adapter ``adapter_name`` (from ``config``) on ``train_data`` and save it.
 
     Data problems raise :class:`~adapters_core.training.data.DataError` (every problem, by line)
-    before any training. The adapter is written in PEFT format to ``output_dir/adapter``.
+    before any training. The adapter is written in PEFT format to ``output_dir/adapter``; an initialisation
+    that rewrote the base weights (PiSSA, OLoRA) also leaves the adapter as it started in
+    ``output_dir/initial_adapter``, from which :func:`adapters_core.methods.lora.convert.convert_saved` makes
+    it a plain LoRA of the original base.
     """
     examples, report = validate_or_raise(train_data, tokenizer, hp.max_seq_len)
     eval_examples: list[Example] | None = None
@@ -92,11 +104,17 @@ def train_adapter(
             "packing: this model cannot keep packed examples from attending to each other; set packing=false",
             field="packing",
         )
+    out = Path(output_dir)
     if adapter_name not in model.adapters:
         model.add_adapter(adapter_name, config)
+        if rewrites_base(config):  # the adapter as PiSSA / OLoRA left it: what a conversion to plain LoRA needs
+            model.save_adapter(out / INITIAL_ADAPTER_DIR, adapter_name)
     rows, collate = _rows(examples, tokenizer, hp)
     eval_rows = _rows(eval_examples, tokenizer, hp)[0] if eval_examples else None
-    out = Path(output_dir)
+    for which, kept in (("training", rows), ("validation", eval_rows)):
+        if kept is not None and not any(_in_loss(row) for row in kept):  # the loss would be 0/0
+            raise ConfigError(f"no {which} example keeps a token in the loss within max_seq_len={hp.max_seq_len} "
+                              "(raise max_seq_len, or check the examples' weights)", field="max_seq_len")
     trainer = Trainer(model, adapter_name, rows, collate, hp, out / "checkpoints", eval_rows=eval_rows, callbacks=callbacks)
     result = trainer.train(resume_from=resume_from)
     adapter_dir = out / "adapter"

@@ -29,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from transformers import get_scheduler
 
-from adapters_core.errors import AdapterStateError
+from adapters_core.errors import AdapterStateError, TrainingDiverged
 from adapters_core.model import AdapterModel
 from adapters_core.training.hyperparameters import Hyperparameters
 
@@ -316,11 +316,19 @@ class Trainer:
                 batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
                 # DDP averages gradients over processes: scale so the step is the global token mean
                 weight = (_label_tokens(batch) if counts else 0) / max(step_tokens, 1.0) * self.world
-                loss = self.prepared(**batch).loss * weight
+                out = self.prepared(**batch)
+                # a micro-batch with no token in the loss has a NaN mean loss (0/0): it adds nothing, and
+                # still goes through backward, so every process joins the gradient all-reduce
+                loss = out.loss * weight if _label_tokens(batch) else out.logits.sum() * 0.0
                 self.accelerator.backward(loss)
                 step_loss += float(loss.detach()) / self.world
                 tokens_seen += int(batch["input_ids"].numel()) if counts else 0
             step_loss = self._sum_over_processes(step_loss)
+            if not math.isfinite(step_loss):
+                raise TrainingDiverged(
+                    f"the training loss is {step_loss} at step {self.position.step + 1}: the run diverged "
+                    "(lower learning_rate, or set max_grad_norm); no adapter was saved"
+                )
             if self.hp.max_grad_norm is not None:
                 self.accelerator.clip_grad_norm_(self.model.trainable_parameters(), self.hp.max_grad_norm)
             self.optimizer.step()

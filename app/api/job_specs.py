@@ -45,6 +45,7 @@ from adapters_core.errors import (
     UnknownPeftTypeError,
     UnsupportedModuleError,
 )
+from adapters_core.methods.lora.convert import rewrites_base
 from adapters_core.training.hyperparameters import Hyperparameters
 from app.api.errors import ApiError
 from app.base_model import BaseModelHost
@@ -251,6 +252,10 @@ def _plan_train(session: Session, host: BaseModelHost, body: TrainJobIn) -> JobP
         raise _invalid(str(exc), _field_param("adapter.config", exc.field)) from exc
     except (TypeError, ValueError) as exc:
         raise _invalid(f"invalid {method} config: {exc}", "adapter.config") from exc
+    if rewrites_base(config) and getattr(config, "use_dora", False):  # registered as plain LoRA: see runner
+        raise _invalid(f"init_lora_weights={config.init_lora_weights!r} rewrites the base weights, and a DoRA "  # type: ignore[attr-defined]
+                       "adapter trained so has no conversion to the real base model: drop use_dora or the init",
+                       "adapter.config.init_lora_weights")
     try:
         host.check_config(config)
     except (TargetModulesNotFoundError, UnsupportedModuleError) as exc:

@@ -388,14 +388,18 @@ def _require_job(services: Services, job_id: str) -> None:
     "/{job_id}/checkpoints",
     response_model=CheckpointList,
     summary="Job checkpoints",
-    description="Checkpoints the worker saved while training (from the job's `checkpoint` events), oldest first.",
+    description="The checkpoints the worker keeps for the job, oldest first: its `checkpoint` events less those "
+    "that `save_total_limit` has pruned since, and none once the job has ended (the worker then removes its work "
+    "directory). Every checkpoint ever saved stays in the job's events.",
     responses={k: v for k, v in ERROR_RESPONSES.items() if k == 404},
 )
 def get_job_checkpoints(job_id: JobIdPath, session: SessionDep) -> CheckpointList:
-    get_job(session, job_id)
-    rows = session.execute(
+    job = get_job(session, job_id)
+    if job.status in TERMINAL:
+        return CheckpointList(data=[])
+    rows = list(session.execute(
         select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "checkpoint").order_by(JobEvent.id)
-    ).scalars()
+    ).scalars())
     data = []
     for event in rows:
         step, path = (event.data or {}).get("step"), (event.data or {}).get("path")
@@ -403,4 +407,7 @@ def get_job_checkpoints(job_id: JobIdPath, session: SessionDep) -> CheckpointLis
             data.append(CheckpointOut(step=step, path=path, created_at=event.created_at))
         else:
             logger.warning("job %s: malformed checkpoint event %s skipped", job_id, event.id, extra={"job_id": job_id})
+    limit = ((job.spec or {}).get("hyperparameters") or {}).get("save_total_limit")
+    if isinstance(limit, int) and limit >= 1:  # the worker deletes all but the newest `limit`
+        data = data[-limit:]
     return CheckpointList(data=data)

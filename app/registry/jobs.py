@@ -119,7 +119,10 @@ def finish(session: Session, job_id: str, owner: str, status: str, *, error: dic
 
 
 def request_cancel(session: Session, job_id: str, now: datetime | None = None) -> Job:
-    """Queued jobs are cancelled at once; running ones are flagged for the worker; terminal ones conflict."""
+    """Queued jobs are cancelled at once, and so are running ones whose worker is gone (the lease expired or
+    was handed back: no worker would ever end them, since none claims a job with a cancel requested);
+    other running ones are flagged for their worker; terminal ones conflict."""
+    now = now or utcnow()
     job = _locked_job(session, job_id)
     if job is None:
         raise JobNotFound(f"no job {job_id!r}")
@@ -127,12 +130,52 @@ def request_cancel(session: Session, job_id: str, now: datetime | None = None) -
         raise JobConflict(f"job {job_id} is already {job.status}")
     job.cancel_requested = True
     if job.status == "queued":
-        job.status, job.finished_at = "cancelled", now or utcnow()
+        job.status, job.finished_at = "cancelled", now
         add_event(session, job.id, "cancelled", "cancelled before it started")
+    elif _worker_gone(job, now):
+        _end_cancelled(session, job, now, "cancelled: its worker had stopped")
     else:
         add_event(session, job.id, "cancel_requested", "the worker stops at the next step")
     session.flush()
     return job
+
+
+def _worker_gone(job: Job, now: datetime) -> bool:
+    expires = job.lease_expires_at
+    if expires is not None and expires.tzinfo is None:  # SQLite hands back naive UTC
+        expires = expires.replace(tzinfo=now.tzinfo)
+    return job.lease_owner is None or expires is None or expires < now
+
+
+def _end_cancelled(session: Session, job: Job, now: datetime, message: str) -> None:
+    job.status, job.finished_at = "cancelled", now
+    job.lease_owner = job.lease_expires_at = None
+    add_event(session, job.id, "cancelled", message)
+
+
+def cancel_abandoned(session: Session, now: datetime | None = None) -> list[str]:
+    """End as cancelled the running jobs with a cancel requested whose lease expired (their worker died
+    before it saw the cancel); returns their ids. The reconciler calls it every pass."""
+    now = now or utcnow()
+    ids = list(session.execute(select(Job.id).where(
+        Job.status == "running", Job.cancel_requested.is_(True), Job.lease_expires_at < now)).scalars())
+    ended = []
+    for job_id in ids:
+        job = _locked_job(session, job_id)  # (read again under the lock: its worker may have finished it)
+        if job is not None and job.status == "running" and job.cancel_requested and _worker_gone(job, now):
+            _end_cancelled(session, job, now, "cancelled: its worker stopped before it saw the cancel")
+            ended.append(job_id)
+    session.flush()
+    return ended
+
+
+def cancel_requested_locked(session: Session, job_id: str) -> bool:
+    """Whether a cancel was requested for ``job_id``, read under the job's row lock (held until the
+    transaction ends: a worker registering a result reads it so, and a cancel cannot slip in after)."""
+    job = _locked_job(session, job_id)
+    if job is None:
+        raise JobNotFound(f"no job {job_id!r}")
+    return bool(job.cancel_requested)
 
 
 def stale_jobs(session: Session, *, queued_for: float, now: datetime | None = None) -> list[tuple[str, str, str]]:

@@ -93,13 +93,24 @@ def test_train_job_is_stored_then_enqueued(client: TestClient, ds: str) -> None:
 def test_defaults_validation_dataset_and_a_config_from_peft(client: TestClient, ds: str) -> None:
     val = make_dataset(client, jsonl(chat_line("held out?", "yes")))
     peft_style = {"r": 8, "lora_alpha": 16, "peft_type": "LORA", "task_type": "CAUSAL_LM", "bias": "none",
-                  "target_modules": "all-linear", "init_lora_weights": "pissa", "use_dora": True}
+                  "target_modules": "all-linear", "init_lora_weights": "pissa", "use_rslora": True}
     job = submit(client, {"type": "train", "adapter": {"name": "b", "config": peft_style}, "dataset_id": ds,
                           "validation_dataset_id": val, "hyperparameters": {"eval_steps": 5}})
     assert job["method"] == "lora" and job["validation_dataset_id"] == val
     assert job["hyperparameters"]["max_seq_len"] == 1024 and job["hyperparameters"]["eval_steps"] == 5
     minimal = submit(client, {"type": "train", "adapter": {"name": "c"}, "dataset_id": ds})
     assert minimal["hyperparameters"]["epochs"] == 3
+
+
+def test_dora_from_a_base_rewriting_init_is_refused(client: TestClient, ds: str) -> None:
+    """A PiSSA / OLoRA job registers its adapter as the plain LoRA of the real base; DoRA has no such form."""
+    for init in ("pissa", "olora"):
+        config = {"r": 8, "target_modules": ["q_proj"], "init_lora_weights": init, "use_dora": True}
+        r = client.post("/jobs", json={"type": "train", "adapter": {"name": "d", "config": config}, "dataset_id": ds})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["param"] == "adapter.config.init_lora_weights" and "use_dora" in r.json()["error"]["message"]
+    with sessions(client) as session:
+        assert session.execute(select(Job)).first() is None
 
 
 def test_enqueue_happens_after_commit(api_settings: Settings, base_host: Any) -> None:
@@ -571,6 +582,10 @@ def test_checkpoints_come_from_checkpoint_events(client: TestClient, ds: str) ->
     listed = client.get(f"/jobs/{job}/checkpoints").json()
     assert [(c["step"], c["path"]) for c in listed["data"]] == [(50, "/w/ckpt-50"), (100, "/w/ckpt-100")]
     assert all(c["created_at"] for c in listed["data"]) and listed["has_more"] is False
+    _run(client, job, ("checkpoint", {"step": 150, "path": "/w/ckpt-150"}))  # save_total_limit 2 prunes 50
+    assert [c["step"] for c in client.get(f"/jobs/{job}/checkpoints").json()["data"]] == [100, 150]
+    _run(client, job, status="succeeded")  # the worker removes its work directory
+    assert client.get(f"/jobs/{job}/checkpoints").json()["data"] == []
 
 
 def test_openapi_documents_every_job_field(client: TestClient) -> None:
