@@ -6,7 +6,9 @@ the lease. When the heartbeat or a progress write finds the lease lost or a canc
 training loop stops at its next step. Work happens in ``DATA_DIR/jobs/<job id>`` (a shared volume
 in production): the dataset copies and the checkpoints, so a job claimed again after its worker
 died resumes from the last checkpoint. A finished run stores the adapter's files in the artifact
-store and, in one transaction, registers the adapter version and marks the job succeeded.
+store (a PiSSA / OLoRA adapter converted first to the plain LoRA of the real base, its weights checked
+finite) and, in one transaction that first reads the job's cancel flag under its row lock, registers the
+adapter version and marks the job succeeded (or, cancelled meanwhile, cancelled with nothing registered).
 """
 
 from __future__ import annotations
