@@ -172,7 +172,8 @@ AdapterQuery = Annotated[str | None, Query(
 _STREAM_DOC = {
     "description": "With `stream: true`: server-sent events. `event: token` carries `{index, text, tokens, "
     "logprobs}` for new output; `event: result` carries `{index, ...result}` when a prompt is done; "
-    "`event: error` carries `{index, error}` when prompt `index` fails (the others go on).",
+    "`event: error` carries `{index, error}` when prompt `index` fails (the others go on). The stream starts with "
+    "its first event: a one-prompt request whose error comes before any output answers that error's status.",
     "content": {"text/event-stream": {"schema": {"type": "string"}}},
 }
 
@@ -197,8 +198,9 @@ async def generate(body: GenerateRequest, request: Request, services: ServicesDe
     generation = await inference.start(services, adapter, "adapter", prompts, [params] * len(prompts),
                                        stream=body.stream, prompt_params=body.prompt_params(len(prompts)),
                                        length_param="max_new_tokens")
-    if body.stream:
-        return StreamingResponse(_stream(host, generation, body), media_type="text/event-stream",
+    if body.stream:  # (one prompt: an error before any output answers with its status; several: in the stream)
+        events = await generation.opened_events(request, error_ends_all=len(prompts) == 1)
+        return StreamingResponse(_stream(host, events), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     results = [result_out(host, r) for r in await generation.results(request)]
     if not body.batched:
@@ -208,8 +210,8 @@ async def generate(body: GenerateRequest, request: Request, services: ServicesDe
     return GenerateBatch(adapter=generation.adapter, results=results, usage=usage)
 
 
-async def _stream(host: ServingHost, generation: inference.Generation, body: GenerateRequest) -> Any:
-    async for index, item in generation.events():
+async def _stream(host: ServingHost, events: inference.Events) -> Any:
+    async for index, item in events:
         if isinstance(item, StreamDelta):
             yield inference.sse({"index": index, "text": item.text, "tokens": item.token_ids,
                                  "logprobs": item.logprobs, "top_logprobs": _dump_top(host, item.top_logprobs)},

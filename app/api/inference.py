@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import copy
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +82,10 @@ async def resolve_adapter(services: Services, ref: str | None, param: str) -> Se
     return await asyncio.to_thread(resolve_version, services, ref, param)
 
 
+# what a streamed generation yields: (prompt index, a delta, a prompt's result, or a prompt's error)
+Events = AsyncGenerator[tuple[int, StreamDelta | GenerationResult | ServingError], None]
+
+
 @dataclass
 class Generation:
     """The prompts of one API request, submitted to the engine."""
@@ -120,7 +124,42 @@ class Generation:
             self.cancel()
             raise
 
-    async def events(self) -> AsyncIterator[tuple[int, StreamDelta | GenerationResult | ServingError]]:
+    async def opened_events(self, request: Request, *, error_ends_all: bool) -> Events:
+        """:meth:`events`, once the first has come. A stream's status line goes out with its first byte, so
+        where an error ends the whole request (``error_ends_all``: one prompt, or the OpenAI routes) an
+        error that comes before any output (no free slot, a failed slot load, scores not finite at the
+        first step) is raised here, to answer with its own status (503, 500, ...) rather than a 200 stream
+        that only carries it. The output starts as soon as it would have anyway: with the first token.
+        A client that leaves while this waits cancels the generation (499)."""
+        events = self.events()
+        first: asyncio.Future[Any] = asyncio.ensure_future(anext(events))
+        gone: asyncio.Future[None] = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait([first, gone], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not first.done():
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await first
+            await events.aclose()  # (cancels the prompts)
+            raise ApiError(499, "the client closed the connection", code="client_closed_request")
+        index, item = first.result()
+        if isinstance(item, ServingError) and error_ends_all:
+            await events.aclose()
+            raise item
+
+        async def replay() -> Events:
+            try:
+                yield index, item
+                async for event in events:
+                    yield event
+            finally:
+                await events.aclose()
+
+        return replay()
+
+    async def events(self) -> Events:
         """``(prompt index, delta or result or error)`` in the order they happen; cancels on exit."""
         if len(self.handles) == 1:
             try:

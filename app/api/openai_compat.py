@@ -309,14 +309,15 @@ async def completions(body: CompletionRequest, request: Request, services: Servi
     meta = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
             "model": generation.adapter or BASE_MODEL_ID}
     if body.stream:
-        return _sse(_completion_chunks(host, generation, meta, prompts, body))
+        events = await generation.opened_events(request, error_ends_all=True)  # (an error first: its status)
+        return _sse(_completion_chunks(host, events, meta, prompts, body))
     results = await generation.results(request)
     choices = [{"index": i, "text": r.text, "logprobs": _completion_logprobs(host, r), "finish_reason": _finish(r)}
                for i, r in enumerate(results)]
     return {**meta, "choices": choices, "usage": _usage(results, [len(p) for p in prompts])}
 
 
-async def _chunks(generation: inference.Generation, head: dict[str, Any], prompt_counts: Sequence[int],
+async def _chunks(events: inference.Events, head: dict[str, Any], prompt_counts: Sequence[int],
                   include_usage: bool, delta_choice: Callable[[int, StreamDelta], dict[str, Any]],
                   end_choice: Callable[[int, str], dict[str, Any]],
                   opening: Sequence[dict[str, Any]] = ()) -> AsyncIterator[str]:
@@ -328,7 +329,7 @@ async def _chunks(generation: inference.Generation, head: dict[str, Any], prompt
     for choice in opening:
         yield inference.sse({**head, "choices": [choice]})
     results: list[GenerationResult] = []
-    async for index, item in generation.events():
+    async for index, item in events:
         if isinstance(item, ServingError):  # the stream's answer is the error (the other choices stop)
             yield inference.sse(serving_error_body(item))
             yield inference.sse("[DONE]")
@@ -343,7 +344,7 @@ async def _chunks(generation: inference.Generation, head: dict[str, Any], prompt
     yield inference.sse("[DONE]")
 
 
-def _completion_chunks(host: ServingHost, generation: inference.Generation, meta: dict[str, Any],
+def _completion_chunks(host: ServingHost, events: inference.Events, meta: dict[str, Any],
                        prompts: list[list[int]], body: CompletionRequest) -> AsyncIterator[str]:
     """Per choice, a chunk's ``logprobs`` carry the tokens whose text starts within the text streamed so far
     (the engine streams tokens as they come but holds back text that could still become a stop string); the
@@ -372,7 +373,7 @@ def _completion_chunks(host: ServingHost, generation: inference.Generation, meta
         return {"index": index, "text": "", "logprobs": lp, "finish_reason": reason}
 
     usage = body.stream_options is not None and body.stream_options.include_usage
-    return _chunks(generation, meta, [len(p) for p in prompts], usage, delta, end)
+    return _chunks(events, meta, [len(p) for p in prompts], usage, delta, end)
 
 
 def _sse(chunks: AsyncIterator[str]) -> StreamingResponse:
@@ -474,7 +475,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     meta = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()),
             "model": generation.adapter or BASE_MODEL_ID, "system_fingerprint": None}
     if body.stream:
-        return _sse(_chat_chunks(host, generation, meta, len(ids), body))
+        events = await generation.opened_events(request, error_ends_all=True)  # (an error first: its status)
+        return _sse(_chat_chunks(host, events, n, meta, len(ids), body))
     results = await generation.results(request)
     choices = [{"index": i, "message": {"role": "assistant", "content": r.text, "refusal": None},
                 "logprobs": _chat_logprobs(host, r.token_ids, r.logprobs, r.top_logprobs), "finish_reason": _finish(r)}
@@ -489,7 +491,7 @@ def _default_chat_tokens(host: ServingHost, prompt_tokens: int) -> int:
     return max(1, min(DEFAULT_CHAT_MAX_TOKENS, room))
 
 
-def _chat_chunks(host: ServingHost, generation: inference.Generation, meta: dict[str, Any],
+def _chat_chunks(host: ServingHost, events: inference.Events, n: int, meta: dict[str, Any],
                  prompt_tokens: int, body: ChatCompletionRequest) -> AsyncIterator[str]:
     def delta(index: int, item: StreamDelta) -> dict[str, Any]:
         lp = _chat_logprobs(host, item.token_ids, item.logprobs, item.top_logprobs)
@@ -498,9 +500,8 @@ def _chat_chunks(host: ServingHost, generation: inference.Generation, meta: dict
     def end(index: int, reason: str) -> dict[str, Any]:
         return {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
 
-    n = len(generation.handles)
     opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                for i in range(n)]
     usage = body.stream_options is not None and body.stream_options.include_usage
-    return _chunks(generation, {**meta, "object": "chat.completion.chunk"}, [prompt_tokens], usage, delta,
+    return _chunks(events, {**meta, "object": "chat.completion.chunk"}, [prompt_tokens], usage, delta,
                    end, opening)

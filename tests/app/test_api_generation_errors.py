@@ -126,3 +126,56 @@ def test_an_openai_route_names_model_where_generate_names_adapter(client: TestCl
                                                       "stream": stream})
         assert answer.status_code == 422, answer.text
         assert answer.json()["error"]["param"] == "model" and "rank" in answer.json()["error"]["message"]
+
+
+@contextlib.contextmanager
+def failing_slot_loads(client: TestClient) -> Iterator[None]:
+    """Every copy of an adapter into a slot fails (before the request has any output)."""
+    host = client.app.state.services.serving  # type: ignore[attr-defined]
+    original = host.slotted.load
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("simulated slot copy failure")
+
+    host.slotted.load = refuse
+    try:
+        yield
+    finally:
+        host.slotted.load = original
+
+
+@pytest.mark.parametrize("route", ["/generate", "/v1/completions", "/v1/chat/completions"])
+def test_a_stream_whose_request_fails_before_any_output_answers_with_the_errors_status(
+        client: TestClient, demo_model_dir: Path, tmp_path: Path, route: str) -> None:
+    """A stream's status goes out with its first byte: held until the first event, an error that comes
+    first (here a failed slot load) is the answer's own status, not a 200 stream carrying only it."""
+    name = "cold-" + route.strip("/").replace("/", "-")  # a new adapter: the request loads it into a slot
+    upload(client, name, peft_adapter(demo_model_dir, tmp_path / name, seed=31, r=4))
+    if route == "/generate":
+        url, body = f"/generate?adapter={name}", {"prompt": GOOD, "max_new_tokens": 4, "stream": True}
+    elif route == "/v1/completions":
+        url, body = route, {"model": name, "prompt": GOOD, "max_tokens": 4, "stream": True}
+    else:
+        url, body = route, {"model": name, "messages": [{"role": "user", "content": GOOD}], "max_tokens": 4,
+                            "stream": True}
+    with failing_slot_loads(client):
+        failed = client.post(url, json=body)
+    assert failed.status_code == 500, failed.text
+    assert failed.headers["content-type"].startswith("application/json")
+    error = failed.json()["error"]
+    assert error["code"] == "internal_error" and "simulated slot copy failure" in error["message"], error
+    served = client.post(url, json=body)  # the slot went back: the next request streams
+    assert served.status_code == 200 and served.headers["content-type"].startswith("text/event-stream")
+    assert sse_events(served)
+
+
+def test_a_streamed_batch_still_reports_each_prompts_error_in_the_stream(
+        client: TestClient, demo_model_dir: Path, tmp_path: Path) -> None:
+    """Several prompts: one's error does not end the others, so the errors stay in the stream (a 200)."""
+    upload(client, "cold-batch", peft_adapter(demo_model_dir, tmp_path / "cold-batch", seed=32, r=4))
+    with failing_slot_loads(client):
+        response = client.post("/generate?adapter=cold-batch", json={"prompt": [GOOD, BAD], "max_new_tokens": 4,
+                                                                    "stream": True})
+    assert response.status_code == 200
+    errors = [data for kind, data in sse_events(response) if kind == "error"]
+    assert sorted(e["index"] for e in errors) == [0, 1] and all(e["error"]["code"] == "internal_error" for e in errors)

@@ -96,3 +96,31 @@ def test_leases_taken_after_their_request_was_cancelled_are_released(monkeypatch
 
     asyncio.run(main())
     assert released == ["lease0", "lease1"]
+
+
+def test_a_stream_that_leaves_before_its_first_token_never_runs(tmp_path: Path, demo_model_dir: Path,
+                                                                base_host: Any) -> None:
+    """A stream's answer starts with its first event; a client that leaves while the request still waits
+    for a row (one row here, taken by a long request) cancels it there: it is never run."""
+    settings = serving_settings(tmp_path, demo_model_dir, max_batch_size=1)
+    app = create_app(settings, queue=RecordingQueue(), base_model=base_host)
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    wait_for(lambda: uv.started, 60, "uvicorn to start")
+    base = f"http://127.0.0.1:{port}"
+    engine = app.state.services.serving.engine
+    try:
+        long = threading.Thread(target=lambda: httpx.post(f"{base}/generate", json=LONG, timeout=60))
+        long.start()
+        wait_for(lambda: engine.running_rows == 1, 10, "the long request to run")
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/generate", json={"prompt": "y", "max_new_tokens": 3, "stream": True},
+                       timeout=httpx.Timeout(30, read=0.3))
+        wait_for(lambda: cancelled(base) == 1 and engine.queue_depth == 0, 10, "the queued stream to be dropped")
+        assert engine.running_rows == 1  # the long request alone: the stream never took the row
+        long.join(60)
+    finally:
+        uv.should_exit = True
+        thread.join(30)
