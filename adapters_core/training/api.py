@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from adapters_core.config import AdapterConfig
 from adapters_core.errors import ConfigError
 from adapters_core.methods.lora.convert import rewrites_base
@@ -45,6 +47,9 @@ def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Ex
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(len(examples) * fraction))
+    if n_eval >= len(examples):
+        raise ConfigError(f"validation_split {fraction!r} of {len(examples)} examples leaves none to train on",
+                          field="validation_split")
     held = set(order[:n_eval])
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
@@ -106,6 +111,7 @@ def train_adapter(
         )
     out = Path(output_dir)
     if adapter_name not in model.adapters:
+        torch.manual_seed(hp.seed)  # the seed sets the adapter's initial weights too (as it does in the Trainer)
         model.add_adapter(adapter_name, config)
         if rewrites_base(config):  # the adapter as PiSSA / OLoRA left it: what a conversion to plain LoRA needs
             model.save_adapter(out / INITIAL_ADAPTER_DIR, adapter_name)

@@ -84,6 +84,9 @@ class Hyperparameters:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}", field="weight_decay")
         if self.max_grad_norm is not None and (not _is_number(self.max_grad_norm) or self.max_grad_norm <= 0):
             raise ConfigError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm!r}", field="max_grad_norm")
+        for name in ("packing", "train_on_inputs", "gradient_checkpointing"):
+            if type(getattr(self, name)) is not bool:  # ("false" would be true)
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}", field=name)
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ConfigError(
                 f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}",

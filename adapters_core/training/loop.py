@@ -186,7 +186,8 @@ class Trainer:
         self.scheduler = get_scheduler(
             hp.lr_scheduler,
             optimizer=self.optimizer,
-            num_warmup_steps=int(hp.warmup_ratio * self.total_steps),
+            # HF Trainer's count for a ratio: rounded up (a short run still warms up)
+            num_warmup_steps=math.ceil(hp.warmup_ratio * self.total_steps),
             num_training_steps=self.total_steps,
         )
         self.steps_per_epoch = steps_per_epoch
@@ -236,7 +237,10 @@ class Trainer:
         self.model.save_adapter(tmp / "adapter", self.adapter_name)
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():  # (dropout on a GPU draws from the CUDA generators)
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
         (tmp / STATE_NAME).write_text(json.dumps(vars(self.position), indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -268,6 +272,8 @@ class Trainer:
         rng = torch.load(d / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         self.position = _Position(**json.loads((d / STATE_NAME).read_text()))
         logger.info("resumed from %s at step %d", d, self.position.step)
 
@@ -282,6 +288,8 @@ class Trainer:
             batch = {k: v.to(self.accelerator.device) for k, v in self.collate(list(self.eval_rows[i : i + bs])).items()}
             out = self.prepared(**batch)
             n = _label_tokens(batch)
+            if n == 0:  # no token in the loss: its mean loss is NaN (0/0), and it adds nothing
+                continue
             loss_sum += float(out.loss) * n
             labels = batch["labels"][..., 1:]
             mask = labels != -100
@@ -299,6 +307,8 @@ class Trainer:
             torch.manual_seed(self.hp.seed)
             random.seed(self.hp.seed)
         result = TrainResult("completed", self.position.step, self.total_steps, losses=self.position.losses)
+        if self.position.best_step is not None and (self.output_dir / "best").is_dir():  # (a resumed run's)
+            result.best_checkpoint = self.output_dir / "best"
         self.prepared.train()
         accum = self.hp.gradient_accumulation_steps
         batches = self._micro_batches()
@@ -308,7 +318,11 @@ class Trainer:
             if self.callbacks.should_cancel():
                 result.status = "cancelled"
                 break
-            group = [next(batches) for _ in range(accum)]
+            group: list[Any] = []  # up to `accum` micro-batches, never past an epoch's end (its last step may be shorter)
+            while len(group) < accum:
+                group.append(next(batches))
+                if group[-1][1] + 1 == self.micro_batches_per_epoch:
+                    break
             local_tokens = sum(_label_tokens(b) for _, _, b, counts in group if counts)
             step_tokens = self._sum_over_processes(float(local_tokens))
             step_loss = 0.0
@@ -331,6 +345,7 @@ class Trainer:
                 )
             if self.hp.max_grad_norm is not None:
                 self.accelerator.clip_grad_norm_(self.model.trainable_parameters(), self.hp.max_grad_norm)
+            learning_rate = float(self.scheduler.get_last_lr()[0])  # the rate this step uses (what HF logs)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -344,7 +359,7 @@ class Trainer:
             self.callbacks.on_progress(
                 Progress(
                     step=pos.step, total_steps=self.total_steps, epoch=pos.epoch, loss=step_loss,
-                    learning_rate=float(self.scheduler.get_last_lr()[0]),
+                    learning_rate=learning_rate,
                     tokens_per_second=tokens_seen / max(elapsed, 1e-9),
                     eta_seconds=elapsed / done * (self.total_steps - pos.step),
                 )
