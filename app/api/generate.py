@@ -104,7 +104,7 @@ class GenerateRequest(BaseModel):
     def token_ids(self, host: ServingHost) -> list[list[int]]:
         if self.prompt is not None:
             prompts = self.prompt if isinstance(self.prompt, list) else [self.prompt]
-            return [host.encode_prompt(p) for p in prompts]
+            return [host.encode_prompt(p, f"prompt[{i}]" if self.batched else "prompt") for i, p in enumerate(prompts)]
         assert self.messages is not None
         conversations = self.messages if isinstance(self.messages[0], list) else [self.messages]
         return [host.encode_chat([m.model_dump() for m in c], param=f"messages[{i}]" if self.batched else "messages")

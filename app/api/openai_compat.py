@@ -228,7 +228,7 @@ class CompletionRequest(_Common):
         if all(isinstance(x, int) for x in p):
             return [list(p)]  # type: ignore[arg-type]
         if all(isinstance(x, str) for x in p):
-            return [host.encode_prompt(x) for x in p]  # type: ignore[arg-type]
+            return [host.encode_prompt(x, f"prompt[{i}]") for i, x in enumerate(p)]  # type: ignore[arg-type]
         if all(isinstance(x, list) for x in p):
             return [list(x) for x in p]  # type: ignore[arg-type]
         raise ApiError(422, "prompt mixes strings and token lists", param="prompt")

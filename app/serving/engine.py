@@ -220,8 +220,12 @@ class GenerationEngine:
         self.eos_ids = tuple(dict.fromkeys(int(i) for i in eos_ids))
         self.metrics = metrics or EngineMetrics()
         self.device = slotted.device
+        # the id padding positions hold (masked, so any id the embeddings have: a tokenizer's pad token may
+        # have been added without resizing them)
+        embeddings = model.get_input_embeddings()  # type: ignore[operator]
+        rows = int(embeddings.weight.shape[0])
         pad = getattr(tokenizer, "pad_token_id", None)
-        self._pad_id = int(pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0))
+        self._pad_id = next((int(i) for i in (pad, *self.eos_ids) if i is not None and 0 <= int(i) < rows), 0)
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._keep_logits = "logits_to_keep" in params

@@ -265,7 +265,12 @@ class ServingHost:
                 logger.info("serving: evicted adapter version %s", version_id)
 
     # ------------------------------------------------------------------ prompts
-    def encode_prompt(self, prompt: str) -> list[int]:
+    def encode_prompt(self, prompt: str, param: str = "prompt") -> list[int]:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone UTF-16 surrogate (JSON's "\ud800"): no tokenizer takes it
+            raise RequestTooLarge(f"{param} holds a lone UTF-16 surrogate at character {exc.start}, which is not "
+                                  "text", param=param) from exc
         ids: list[int] = self.tokenizer(prompt)["input_ids"]
         return ids
 

@@ -133,7 +133,9 @@ def _draw(logits: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor:
             probs = torch.softmax(kept, dim=-1)
             before = probs.cumsum(dim=-1) - probs
             ps = torch.tensor([r.params.top_p for r in rows], dtype=probs.dtype, device=probs.device).unsqueeze(1)
-            kept = kept.masked_fill(before >= ps, float("-inf"))
+            cut = before >= ps
+            cut[:, 0] = False  # the likeliest token always stays (as HF's TopPLogitsWarper keeps it): a top_p
+            kept = kept.masked_fill(cut, float("-inf"))  # below float32's smallest number would keep none
             scores = torch.full_like(scores, float("-inf")).scatter(1, order, kept)
         else:
             kth = scores.topk(int(ks.max()), dim=-1).values.gather(1, ks - 1)
