@@ -180,6 +180,9 @@ class AdapterModel(nn.Module):
             if not config.fan_in_fan_out:
                 logger.info("fan_in_fan_out set to True: targets include Conv1D layers")
             config.fan_in_fan_out = True
+        elif config.fan_in_fan_out and any(i.kind == "linear" for i in infos.values()):  # (PEFT resets it too)
+            logger.info("fan_in_fan_out set to False: the targets are nn.Linear layers (weights stored out x in)")
+            config.fan_in_fan_out = False
         config.base_model_name_or_path = config.base_model_name_or_path or getattr(self.model, "name_or_path", None)
         if config.task_type is None and config.auto_mapping is None:
             config.auto_mapping = {
@@ -287,6 +290,11 @@ class AdapterModel(nn.Module):
                 continue
             prefix = module_name + "."
             own = {k[len(prefix):]: remaining.pop(k) for k in list(remaining) if k.startswith(prefix)}
+            for key in list(own):  # PEFT's file with bias="all" also holds the original's bias and the copy's again
+                if key.startswith("original_module."):
+                    remaining[prefix + key.removeprefix("original_module.")] = own.pop(key)  # (a base tensor)
+                elif key.startswith("modules_to_save.") and key.removeprefix("modules_to_save.") in own:
+                    own.pop(key)
             wrapper.load_tensors(name, own, module_name)
         self._load_base_tensors(config, remaining)
 
@@ -300,10 +308,12 @@ class AdapterModel(nn.Module):
             return
         live = dict(self.model.named_parameters(remove_duplicate=False))  # (a tied lm_head has its own name)
         live_by_peft_name = {_peft_base_name(k): v for k, v in live.items()}
+        tables = embedding_table_keys(self.model)  # PEFT's save_embedding_layers (after a vocabulary resize)
         plan = []
         for key, value in tensors.items():
             param = live_by_peft_name.get(key)
-            allowed = (key.endswith(".bias") and config.bias != "none") or key.endswith("base_layer.weight")
+            allowed = ((key.endswith(".bias") and config.bias != "none") or key.endswith("base_layer.weight")
+                       or key in tables)
             if param is None or not allowed:
                 raise AdapterMismatchError(f"unexpected key {peft_format.KEY_PREFIX}{key} in adapter file")
             if tuple(param.shape) != tuple(value.shape):
@@ -325,10 +335,16 @@ class AdapterModel(nn.Module):
 
     # ------------------------------------------------------------------ switching
     def set_adapter(self, names: str | list[str]) -> None:
-        """Make ``names`` the active adapter(s): O(1) in the number of layers."""
+        """Make ``names`` the active adapter(s): O(1) in the number of layers. Two of them with their own copy
+        of one ``modules_to_save`` module cannot be active together (``AdapterStateError``, as PEFT refuses)."""
         wanted = (names,) if isinstance(names, str) else tuple(names)
         for n in wanted:
             self._require(n)
+        for module_name, wrapper in self._saved_modules.items():
+            owners = [n for n in wanted if n in wrapper.modules_to_save]
+            if len(owners) > 1:
+                raise AdapterStateError(f"adapters {', '.join(map(repr, owners))} each have their own copy of "
+                                        f"{module_name} (modules_to_save): only one of them can be active")
         self.state.active = wanted
         self._refresh_requires_grad()
 
@@ -424,8 +440,11 @@ class AdapterModel(nn.Module):
     def _base_tensors_to_save(self, name: str, config: LoraConfig) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         prefix = peft_format.KEY_PREFIX
+        copied = {m for m, wrapper in self._saved_modules.items() if name in wrapper.modules_to_save}
         for pname, p in self.model.named_parameters():
             peft_name = _peft_base_name(pname)
+            if ".original_module." in pname and pname.split(".original_module.")[0] in copied:
+                peft_name = pname  # PEFT's key: the plain name is this adapter's own copy's
             if ".lora_" in pname or ".modules_to_save." in pname:
                 continue
             if config.bias == "all" and pname.endswith(".bias"):
@@ -523,10 +542,11 @@ class AdapterModel(nn.Module):
     def _unload(self, *, keep_saved_copy: bool) -> nn.Module:
         for module_name, layer in list(self._layers.items()):
             self._set_submodule(module_name, layer.base_layer)
-        active = self.active_adapter
         for module_name, wrapper in list(self._saved_modules.items()):
-            if keep_saved_copy and active is not None and active in wrapper.modules_to_save:
-                self._set_submodule(module_name, wrapper.modules_to_save[active])
+            # the copy the forward used: the first active adapter that has one
+            owner = next((n for n in self.state.active if n in wrapper.modules_to_save), None)
+            if keep_saved_copy and owner is not None:
+                self._set_submodule(module_name, wrapper.modules_to_save[owner])
             else:
                 self._set_submodule(module_name, wrapper.original_module)
         self._layers.clear()
@@ -617,6 +637,21 @@ def _check_batch_size(adapter_names: list[str], args: tuple[Any, ...], kwargs: d
 def _numel(p: torch.Tensor) -> int:
     """Number of values in ``p``; bitsandbytes packs two 4-bit values per stored byte."""
     return p.numel() * 2 if type(p).__name__ == "Params4bit" else p.numel()
+
+
+def embedding_table_keys(model: nn.Module) -> set[str]:
+    """The PEFT keys (without ``base_model.model.``) of the input and output embedding tables: what PEFT's
+    ``save_embedding_layers`` writes beside an adapter, and writes back into the base model on loading."""
+    keys: set[str] = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        module = fn() if callable(fn) else None
+        if module is None:
+            continue
+        for name, candidate in model.named_modules(remove_duplicate=False):
+            if candidate is module:
+                keys.add(_peft_base_name(f"{name}.weight"))
+    return keys
 
 
 def _peft_base_name(live_name: str) -> str:

@@ -159,7 +159,7 @@ def find_targets(
             continue
         if not _matches(spec, name):
             continue
-        if layers and not isinstance(spec, str):
+        if layers and not isinstance(spec, str) and name not in spec:  # (PEFT: a full name skips the filter)
             idx = _layer_index(name, patterns)
             if idx is None or idx not in layers:
                 continue

@@ -24,6 +24,7 @@ from adapters_core.errors import (
 )
 from adapters_core.methods.lora import base_layers
 from adapters_core.methods.lora.config import LoraConfig
+from adapters_core.model import embedding_table_keys
 from adapters_core.peft_format import KEY_PREFIX
 from adapters_core.serving.layers import SlotWeights
 
@@ -93,11 +94,12 @@ def prepare_adapter(model: SlottedModel, config: AdapterConfig, tensors: dict[st
     prepared = PreparedAdapter(lora, layers)
     for name in model.saved_module_targets(lora):
         prepared.swaps[name] = _swap_state(model, name, remaining)
+    tables = embedding_table_keys(model.model)  # whole tables PEFT's save_embedding_layers writes
     for key in sorted(remaining):
         if key.endswith(".bias") and lora.bias != "none":
             if not _inside_swap(key, remaining[key], prepared):
                 _bias_delta(model, key, remaining[key], prepared)
-        elif key.endswith(".base_layer.weight"):
+        elif key.endswith(".base_layer.weight") or key in tables:
             _check_embedding_table(model, key, remaining[key])
         else:
             raise AdapterMismatchError(f"unexpected key {KEY_PREFIX}{key} in the adapter file for this base model")
@@ -204,7 +206,7 @@ def _bias_delta(model: SlottedModel, key: str, value: torch.Tensor, prepared: Pr
 
 def _check_embedding_table(model: SlottedModel, key: str, value: torch.Tensor) -> None:
     """PEFT saves whole embedding tables beside embedding adapters; serving needs them to be the base's own."""
-    module = key.removesuffix(".base_layer.weight")
+    module = key.removesuffix(".weight").removesuffix(".base_layer")
     live = model.base_tensor(module, "weight")
     if live is None or tuple(live.shape) != tuple(value.shape):
         shape = None if live is None else tuple(live.shape)

@@ -20,6 +20,7 @@ from app.serving.sampling import RowSampling, SamplingParams, sample
 from app.settings import Settings
 from tests.app.conftest import RecordingQueue
 from tests.app.serving_helpers import PROMPTS, serving_settings
+from tests.conftest import load_model
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +134,40 @@ def test_prompts_of_different_lengths_batch_when_the_tokenizers_pad_token_is_not
         assert together == alone
     finally:
         served_host.close()
+
+
+# ------------------------------------------------------------------ PEFT's save_embedding_layers
+def test_an_adapter_saved_with_its_embedding_tables_is_served_when_they_are_the_bases(
+        served: TestClient, demo_model_dir: Path, tmp_path: Path) -> None:
+    """``save_pretrained(save_embedding_layers=True)`` writes the whole input/output tables beside the adapter
+    (the engine, as PEFT, writes them into the base on loading). Serving applies no table per request: the
+    base's own tables are served exactly as the adapter without them, changed ones refused naming the key."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.app.serving_helpers import peft_adapter, upload
+
+    plain = peft_adapter(demo_model_dir, tmp_path / "plain", seed=5, r=4, target_modules=["q_proj"])
+    with_tables = tmp_path / "tables"
+    with_tables.mkdir()
+    (with_tables / "adapter_config.json").write_bytes((plain / "adapter_config.json").read_bytes())
+    tensors = load_file(plain / "adapter_model.safetensors")
+    base = load_model(demo_model_dir)
+    tables = {"base_model.model.model.embed_tokens.weight": base.get_input_embeddings().weight.detach().clone(),
+              "base_model.model.lm_head.weight": base.get_output_embeddings().weight.detach().clone()}
+    save_file({**tensors, **tables}, str(with_tables / "adapter_model.safetensors"))
+    upload(served, "plain-tables", plain)
+    upload(served, "with-tables", with_tables)
+    body = {"prompt": "hello there", "max_new_tokens": 6, "temperature": 0}
+    a = served.post("/generate?adapter=plain-tables", json=body).json()
+    b = served.post("/generate?adapter=with-tables", json=body).json()
+    assert a["tokens"] == b["tokens"]
+
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    (changed / "adapter_config.json").write_bytes((plain / "adapter_config.json").read_bytes())
+    tables["base_model.model.lm_head.weight"] = tables["base_model.model.lm_head.weight"] + 0.5
+    save_file({**tensors, **tables}, str(changed / "adapter_model.safetensors"))
+    upload(served, "changed-tables", changed)  # a valid PEFT adapter (the engine loads it)
+    refused = served.post("/generate?adapter=changed-tables", json=body)
+    assert refused.status_code == 422, refused.text
+    assert "lm_head.weight" in refused.json()["error"]["message"], refused.json()

@@ -131,6 +131,11 @@ class LoraConfig(AdapterConfig):
                 except re.error as exc:
                     raise ConfigError(f"invalid regular expression {name!r}: {exc}", field="target_modules") from exc
         self._validate_init()
+        if self.lora_bias and self.use_dora:  # (PEFT refuses both combinations too)
+            raise ConfigError("lora_bias=True is not supported with use_dora", field="lora_bias")
+        if self.lora_bias and not isinstance(self.init_lora_weights, bool):
+            raise ConfigError(f"lora_bias=True is not supported with init_lora_weights={self.init_lora_weights!r}",
+                              field="lora_bias")
         for name, what in _UNSUPPORTED_WHEN_SET.items():
             value = getattr(self, name)
             if value not in (None, False, [], {}):
