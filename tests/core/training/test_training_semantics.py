@@ -17,8 +17,9 @@ from transformers import AutoTokenizer, TrainingArguments, get_scheduler
 from adapters_core import AdapterModel, ConfigError, LoraConfig
 from adapters_core.training.api import train_adapter
 from adapters_core.training.hyperparameters import Hyperparameters
-from adapters_core.training.loop import EvalResult, NoCallbacks, Progress, Trainer
+from adapters_core.training.loop import Trainer
 from tests.conftest import load_model
+from tests.core.training.test_loop import Recorder
 
 # ----------------------------------------------------------------------------------------- helpers
 # A row is (row_id, input_ids, labels); the collate records which rows it was given.
@@ -69,22 +70,6 @@ def _model(path: Path, dropout: float = 0.0, init_seed: int = 0) -> AdapterModel
 
 def _weights(am: AdapterModel, name: str = "a") -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in am.adapter_state_dict(name).items()}
-
-
-class Recorder(NoCallbacks):
-    def __init__(self) -> None:
-        self.progress: list[Progress] = []
-        self.evals: list[EvalResult] = []
-        self.cancel_at: int | None = None
-
-    def on_progress(self, progress: Progress) -> None:
-        self.progress.append(progress)
-
-    def on_eval(self, result: EvalResult) -> None:
-        self.evals.append(result)
-
-    def should_cancel(self) -> bool:
-        return self.cancel_at is not None and bool(self.progress) and self.progress[-1].step >= self.cancel_at
 
 
 def _used_lrs(trainer: Trainer) -> list[float]:
