@@ -136,13 +136,18 @@ class Generation:
         gone: asyncio.Future[None] = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait([first, gone], return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this handler cancelled (the server stopping): so are the prompts
+            first.cancel()
+            self.cancel()
+            raise
         finally:
             gone.cancel()
         if not first.done():
             first.cancel()
             with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                 await first
-            await events.aclose()  # (cancels the prompts)
+            self.cancel()  # (the generator may not have started: its own clean-up would not run)
+            await events.aclose()
             raise ApiError(499, "the client closed the connection", code="client_closed_request")
         index, item = first.result()
         if isinstance(item, ServingError) and error_ends_all:
