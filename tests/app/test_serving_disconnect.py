@@ -111,16 +111,21 @@ def test_a_stream_that_leaves_before_its_first_token_never_runs(tmp_path: Path, 
     wait_for(lambda: uv.started, 60, "uvicorn to start")
     base = f"http://127.0.0.1:{port}"
     engine = app.state.services.serving.engine
-    try:
-        long = threading.Thread(target=lambda: httpx.post(f"{base}/generate", json=LONG, timeout=60))
-        long.start()
-        wait_for(lambda: engine.running_rows == 1, 10, "the long request to run")
-        with pytest.raises(httpx.ReadTimeout):
+    try:  # long requests (about half a second each here) ahead of the stream in a batch of one row
+        longs = [threading.Thread(target=lambda: httpx.post(f"{base}/generate", json=LONG, timeout=120))
+                 for _ in range(4)]
+        for long in longs:
+            long.start()
+        wait_for(lambda: engine.running_rows == 1 and engine.queue_depth >= 2, 10, "long requests to queue")
+        with pytest.raises(httpx.ReadTimeout):  # nothing comes, not even the status line, while it waits
             httpx.post(f"{base}/generate", json={"prompt": "y", "max_new_tokens": 3, "stream": True},
-                       timeout=httpx.Timeout(30, read=0.3))
-        wait_for(lambda: cancelled(base) == 1 and engine.queue_depth == 0, 10, "the queued stream to be dropped")
-        assert engine.running_rows == 1  # the long request alone: the stream never took the row
-        long.join(60)
+                       timeout=httpx.Timeout(30, read=0.1))
+        wait_for(lambda: cancelled(base) == 1, 10, "the queued stream to be cancelled")
+        for long in longs:
+            long.join(120)
+        first_tokens = [line for line in httpx.get(f"{base}/metrics").text.splitlines()
+                        if line.startswith("adapterforge_time_to_first_token_seconds_count")]
+        assert first_tokens and float(first_tokens[0].split()[-1]) == len(longs)  # the stream never ran
     finally:
         uv.should_exit = True
         thread.join(30)
