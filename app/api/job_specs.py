@@ -50,7 +50,7 @@ from adapters_core.training.hyperparameters import Hyperparameters
 from app.api.errors import ApiError
 from app.base_model import BaseModelHost
 from app.registry.adapters import RegistryError, check_new_name, resolve_ref
-from app.registry.datasets import DatasetNotFound, get_dataset
+from app.registry.datasets import DatasetNotFound, dataset_for_job
 from app.registry.models import Adapter, AdapterVersion
 
 CombinationType = Literal[
@@ -280,7 +280,7 @@ def _plan_train(session: Session, host: BaseModelHost, body: TrainJobIn) -> JobP
         if dataset_id is None:
             continue
         try:
-            get_dataset(session, dataset_id)
+            dataset_for_job(session, dataset_id)  # (share-locked: a concurrent delete waits, then sees the job)
         except DatasetNotFound as exc:
             raise _invalid(f"{exc}: upload it with POST /datasets first", param) from exc
 

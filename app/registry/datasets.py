@@ -8,6 +8,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from app.registry.jobs import JobConflict
+from app.registry.locks import lock_rows
 from app.registry.models import Dataset, Job, is_id_text, utcnow
 
 
@@ -31,11 +32,28 @@ def get_dataset(session: Session, dataset_id: str) -> Dataset:
     return ds
 
 
+def dataset_for_job(session: Session, dataset_id: str) -> Dataset:
+    """:func:`get_dataset`, read under a share lock (PostgreSQL's ``FOR SHARE``; SQLite's write lock, which a
+    job submission already holds) until the job's transaction ends: a delete of the dataset waits for the
+    job's commit and then sees the job (409), or deletes first and the job sees it gone."""
+    if not is_id_text(dataset_id):
+        raise DatasetNotFound(f"no dataset {dataset_id!r}")
+    lock_rows(session, Dataset.size, Dataset.id == dataset_id)
+    ds = session.execute(select(Dataset).where(Dataset.id == dataset_id).with_for_update(read=True)
+                         .execution_options(populate_existing=True)).scalar_one_or_none()
+    if ds is None or ds.deleted_at is not None:
+        raise DatasetNotFound(f"no dataset {dataset_id!r}")
+    return ds
+
+
 def list_datasets(session: Session, *, limit: int = 20, after: str | None = None) -> tuple[list[Dataset], bool]:
-    """Newest first; ``after`` is the id of the last dataset of the previous page. Returns (page, has_more)."""
+    """Newest first; ``after`` is the id of the last dataset of the previous page (deleted since or not: its
+    place in the order stays). Returns (page, has_more)."""
     stmt = select(Dataset).where(Dataset.deleted_at.is_(None))
     if after is not None:
-        cursor = get_dataset(session, after)
+        cursor = session.get(Dataset, after) if is_id_text(after) else None
+        if cursor is None:
+            raise DatasetNotFound(f"no dataset {after!r}")
         stmt = stmt.where(
             or_(Dataset.created_at < cursor.created_at,
                 (Dataset.created_at == cursor.created_at) & (Dataset.id < cursor.id))
@@ -45,8 +63,16 @@ def list_datasets(session: Session, *, limit: int = 20, after: str | None = None
 
 
 def delete_dataset(session: Session, dataset_id: str) -> Dataset:
-    """Soft-delete; refused (``JobConflict``) while a queued or running job uses the dataset."""
-    ds = get_dataset(session, dataset_id)
+    """Soft-delete; refused (``JobConflict``) while a queued or running job uses the dataset. The dataset row
+    is locked before the jobs are looked at, so a job being created on it either commits first (and is seen
+    here) or sees the deletion (:func:`dataset_for_job`)."""
+    if not is_id_text(dataset_id):
+        raise DatasetNotFound(f"no dataset {dataset_id!r}")
+    lock_rows(session, Dataset.size, Dataset.id == dataset_id)
+    ds = session.execute(select(Dataset).where(Dataset.id == dataset_id).with_for_update()
+                         .execution_options(populate_existing=True)).scalar_one_or_none()
+    if ds is None or ds.deleted_at is not None:
+        raise DatasetNotFound(f"no dataset {dataset_id!r}")
     busy = session.execute(
         select(Job.id).where(
             Job.status.in_(("queued", "running")),
