@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from app.api import adapters, datasets, generate, health, jobs, openai_compat
+from app.api.auth import ApiKeyMiddleware
 from app.api.deps import Services
-from app.api.errors import ApiError, install_error_handlers, use_error_schema_for_validation
+from app.api.errors import install_error_handlers, use_error_schema_for_validation
 from app.api.json_body import reject_repeated_json_keys
 from app.api.query_params import reject_unknown_query_params
 from app.base_model import BaseModelHost
@@ -73,21 +73,6 @@ def pin_adapters(services: Services, refs: list[str]) -> None:
         services.serving.bank.pin(version.id)
         services.serving.bank.release(lease)
         logger.info("serving: pinned adapter %s", version.ref)
-
-
-def _require_api_key(settings: Settings) -> Callable[[Request], Awaitable[None]]:
-    keys = [k.encode() for k in settings.api_keys]
-
-    async def check(request: Request) -> None:
-        if not keys:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not any(secrets.compare_digest(token.encode(), k) for k in keys):
-            raise ApiError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
-                           headers={"WWW-Authenticate": "Bearer"})
-
-    return check
 
 
 class _MetricsMiddleware:
@@ -191,8 +176,7 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.state.stopping = threading.Event()
     install_error_handlers(app)
     known_params = Depends(reject_unknown_query_params)
-    auth = [Depends(_require_api_key(settings)), known_params,  # the key is checked first
-            Depends(reject_repeated_json_keys)]
+    auth = [known_params, Depends(reject_repeated_json_keys)]  # (the API key: ApiKeyMiddleware, before routing)
     app.include_router(health.router, dependencies=[known_params])  # probes stay open; /metrics is behind the key
     app.include_router(health.metrics_router, dependencies=auth)
     app.include_router(datasets.router, dependencies=auth)
@@ -200,7 +184,8 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.include_router(adapters.router, dependencies=auth)
     app.include_router(generate.router, dependencies=auth)
     app.include_router(openai_compat.router, dependencies=auth)
-    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
+    app.add_middleware(_MetricsMiddleware, metrics=metrics)  # (outermost: refused requests are counted too)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -21,7 +21,8 @@ _BROKER_SCHEMES = ("redis", "rediss", "filesystem", "amqp", "memory")
 class Settings(BaseSettings):
     """Every knob of the service; see each field's description."""
 
-    model_config = SettingsConfigDict(env_prefix="ADAPTERFORGE_", extra="ignore")
+    # (hide_input_in_errors: a refused URL or key would otherwise be printed whole, password included)
+    model_config = SettingsConfigDict(env_prefix="ADAPTERFORGE_", extra="ignore", hide_input_in_errors=True)
 
     data_dir: Path = Field(
         default_factory=lambda: Path.home() / ".adapterforge",
@@ -117,6 +118,16 @@ class Settings(BaseSettings):
             return "postgresql+psycopg://" + value.split("://", 1)[1]
         if scheme not in _DB_SCHEMES:
             raise ValueError(f"unsupported database URL scheme {scheme!r}; use sqlite:// or postgresql+psycopg://")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: list[str]) -> list[str]:
+        for i, key in enumerate(value):
+            if not key.strip():  # e.g. '["${API_KEY}"]' with the variable unset: it would let a bare `Bearer` in
+                raise ValueError(f"api key {i} is empty")
+            if key != key.strip():
+                raise ValueError(f"api key {i} starts or ends with whitespace")
         return value
 
     @field_validator("log_level", mode="before")

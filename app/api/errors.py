@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_core.errors import AdapterError, ConfigError
@@ -217,6 +218,17 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobConflict)
     async def _conflict(_: Request, exc: JobConflict) -> JSONResponse:
         return error_response(409, "conflict", str(exc))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        logger.error("database unavailable: %s", exc.__class__.__name__, exc_info=exc)  # (the log has the detail)
+        return error_response(503, "unavailable", "the database is unavailable; try again later",
+                              headers={"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:  # (Starlette logs and re-raises it after)
+        return error_response(500, "internal_error", "internal server error (the server's log has the details)")
 
     @app.exception_handler(ArtifactTooLarge)
     async def _too_large(_: Request, exc: ArtifactTooLarge) -> JSONResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Response
@@ -43,7 +44,9 @@ async def _checks(services: Services) -> dict[str, Any]:
     checks: dict[str, Any] = {}
     checks["database"], checks["broker"] = await asyncio.gather(_probe(services.db.ping),
                                                                 _probe(services.queue.ping))
-    checks["base_model"] = {"ok": services.base_model is not None, "name": services.base_model.name}
+    name = services.base_model.name  # a local directory's own name only: no server path on an open route
+    checks["base_model"] = {"ok": services.base_model is not None,
+                            "name": Path(name).name if Path(name).is_absolute() else name}
     serving = services.serving
     if serving is None:
         checks["serving"] = {"ok": True, "enabled": False}
