@@ -22,6 +22,9 @@ class JobQueue(Protocol):
     def ping(self) -> None: ...
 
 
+BROKER_SOCKET_TIMEOUT_SECONDS = 5.0
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings shared by the API (producer) and the workers (consumers)."""
     conf: dict[str, Any] = {
@@ -50,7 +53,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         }
     else:
         # redis: redeliver a message whose worker vanished without acking after this long
-        conf["broker_transport_options"] = {"visibility_timeout": settings.visibility_timeout_seconds}
+        conf["broker_transport_options"] = {
+            "visibility_timeout": settings.visibility_timeout_seconds,
+            # a Redis that accepts connections and never answers (hung, or its packets dropped) fails a send
+            # or a ping after this long instead of blocking it (a job submission, the reconciler) for ever
+            "socket_timeout": BROKER_SOCKET_TIMEOUT_SECONDS,
+            "socket_connect_timeout": BROKER_SOCKET_TIMEOUT_SECONDS,
+        }
     return conf
 
 
@@ -64,7 +73,11 @@ class CeleryJobQueue:
         self._celery.conf.update(celery_config(settings))
 
     def enqueue(self, job_id: str, job_type: str) -> None:
-        self._celery.send_task(TASK_NAMES[job_type], args=[job_id], queue=QUEUE_NAME)
+        # one quick retry, then the caller's fallback: the job row is the truth and the reconciler rings again
+        # (Celery's default, three retries at growing intervals, held a submission ~26 s on a hung broker)
+        self._celery.send_task(TASK_NAMES[job_type], args=[job_id], queue=QUEUE_NAME, retry=True,
+                               retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5,
+                                             "interval_max": 0.5})
         logger.info("enqueued %s job %s", job_type, job_id)
 
     def ping(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,15 @@ async def healthz() -> dict[str, str]:
 PROBE_TIMEOUT_SECONDS = 5.0  # a dependency that does not answer by then is down, as far as probes go
 
 
+# the probes' own threads: a dependency that hangs holds these, never the default pool that the API's other
+# routes run their blocking work on (a load balancer polling /readyz would otherwise starve them)
+_PROBES = ThreadPoolExecutor(max_workers=4, thread_name_prefix="probe")
+
+
 async def _probe(ping: Callable[[], object]) -> dict[str, Any]:
-    """``ping`` (blocking) in a thread: ``{"ok": True}``, or why not, within :data:`PROBE_TIMEOUT_SECONDS`."""
+    """``ping`` (blocking) on a probe thread: ``{"ok": True}``, or why not, within :data:`PROBE_TIMEOUT_SECONDS`."""
     try:
-        await asyncio.wait_for(asyncio.to_thread(ping), PROBE_TIMEOUT_SECONDS)
+        await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(_PROBES, ping), PROBE_TIMEOUT_SECONDS)
     except TimeoutError:
         return {"ok": False, "error": f"no answer within {PROBE_TIMEOUT_SECONDS:g} s"}
     except Exception as exc:
@@ -88,7 +94,8 @@ def _refresh_gauges(services: Services) -> None:
                     response_class=PlainTextResponse)
 async def metrics(services: ServicesDep) -> Response:
     try:
-        await asyncio.wait_for(asyncio.to_thread(_refresh_gauges, services), PROBE_TIMEOUT_SECONDS)
+        await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(_PROBES, _refresh_gauges, services),
+                               PROBE_TIMEOUT_SECONDS)
     except TimeoutError:  # metrics must still answer when the database is down, or does not answer
         logger.warning("could not refresh registry gauges: no answer within %g s", PROBE_TIMEOUT_SECONDS)
     except Exception as exc:
