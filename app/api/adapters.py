@@ -18,7 +18,7 @@ import time
 import zipfile
 import zlib
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -45,7 +45,7 @@ from app.api.deps import Services, ServicesDep, SessionDep
 from app.api.errors import ERROR_RESPONSES, ApiError
 from app.digits import is_ascii_number
 from app.registry import adapters as registry
-from app.registry.models import MAX_DB_INT, AdapterVersion, is_id_text
+from app.registry.models import MAX_DB_INT, AdapterVersion, as_utc, is_id_text
 from app.storage import ArtifactNotFound, iter_file
 
 logger = logging.getLogger(__name__)
@@ -150,17 +150,12 @@ class DeletedOut(BaseModel):
     deleted: bool = Field(default=True, description="Always true.")
 
 
-def _utc(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes; everything the registry writes is UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
 def _version_out(name: str, v: AdapterVersion, aliases: list[str]) -> AdapterVersionOut:
     return AdapterVersionOut(
         id=v.id, name=name, version=v.version, ref=f"{name}@{v.version}", method=v.method, config=v.config,
         files={k: FileOut.model_validate(f) for k, f in v.files.items()}, size=v.size, base_model=v.base_model,
         lineage=LineageOut(job_id=v.job_id, dataset_id=v.dataset_id, parents=list(v.parents)),
-        metrics=v.metrics, aliases=aliases, created_at=_utc(v.created_at),
+        metrics=v.metrics, aliases=aliases, created_at=as_utc(v.created_at),
     )
 
 
@@ -171,8 +166,8 @@ def _version_detail(session: Session, name: str, v: AdapterVersion) -> AdapterVe
 def _adapter_out(s: registry.AdapterSummary) -> dict[str, Any]:
     return {
         "id": s.id, "name": s.name, "method": s.method, "latest_version": s.latest_version,
-        "version_count": s.version_count, "aliases": s.aliases, "created_at": _utc(s.created_at),
-        "updated_at": _utc(s.updated_at),
+        "version_count": s.version_count, "aliases": s.aliases, "created_at": as_utc(s.created_at),
+        "updated_at": as_utc(s.updated_at),
     }
 
 
@@ -392,7 +387,7 @@ def download_version(
                            code="internal_error")
         members.append((filename, path))
     folder = f"{name}-v{version}"
-    mtime = _utc(found.created_at).timestamp()
+    mtime = as_utc(found.created_at).timestamp()
     stream: Iterator[bytes]
     if archive_format == "zip":
         stream, media_type = stream_zip(folder, members, mtime), "application/zip"
@@ -490,7 +485,7 @@ def put_alias(name: NameParam, alias: AliasParam, body: AliasIn, session: Sessio
     if not existed:
         response.status_code = 201
     logger.info("alias %s@%s -> %d", name, alias, body.version)
-    return AliasOut(name=name, alias=alias, version=body.version, ref=f"{name}@{alias}", updated_at=_utc(row.updated_at))
+    return AliasOut(name=name, alias=alias, version=body.version, ref=f"{name}@{alias}", updated_at=as_utc(row.updated_at))
 
 
 @router.delete(

@@ -13,7 +13,7 @@ import os
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, Literal
 
@@ -30,7 +30,7 @@ from app.api.deps import Services, ServicesDep, SessionDep
 from app.api.errors import ERROR_RESPONSES, ApiError
 from app.digits import is_ascii_number
 from app.registry.datasets import DatasetNotFound, create_dataset, delete_dataset, get_dataset, list_datasets
-from app.registry.models import Dataset
+from app.registry.models import Dataset, as_utc
 from app.storage import iter_file
 
 logger = logging.getLogger(__name__)
@@ -46,12 +46,7 @@ _MAX_FIELD_BYTES = 64
 _TOKENIZER_LOCK = threading.Lock()
 
 
-def _as_utc(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; every timestamp the registry writes is UTC."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
 
 class DatasetOut(BaseModel):

@@ -36,10 +36,15 @@ def dataset_for_job(session: Session, dataset_id: str) -> Dataset:
     """:func:`get_dataset`, read under a share lock (PostgreSQL's ``FOR SHARE``; SQLite's write lock, which a
     job submission already holds) until the job's transaction ends: a delete of the dataset waits for the
     job's commit and then sees the job (409), or deletes first and the job sees it gone."""
+    return _locked_dataset(session, dataset_id, share=True)
+
+
+def _locked_dataset(session: Session, dataset_id: str, *, share: bool) -> Dataset:
+    """The undeleted dataset, read after locking its row (shared or exclusive) for the transaction."""
     if not is_id_text(dataset_id):
         raise DatasetNotFound(f"no dataset {dataset_id!r}")
     lock_rows(session, Dataset.size, Dataset.id == dataset_id)
-    ds = session.execute(select(Dataset).where(Dataset.id == dataset_id).with_for_update(read=True)
+    ds = session.execute(select(Dataset).where(Dataset.id == dataset_id).with_for_update(read=share)
                          .execution_options(populate_existing=True)).scalar_one_or_none()
     if ds is None or ds.deleted_at is not None:
         raise DatasetNotFound(f"no dataset {dataset_id!r}")
@@ -66,13 +71,7 @@ def delete_dataset(session: Session, dataset_id: str) -> Dataset:
     """Soft-delete; refused (``JobConflict``) while a queued or running job uses the dataset. The dataset row
     is locked before the jobs are looked at, so a job being created on it either commits first (and is seen
     here) or sees the deletion (:func:`dataset_for_job`)."""
-    if not is_id_text(dataset_id):
-        raise DatasetNotFound(f"no dataset {dataset_id!r}")
-    lock_rows(session, Dataset.size, Dataset.id == dataset_id)
-    ds = session.execute(select(Dataset).where(Dataset.id == dataset_id).with_for_update()
-                         .execution_options(populate_existing=True)).scalar_one_or_none()
-    if ds is None or ds.deleted_at is not None:
-        raise DatasetNotFound(f"no dataset {dataset_id!r}")
+    ds = _locked_dataset(session, dataset_id, share=False)
     busy = session.execute(
         select(Job.id).where(
             Job.status.in_(("queued", "running")),

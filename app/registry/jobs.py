@@ -16,7 +16,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.registry.locks import lock_rows
-from app.registry.models import Job, JobEvent, is_id_text, utcnow
+from app.registry.models import Job, JobEvent, as_utc, is_id_text, utcnow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -142,9 +142,7 @@ def request_cancel(session: Session, job_id: str, now: datetime | None = None) -
 
 def _worker_gone(job: Job, now: datetime) -> bool:
     expires = job.lease_expires_at
-    if expires is not None and expires.tzinfo is None:  # SQLite hands back naive UTC
-        expires = expires.replace(tzinfo=now.tzinfo)
-    return job.lease_owner is None or expires is None or expires < now
+    return job.lease_owner is None or expires is None or as_utc(expires) < now
 
 
 def _end_cancelled(session: Session, job: Job, now: datetime, message: str) -> None:

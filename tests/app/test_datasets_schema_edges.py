@@ -22,12 +22,12 @@ from app.registry.datasets import (
     create_dataset,
     dataset_for_job,
     delete_dataset,
-    list_datasets,
 )
 from app.registry.jobs import JobConflict, create_job
 from app.registry.migrate import alembic_config, current_revision, head_revision, upgrade
 from app.registry.models import Base, Dataset, Job
 from tests.app.test_api_datasets import assert_error, chat_line, jsonl, make_dataset, upload
+from tests.app.test_registry_datasets import walk_pages
 
 
 def _dataset(s: Session, n: int, created_at: datetime | None = None) -> str:
@@ -57,15 +57,8 @@ def test_pages_are_stable_when_datasets_share_created_at(sessions: sessionmaker[
     same = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
     with sessions.begin() as s:
         ids = {_dataset(s, n, same) for n in range(5)} | {_dataset(s, 10)}
-    seen: list[str] = []
-    after = None
     with sessions.begin() as s:
-        while True:
-            page, more = list_datasets(s, limit=1, after=after)
-            seen += [d.id for d in page]
-            if not more:
-                break
-            after = page[-1].id
+        seen = walk_pages(s, limit=1)
     assert len(seen) == len(ids) and set(seen) == ids
     tied = [i for i in seen if i in ids and i != seen[0]]
     assert tied == sorted(tied, reverse=True)

@@ -17,16 +17,21 @@ def _dataset(s: Session, n: int) -> str:
 def test_cursor_pagination_visits_every_dataset_once(sessions: sessionmaker[Session]) -> None:
     with sessions.begin() as s:
         ids = {_dataset(s, n) for n in range(7)}
+    with sessions.begin() as s:
+        seen = walk_pages(s, limit=3)
+    assert sorted(seen) == sorted(ids) and len(seen) == 7
+
+
+def walk_pages(session: Session, *, limit: int) -> list[str]:
+    """Every dataset id, page after page of ``limit``, following ``next`` cursors."""
     seen: list[str] = []
     after = None
-    with sessions.begin() as s:
-        while True:
-            page, more = list_datasets(s, limit=3, after=after)
-            seen += [d.id for d in page]
-            if not more:
-                break
-            after = page[-1].id
-    assert sorted(seen) == sorted(ids) and len(seen) == 7
+    while True:
+        page, more = list_datasets(session, limit=limit, after=after)
+        seen += [d.id for d in page]
+        if not more:
+            return seen
+        after = page[-1].id
 
 
 def test_delete_waits_for_jobs_that_use_the_dataset(sessions: sessionmaker[Session]) -> None:
