@@ -20,6 +20,7 @@ from fastapi.openapi.utils import get_openapi
 
 from app.api import adapters, datasets, generate, health, jobs, openai_compat
 from app.api.auth import ApiKeyMiddleware
+from app.api.body_limit import BodyLimitMiddleware
 from app.api.deps import Services
 from app.api.errors import install_error_handlers, use_error_schema_for_validation
 from app.api.json_body import reject_repeated_json_keys
@@ -184,6 +185,7 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
     app.include_router(adapters.router, dependencies=auth)
     app.include_router(generate.router, dependencies=auth)
     app.include_router(openai_compat.router, dependencies=auth)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)  # (after the key check)
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys)
     app.add_middleware(_MetricsMiddleware, metrics=metrics)  # (outermost: refused requests are counted too)
 

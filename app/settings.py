@@ -45,6 +45,10 @@ class Settings(BaseSettings):
         default_factory=list, description="Accepted bearer tokens; empty = no authentication (local use)."
     )
     max_upload_bytes: int = Field(default=2 * 1024**3, gt=0, description="Largest dataset/adapter upload.")
+    max_request_bytes: int = Field(
+        default=32 * 1024**2, gt=0, description="Largest request body of every other route (JSON: prompts, job specs); "
+        "413 past it, before the body is read whole. Raise it with max_batch_tokens for batches of long prompts.",
+    )
     serving_enabled: bool = Field(
         default=True, description="Load the base model in the API process and serve /generate and /v1; false for "
         "API replicas that only manage datasets, jobs and the registry.",

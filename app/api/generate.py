@@ -8,6 +8,8 @@ server-sent events.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -21,6 +23,7 @@ from app.serving.engine import GenerationResult, StreamDelta
 from app.serving.errors import ServingError
 from app.serving.host import ServingHost
 from app.serving.sampling import SamplingParams
+from app.serving.text import lone_surrogate
 
 router = APIRouter(tags=["inference"])
 
@@ -84,6 +87,9 @@ class GenerateRequest(BaseModel):
         stops = self.stops
         if len(stops) > MAX_STOPS or any(not s for s in stops):
             raise FieldError("stop", f"`stop` takes up to {MAX_STOPS} non-empty strings")
+        for stop in stops:
+            if (at := lone_surrogate(stop)) is not None:
+                raise FieldError("stop", f"stop holds a lone UTF-16 surrogate at character {at}, which no text contains")
         return self
 
     @property
@@ -101,14 +107,32 @@ class GenerateRequest(BaseModel):
             logprobs=self.logprobs or self.top_logprobs > 0, top_logprobs=self.top_logprobs,
         )
 
-    def token_ids(self, host: ServingHost) -> list[list[int]]:
+    def token_ids(self, host: ServingHost, check: Callable[[list[int], str], None]) -> list[list[int]]:
+        """Every prompt's token ids, each passed to ``check(ids, its field)`` as it is made, so that a batch
+        stops at its first prompt that cannot run. Blocking (tokenizers take time on long text): run it in a
+        thread."""
+        out: list[list[int]] = []
+        params = iter(self.prompt_params(self.count))
         if self.prompt is not None:
-            prompts = self.prompt if isinstance(self.prompt, list) else [self.prompt]
-            return [host.encode_prompt(p, f"prompt[{i}]" if self.batched else "prompt") for i, p in enumerate(prompts)]
+            for prompt in self.prompt if isinstance(self.prompt, list) else [self.prompt]:
+                param = next(params)
+                out.append(host.encode_prompt(prompt, param))
+                check(out[-1], param)
+            return out
         assert self.messages is not None
-        conversations = self.messages if isinstance(self.messages[0], list) else [self.messages]
-        return [host.encode_chat([m.model_dump() for m in c], param=f"messages[{i}]" if self.batched else "messages")
-                for i, c in enumerate(conversations)]
+        for conversation in self.messages if isinstance(self.messages[0], list) else [self.messages]:
+            param = next(params)
+            out.append(host.encode_chat([m.model_dump() for m in conversation], param=param))
+            check(out[-1], param)
+        return out
+
+    @property
+    def count(self) -> int:
+        """Prompts (or conversations) in the request."""
+        if self.prompt is not None:
+            return len(self.prompt) if isinstance(self.prompt, list) else 1
+        assert self.messages is not None
+        return len(self.messages) if isinstance(self.messages[0], list) else 1
 
     def prompt_params(self, count: int) -> list[str]:
         """Each prompt's field, as errors name it: ``prompt``, or ``prompt[i]`` in a batch (``messages`` alike)."""
@@ -192,9 +216,13 @@ _STREAM_DOC = {
 async def generate(body: GenerateRequest, request: Request, services: ServicesDep,
                    adapter: AdapterQuery = None) -> Any:
     host = inference.serving_host(services)
-    prompts = body.token_ids(host)
-    inference.check_queue_room(host, len(prompts), 1, prompt_param="prompt" if body.prompt is not None else "messages")
+    inference.check_queue_room(host, body.count, 1, prompt_param="prompt" if body.prompt is not None else "messages")
     params = body.sampling()
+
+    def check(ids: list[int], param: str) -> None:
+        host.engine.check_request(len(ids), params, prompt_param=param, length_param="max_new_tokens")
+
+    prompts = await asyncio.to_thread(body.token_ids, host, check)  # (off the event loop: long text takes time)
     generation = await inference.start(services, adapter, "adapter", prompts, [params] * len(prompts),
                                        stream=body.stream, prompt_params=body.prompt_params(len(prompts)),
                                        length_param="max_new_tokens")

@@ -27,6 +27,7 @@ from app.serving.sampling import SamplingParams
 INFERENCE_ERRORS: dict[int | str, dict[str, Any]] = {
     400: error_doc("invalid_json", "the body is not valid JSON"),
     404: ERROR_RESPONSES[404],
+    413: error_doc("payload_too_large", "the body is over ADAPTERFORGE_MAX_REQUEST_BYTES", 413),
     422: ERROR_RESPONSES[422],
     429: error_doc("rate_limited", "ADAPTERFORGE_MAX_QUEUE_DEPTH requests already wait (Retry-After)", 429),
     500: error_doc("internal_error", "the generation failed: a forward on the device, or this request's "

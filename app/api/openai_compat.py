@@ -28,6 +28,7 @@ from app.serving.engine import GenerationResult, StreamDelta
 from app.serving.errors import ServingError
 from app.serving.host import ServingHost
 from app.serving.sampling import SamplingParams
+from app.serving.text import lone_surrogate
 from app.serving.token_bytes import TextOffsets, text_offsets, token_bytes
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -165,6 +166,9 @@ class _Common(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         if len(stops) > 4 or any(not s for s in stops):
             raise FieldError("stop", "stop takes up to 4 non-empty strings")
+        for stop in stops:
+            if (at := lone_surrogate(stop)) is not None:
+                raise FieldError("stop", f"stop holds a lone UTF-16 surrogate at character {at}, which no text contains")
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "stream_options needs stream: true")
         return self
@@ -221,17 +225,19 @@ class CompletionRequest(_Common):
             raise FieldError("prompt", f"prompt as a list of prompts needs 1 to {MAX_PROMPTS} entries")
         return self
 
-    def prompt_ids(self, host: ServingHost) -> list[list[int]]:
+    def prompt_ids(self, host: ServingHost, check: Callable[[list[int], str], None]) -> list[list[int]]:
+        """Every prompt's token ids, each passed to ``check(ids, its field)`` as it is made (a batch stops at its
+        first prompt that cannot run). Blocking (tokenizers take time on long text): run it in a thread."""
         p = self.prompt
-        if isinstance(p, str):
-            return [host.encode_prompt(p)]
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        if all(isinstance(x, str) for x in p):
-            return [host.encode_prompt(x, f"prompt[{i}]") for i, x in enumerate(p)]  # type: ignore[arg-type]
-        if all(isinstance(x, list) for x in p):
-            return [list(x) for x in p]  # type: ignore[arg-type]
-        raise ApiError(422, "prompt mixes strings and token lists", param="prompt")
+        if isinstance(p, list) and not (all(isinstance(x, int) for x in p) or all(isinstance(x, str) for x in p)
+                                        or all(isinstance(x, list) for x in p)):
+            raise ApiError(422, "prompt mixes strings and token lists", param="prompt")
+        items: list[Any] = [p] if isinstance(p, str) or all(isinstance(x, int) for x in p) else list(p)
+        out: list[list[int]] = []
+        for item, name in zip(items, self.prompt_params(), strict=True):
+            out.append(host.encode_prompt(item, name) if isinstance(item, str) else list(item))
+            check(out[-1], name)
+        return out
 
     def prompt_params(self) -> list[str]:
         """Each prompt's field, as errors name it: ``prompt``, or ``prompt[i]`` for a list of prompts."""
@@ -241,11 +247,10 @@ class CompletionRequest(_Common):
         return [f"prompt[{i}]" for i in range(len(p))]
 
 
-def _check_ids(host: ServingHost, prompts: list[list[int]], names: list[str]) -> None:
+def _check_ids(host: ServingHost, ids: list[int], name: str) -> None:
     vocab = len(host.tokenizer)
-    for ids, name in zip(prompts, names, strict=True):
-        if any(not 0 <= i < vocab for i in ids):
-            raise ApiError(422, f"{name}: token ids must be in 0..{vocab - 1}", param=name)
+    if any(not 0 <= i < vocab for i in ids):
+        raise ApiError(422, f"{name}: token ids must be in 0..{vocab - 1}", param=name)
 
 
 def _completion_logprobs(host: ServingHost, r: GenerationResult) -> dict[str, Any] | None:
@@ -293,13 +298,18 @@ _SSE_DOC = {
              responses={200: _SSE_DOC, **inference.INFERENCE_ERRORS})
 async def completions(body: CompletionRequest, request: Request, services: ServicesDep) -> Any:
     host = inference.serving_host(services)
-    prompts = body.prompt_ids(host)
     prompt_params = body.prompt_params()
-    _check_ids(host, prompts, prompt_params)
     n = body.n or 1
-    inference.check_queue_room(host, len(prompts), n, prompt_param="prompt")
+    inference.check_queue_room(host, len(prompt_params), n, prompt_param="prompt")
     max_tokens = body.max_tokens or 16
     logprobs = -1 if body.logprobs is None else body.logprobs
+    first = body.params(max_tokens, logprobs, 0)
+
+    def check(ids: list[int], name: str) -> None:
+        _check_ids(host, ids, name)
+        host.engine.check_request(len(ids), first, prompt_param=name, length_param="max_tokens")
+
+    prompts = await asyncio.to_thread(body.prompt_ids, host, check)  # (off the event loop: long text takes time)
     expanded = [ids for ids in prompts for _ in range(n)]
     params = [body.params(max_tokens, logprobs, j) for _ in prompts for j in range(n)]
     names = [name for name in prompt_params for _ in range(n)]  # (n choices per prompt, as expanded)
@@ -401,6 +411,9 @@ class ChatMessageIn(BaseModel):
         for j, part in enumerate(self.content):
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise ApiError(422, f"{where}.content[{j}]: only text parts are supported", param=f"{where}.content")
+            for key in sorted(set(part) - {"type", "text"}):  # (e.g. cache_control: refused, never ignored)
+                raise ApiError(422, f"{where}.content[{j}].{key} is not supported by this server",
+                               param=f"{where}.content[{j}].{key}")
             parts.append(part["text"])
         return "".join(parts)
 
@@ -454,16 +467,11 @@ def _chat_logprobs(host: ServingHost, token_ids: list[int], logprobs: list[float
              responses={200: _SSE_DOC, **inference.INFERENCE_ERRORS})
 async def chat_completions(body: ChatCompletionRequest, request: Request, services: ServicesDep) -> Any:
     host = inference.serving_host(services)
-    messages = [{"role": m.role, "content": m.text(f"messages[{i}]"),
-                 **({"name": m.name} if m.name is not None else {})} for i, m in enumerate(body.messages)]
-    ids = host.encode_chat(messages)
-    for i, m in enumerate(body.messages):  # each name must change the prompt: one the template drops is refused
-        if m.name is not None and host.encode_chat([{k: v for k, v in x.items() if k != "name" or j != i}
-                                                    for j, x in enumerate(messages)]) == ids:
-            raise ApiError(422, f"messages[{i}].name: the base model's chat template does not use this message's "
-                                "participant name: send it without `name`", param=f"messages[{i}].name")
     n = body.n or 1
     inference.check_queue_room(host, 1, n, prompt_param="messages")
+    messages = [{"role": m.role, "content": m.text(f"messages[{i}]"),
+                 **({"name": m.name} if m.name is not None else {})} for i, m in enumerate(body.messages)]
+    ids = await asyncio.to_thread(_conversation_ids, host, messages)  # (off the event loop: long text takes time)
     max_tokens = body.max_completion_tokens or body.max_tokens or _default_chat_tokens(host, len(ids))
     logprobs = (body.top_logprobs or 0) if body.logprobs else -1
     params = [body.params(max_tokens, logprobs, j) for j in range(n)]
@@ -482,6 +490,30 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
                 "logprobs": _chat_logprobs(host, r.token_ids, r.logprobs, r.top_logprobs), "finish_reason": _finish(r)}
                for i, r in enumerate(results)]
     return {**meta, "object": "chat.completion", "choices": choices, "usage": _usage(results, [len(ids)])}
+
+
+def _conversation_ids(host: ServingHost, messages: list[dict[str, Any]]) -> list[int]:
+    """The conversation's prompt, refused (422) where it leaves no room for a new token or where the chat
+    template drops a message's participant ``name`` (a name must change the prompt). Blocking.
+
+    Which names the template drops is read from one rendering with each name replaced by a random marker
+    (a marker missing from the text: that name may be dropped); only those are confirmed, each by rendering
+    the conversation without it, so a long conversation of named messages costs two renderings, not one
+    per message."""
+    ids = host.encode_chat(messages)
+    host.engine.check_request(len(ids), SamplingParams(max_new_tokens=1), prompt_param="messages")
+    named = [i for i, m in enumerate(messages) if "name" in m]
+    if not named:
+        return ids
+    markers = {i: f"{secrets.randbelow(10**12):012d}{i:06d}" for i in named}  # digits: no filter changes them
+    text = host.render_chat([{**m, "name": markers[i]} if i in markers else m for i, m in enumerate(messages)])
+    for i in named:
+        if markers[i] in text:
+            continue
+        if host.encode_chat([{k: v for k, v in m.items() if k != "name" or j != i} for j, m in enumerate(messages)]) == ids:
+            raise ApiError(422, f"messages[{i}].name: the base model's chat template does not use this message's "
+                                "participant name: send it without `name`", param=f"messages[{i}].name")
+    return ids
 
 
 def _default_chat_tokens(host: ServingHost, prompt_tokens: int) -> int:

@@ -49,6 +49,7 @@ from app.serving.errors import (
     RequestTooLarge,
     ServingError,
 )
+from app.serving.text import check_text
 from app.settings import Settings
 from app.storage import ArtifactNotFound, LocalArtifactStore
 
@@ -266,23 +267,31 @@ class ServingHost:
 
     # ------------------------------------------------------------------ prompts
     def encode_prompt(self, prompt: str, param: str = "prompt") -> list[int]:
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as exc:  # a lone UTF-16 surrogate (JSON's "\ud800"): no tokenizer takes it
-            raise RequestTooLarge(f"{param} holds a lone UTF-16 surrogate at character {exc.start}, which is not "
-                                  "text", param=param) from exc
+        check_text(prompt, param)
         ids: list[int] = self.tokenizer(prompt)["input_ids"]
         return ids
 
     def encode_chat(self, messages: list[dict[str, Any]], param: str = "messages") -> list[int]:
+        ids = self._chat_template(messages, param, tokenize=True)
+        return [int(i) for i in ids]
+
+    def render_chat(self, messages: list[dict[str, Any]], param: str = "messages") -> str:
+        """The text the chat template makes of ``messages`` (assistant turn opened)."""
+        text: str = self._chat_template(messages, param, tokenize=False)
+        return text
+
+    def _chat_template(self, messages: list[dict[str, Any]], param: str, *, tokenize: bool) -> Any:
         if not getattr(self.tokenizer, "chat_template", None):
             raise RequestTooLarge(f"the base model {self.name!r} has no chat template: send `prompt` instead", param=param)
+        for i, message in enumerate(messages):
+            for key in ("content", "name"):
+                if isinstance(message.get(key), str):
+                    check_text(message[key], f"{param}[{i}].{key}")
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=False)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=tokenize,
+                                                      return_dict=False)
         except Exception as exc:  # a template that raises on these messages (e.g. roles it does not allow)
             raise RequestTooLarge(f"the chat template could not render these messages: {exc}", param=param) from exc
-        return [int(i) for i in ids]
 
     def decode(self, ids: Sequence[int]) -> str:
         text: str = self.tokenizer.decode(list(ids), skip_special_tokens=False)

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from app.serving.errors import RequestTooLarge
+
 _CONTEXT_IDS = 6
 _INCOMPLETE = "\ufffd"
 
@@ -97,3 +99,21 @@ class TextTracker:
         out = self.text[self.sent:end]
         self.sent = end
         return out
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Where ``text`` holds a lone UTF-16 surrogate (JSON's ``"\\ud800"``), or ``None``: such text is not
+    text (no tokenizer takes it, no generated text contains it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return int(exc.start)
+    return None
+
+
+def check_text(text: str, param: str) -> None:
+    """Refuse (422 naming ``param``) text holding a lone UTF-16 surrogate."""
+    at = lone_surrogate(text)
+    if at is not None:
+        raise RequestTooLarge(f"{param} holds a lone UTF-16 surrogate at character {at}, which is not text",
+                              param=param)
