@@ -146,7 +146,7 @@ def find_targets(
         layers = [layers]
     patterns = config.layers_pattern
     if isinstance(patterns, str):
-        patterns = [patterns]
+        patterns = [patterns] if patterns else None  # (PEFT: an empty pattern is no pattern)
     found: list[str] = []
     excluded = 0
     for name, _module in modules:

@@ -64,15 +64,24 @@ def check_schema(url: str) -> None:
 
 
 def pin_adapters(services: Services, refs: list[str]) -> None:
-    """Load the versions ``refs`` name now into host memory and pin them (never evicted)."""
+    """Load the versions ``refs`` name now into host memory and pin them (never evicted). A ref that names no
+    adapter (not uploaded yet, or deleted since it was configured) is logged and skipped, so that a deletion
+    cannot keep the server from starting again; ``serving.pinned`` (``/readyz``) says what each ref pinned."""
     from app.api.inference import resolve_version
+    from app.serving.errors import AdapterNotFound
 
     assert services.serving is not None
-    for ref in refs:
-        version = resolve_version(services, ref, "pinned_adapters")
+    for ref in dict.fromkeys(refs):
+        try:
+            version = resolve_version(services, ref, "pinned_adapters")
+        except AdapterNotFound as exc:
+            logger.warning("serving: ADAPTERFORGE_PINNED_ADAPTERS names %r, which is not pinned: %s", ref, exc)
+            services.serving.pinned[ref] = None
+            continue
         lease = services.serving.lease(version, services.store)
         services.serving.bank.pin(version.id)
         services.serving.bank.release(lease)
+        services.serving.pinned[ref] = version.ref
         logger.info("serving: pinned adapter %s", version.ref)
 
 

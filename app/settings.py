@@ -8,6 +8,8 @@ start. Production sets ``DATABASE_URL`` (``postgresql+psycopg://...``) and ``BRO
 
 from __future__ import annotations
 
+import difflib
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -16,13 +18,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _DB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2")
 _BROKER_SCHEMES = ("redis", "rediss", "filesystem", "amqp", "memory")
+ENV_PREFIX = "ADAPTERFORGE_"
+# variables of this prefix that are not settings: set by `adapterforge up` for its worker; read by tests, benchmarks
+NOT_SETTINGS = frozenset({"ADAPTERFORGE_SUPERVISOR_PID", "ADAPTERFORGE_TEST_POSTGRES", "ADAPTERFORGE_BENCH_REDIS"})
 
 
 class Settings(BaseSettings):
     """Every knob of the service; see each field's description."""
 
     # (hide_input_in_errors: a refused URL or key would otherwise be printed whole, password included)
-    model_config = SettingsConfigDict(env_prefix="ADAPTERFORGE_", extra="ignore", hide_input_in_errors=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", hide_input_in_errors=True)
 
     data_dir: Path = Field(
         default_factory=lambda: Path.home() / ".adapterforge",
@@ -54,7 +59,8 @@ class Settings(BaseSettings):
         "API replicas that only manage datasets, jobs and the registry.",
     )
     max_batch_tokens: int = Field(
-        default=8192, gt=0, description="Token budget of the running batch: each request reserves prompt + max_new_tokens."
+        default=8192, gt=0, description="Token budget of the running batch, which bounds its key/value cache: the "
+        "rows times the longest reservation (prompt + max_new_tokens) among them stay within it."
     )
     max_batch_size: int = Field(default=64, gt=0, description="Most requests decoded together in one step.")
     max_queue_depth: int = Field(default=256, gt=0, description="Generations (prompts x n) waiting before 429; "
@@ -95,7 +101,8 @@ class Settings(BaseSettings):
     )
     pinned_adapters: list[str] = Field(
         default_factory=list, description="Adapter refs (`name`, `name@3`, `name@prod`) loaded at start and never "
-        "evicted (the version each names at start).",
+        "evicted (the version each names at start; one that names nothing then is logged and skipped). Fewer than "
+        "adapter_slots: at least one slot stays for the other adapters.",
     )
     job_lease_seconds: float = Field(
         default=60.0, gt=0, description="How long a worker's claim on a job lasts without a heartbeat (it renews every third)."
@@ -152,6 +159,24 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _expand(self) -> Settings:
         self.data_dir = self.data_dir.expanduser()
+        pinned = len(set(self.pinned_adapters))
+        if pinned >= self.adapter_slots:
+            raise ValueError(f"pinned_adapters names {pinned} adapters for {self.adapter_slots} adapter slots: pin "
+                             "fewer than adapter_slots, so that a slot stays for every other adapter")
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_unknown_variables(self) -> Settings:
+        """A misspelt variable (``ADAPTERFORGE_API_KEY``) would otherwise be ignored without a word: refused."""
+        fields = {name.upper() for name in type(self).model_fields}
+        for variable in sorted(os.environ):
+            if not variable.upper().startswith(ENV_PREFIX) or variable.upper() in NOT_SETTINGS:
+                continue
+            name = variable[len(ENV_PREFIX):].upper()
+            if name not in fields:
+                close = difflib.get_close_matches(name, sorted(fields), n=1)
+                hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+                raise ValueError(f"the environment variable {variable} is not a setting{hint}")
         return self
 
     @property

@@ -21,6 +21,7 @@ While other threads may prepare adapters, the thread that runs forwards, loads a
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import threading
@@ -59,7 +60,21 @@ def saved_module_names(model: nn.Module, wanted: Sequence[str]) -> list[str]:
         raise ConfigError(
             f"modules_to_save names {nested[0]!r}, a module of other modules: this server serves copies of single "
             "layers (lm_head, embed_tokens, a norm); save those instead", field="modules_to_save")
+    for name in found:
+        extra = _inputs_beyond_one(_unwrapped(model.get_submodule(name)))
+        if extra:
+            raise ConfigError(
+                f"modules_to_save names {name!r}, whose forward also takes {', '.join(extra)}: this server serves "
+                "copies of layers called with one tensor (lm_head, embed_tokens, a norm), whose output it can take "
+                "row by row for the rows of a batch that use the copy", field="modules_to_save")
     return found
+
+
+def _inputs_beyond_one(module: nn.Module) -> list[str]:
+    """The parameters of ``module.forward`` after its first (a rotary embedding's ``position_ids``, a learned
+    position table's ``past_key_values_length``): what a copy serving some rows of a batch could not slice."""
+    params = list(inspect.signature(module.forward).parameters.values())
+    return [p.name for p in params[1:]] + [p.name for p in params[:1] if p.kind is p.VAR_POSITIONAL]
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:
@@ -303,6 +318,10 @@ class SlottedModel:
                   | {("bias", n) for n in prepared.biases})
         for part in self._slot_parts.get(slot, set()) - wanted:
             self._clear_part(part, slot)
+        # before any write: a load that fails part-way leaves no part written that clear(slot) would not empty
+        self._slot_parts[slot] = wanted
+        self._slot_lora[slot] = set(prepared.layers)
+        self._slot_ranks.pop(slot, None)
         capacities = [layer.rank_capacity for layer in self._lora_layers.values()]
         for name, weights in prepared.layers.items():
             self._lora_layers[name].write(slot, weights)
@@ -313,8 +332,6 @@ class SlottedModel:
             self._swaps[name].write(slot, state)
         for name, delta in prepared.biases.items():
             self._biases[name].write(slot, delta)
-        self._slot_parts[slot] = wanted
-        self._slot_lora[slot] = set(prepared.layers)
         self._slot_ranks[slot] = prepared.rank
 
     def clear(self, slot: int) -> None:

@@ -58,7 +58,8 @@ async def _checks(services: Services) -> dict[str, Any]:
         checks["serving"] = {"ok": True, "enabled": False}
     else:
         checks["serving"] = {"ok": serving.engine.alive, "enabled": True, "queued": serving.engine.queue_depth,
-                             "running": serving.engine.running_rows, **serving.lora_kernel}
+                             "running": serving.engine.running_rows, **serving.lora_kernel,
+                             **({"pinned": dict(serving.pinned)} if serving.pinned else {})}
     return checks
 
 

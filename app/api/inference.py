@@ -271,6 +271,7 @@ async def start(services: Services, adapter: str | None, param: str, prompts: Se
         host.engine.check_request(len(ids), p, prompt_param=name, length_param=length_param)
     version: ServedVersion | None = None
     leases: list[AdapterLease | None] = [None] * len(prompts)
+    host.engine.check_room(len(prompts))  # (a full queue answers 429 before the adapter is read for nothing)
     if adapter is not None:
         try:
             version, leased = await _leased(services, adapter, param, len(prompts))

@@ -32,6 +32,8 @@ from app.serving.errors import AdapterNotFound, NoFreeSlot
 
 logger = logging.getLogger(__name__)
 
+GONE_KEPT = 65536  # evicted version ids remembered, so that a request that resolved one just before keeps nothing
+
 
 class BankEvents:
     """Counters the bank reports to (hits, misses and evictions per tier); no-ops by default."""
@@ -86,6 +88,8 @@ class AdapterBank:
         self._slots: OrderedDict[int, BankEntry] = OrderedDict()  # LRU order, oldest first
         self._free = list(range(slotted.num_slots, 0, -1))
         self._to_clear: list[int] = []
+        self._warned_small_host = False
+        self._gone: OrderedDict[str, None] = OrderedDict()  # versions evicted (deleted), the latest GONE_KEPT
 
     # ------------------------------------------------------------------ host tier (any thread)
     def fetch(self, key: str, ref: str, load: Callable[[], PreparedAdapter]) -> AdapterLease:
@@ -96,7 +100,9 @@ class AdapterBank:
         while True:
             with self._lock:
                 entry = self._entries.get(key)
-                if entry is None or entry.evicted:
+                if key in self._gone:  # deleted after the request resolved its ref: it runs, nothing is kept
+                    entry = BankEntry(key, ref, evicted=True)
+                elif entry is None or entry.evicted:
                     entry = BankEntry(key, ref)
                     self._entries[key] = entry
                 entry.leases += 1
@@ -146,14 +152,22 @@ class AdapterBank:
             self._host.move_to_end(entry.key)
 
     def _shrink_host(self) -> None:
-        """Drop least recently used host copies nobody holds until under capacity."""
-        for entry in list(self._host.values()):
-            if self._host_bytes <= self.host_capacity_bytes:
-                return
-            if entry.leases or entry.pinned:
-                continue
-            self._drop_host(entry)
-            self.events.evicted("host")
+        """Drop least recently used host copies nobody holds until under capacity: first those of versions in no
+        slot, then those in a slot (a request on one of those reads its files again: logged once, as a sign
+        that the host tier is smaller than what the slots hold)."""
+        for in_slot in (False, True):
+            for entry in list(self._host.values()):
+                if self._host_bytes <= self.host_capacity_bytes:
+                    return
+                if entry.leases or entry.pinned or (entry.slot is not None) != in_slot:
+                    continue
+                if in_slot and not self._warned_small_host:
+                    self._warned_small_host = True
+                    logger.warning("the adapter host cache (%d bytes, ADAPTERFORGE_ADAPTER_HOST_CACHE_BYTES) holds less "
+                                   "than the adapters in the slots: requests on them read their files again",
+                                   self.host_capacity_bytes)
+                self._drop_host(entry)
+                self.events.evicted("host")
 
     def _drop_host(self, entry: BankEntry) -> None:
         if self._host.pop(entry.key, None) is not None:
@@ -253,20 +267,28 @@ class AdapterBank:
         """Clear the slots of evicted versions that no row uses any more (engine thread)."""
         with self._lock:
             pending, self._to_clear = self._to_clear, []
-            for slot in pending:
+            for k, slot in enumerate(pending):
                 entry = self._slots.get(slot)
                 if entry is None or not entry.evicted or entry.leases:
                     continue  # requests accepted before the eviction still run on it; the last release re-queues
+                try:
+                    self.slotted.clear(slot)
+                except BaseException:  # the slot stays its version's, and is cleared at a later sweep
+                    self._to_clear.extend(pending[k:])
+                    raise
                 del self._slots[slot]
                 entry.slot = None
-                self.slotted.clear(slot)
                 self._free.append(slot)
                 self.events.slots_used(len(self._slots))
 
     # ------------------------------------------------------------------ management (any thread)
     def evict(self, key: str) -> bool:
-        """Forget version ``key``: new fetches load it afresh; its slot is freed once unused."""
+        """Forget version ``key`` (deleted): its host copy goes, its slot is freed once unused, and a fetch of it
+        after this (a request that resolved it just before the deletion) runs on a copy kept nowhere."""
         with self._lock:
+            self._gone[key] = None
+            if len(self._gone) > GONE_KEPT:
+                self._gone.popitem(last=False)
             entry = self._entries.pop(key, None)
             if entry is None:
                 return False

@@ -2,7 +2,9 @@
 
 Continuous batching: requests wait in a bounded queue; between two decode steps the engine admits
 waiting requests while the batch has rows and token budget left (each request reserves
-``prompt + max_new_tokens`` tokens of ``max_batch_tokens``) and its adapter can get a device slot,
+``prompt + max_new_tokens`` tokens, and the key/value cache holds every row at the length of the
+longest: the rows times the longest reservation stay within ``max_batch_tokens``) and its adapter
+can get a device slot,
 prefills them together, and merges them into the running batch (:mod:`app.serving.kv`); every
 step then decodes one token for every running row, each row with its own adapter slot and
 sampling settings. Finished, stopped and cancelled rows leave after the step that ends them.
@@ -349,19 +351,28 @@ class GenerationEngine:
         requests = [_Request(list(prompt_ids), params, lease, handle, lease.ref if lease is not None else None)
                     for (prompt_ids, params, lease), handle in zip(prompts, handles, strict=True)]
         with self._cond:
-            if not self._accepting:
-                raise ServingUnavailable("the generation engine is not running")
-            waiting = len(self._waiting)
-            if waiting + len(requests) > self.limits.max_queue_depth:
-                more = f"; this request's {len(requests)} generations do not fit" if len(requests) > 1 else ""
-                raise QueueFull(
-                    f"{waiting} generation requests are already waiting (ADAPTERFORGE_MAX_QUEUE_DEPTH){more}; "
-                    "retry shortly"
-                )
+            self._check_room(len(requests))
             self._waiting.extend(requests)
             self.metrics.queued(len(self._waiting))
             self._cond.notify()
         return handles
+
+    def check_room(self, count: int) -> None:
+        """Raise :class:`QueueFull` (429) or :class:`ServingUnavailable` (503) if ``count`` generations could not be
+        queued now: the API asks before it reads an adapter for them (a refused request then costs nothing);
+        :meth:`submit_all` asks again, and decides."""
+        with self._cond:
+            self._check_room(count)
+
+    def _check_room(self, count: int) -> None:
+        if not self._accepting:
+            raise ServingUnavailable("the generation engine is not running")
+        waiting = len(self._waiting)
+        if waiting + count > self.limits.max_queue_depth:
+            more = f"; this request's {count} generations do not fit" if count > 1 else ""
+            raise QueueFull(
+                f"{waiting} generation requests are already waiting (ADAPTERFORGE_MAX_QUEUE_DEPTH){more}; retry shortly"
+            )
 
     # ------------------------------------------------------------------ the loop (engine thread)
     def _loop(self, on_ready: Callable[[], object]) -> None:
@@ -372,24 +383,39 @@ class GenerationEngine:
             logger.exception("warm-up forward failed")
         finally:
             on_ready()
-        while True:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and not self._rows and not self._calls:
+                        self._cond.wait(timeout=1.0)
+                        self._idle_sweep()
+                    if self._stopping:
+                        break
+                try:
+                    with self.slotted.structure_lock:  # request threads wrap modules for new adapters between steps
+                        self._step()
+                except Exception as exc:
+                    logger.exception("generation step failed; failing the requests of the batch")
+                    self._fail_rows(ServingError(f"generation failed: {exc.__class__.__name__}: {exc}"))
+        except BaseException:  # (a bug of ours): no request may wait for an engine that is gone
+            logger.exception("the generation engine stopped on an unexpected error")
+            raise
+        finally:
             with self._cond:
-                while not self._stopping and not self._waiting and not self._rows and not self._calls:
-                    self._cond.wait(timeout=1.0)
-                    if self.slotted.structure_lock.acquire(blocking=False):  # never hold up submit() (which
-                        try:                                                  # needs _cond) behind a wrapping
-                            self.bank.sweep()
-                        finally:
-                            self.slotted.structure_lock.release()
-                if self._stopping:
-                    break
-            try:
-                with self.slotted.structure_lock:  # request threads wrap modules for new adapters between steps
-                    self._step()
-            except Exception as exc:
-                logger.exception("generation step failed; failing the requests of the batch")
-                self._fail_rows(ServingError(f"generation failed: {exc.__class__.__name__}: {exc}"))
-        self._shutdown()
+                self._accepting = False
+            self._shutdown()
+
+    def _idle_sweep(self) -> None:
+        """Clear the slots of deleted versions while no request runs (called holding ``_cond``); a failure is
+        logged and tried again later, never the end of the engine."""
+        if not self.slotted.structure_lock.acquire(blocking=False):  # never hold up submit() (which needs _cond)
+            return                                                   # behind a wrapping
+        try:
+            self.bank.sweep()
+        except Exception:
+            logger.exception("clearing the slots of deleted adapter versions failed; trying again later")
+        finally:
+            self.slotted.structure_lock.release()
 
     def _step(self) -> None:
         self._run_calls()
@@ -466,7 +492,11 @@ class GenerationEngine:
         remaining budget), so the slot still frees by then, and rows on one adapter still batch together."""
         admitted: list[_Row] = []
         rows_left = self.limits.max_batch_size - len(self._rows)
-        tokens = sum(r.request.reserved for r in self._rows)
+        # the key/value cache holds every row at the batch's length (padded on the left), which is at most the
+        # longest reservation (prompt + max_new_tokens) among the running rows: rows x that must stay within
+        # max_batch_tokens, not just the sum of the reservations
+        rows = len(self._rows)
+        longest = max((r.request.reserved for r in self._rows), default=0)
         draining: set[int] = set()  # slots freeing for older requests
         blocked: set[str] = set()  # adapter versions waiting for a slot (one drained slot each)
         horizon: dict[int, int] = {}  # by slot: the steps its rows may still take (once a slot drains)
@@ -474,7 +504,7 @@ class GenerationEngine:
             kept: deque[_Request] = deque()
             while self._waiting:
                 request = self._waiting.popleft()
-                if rows_left <= 0 or tokens + request.reserved > self.limits.max_batch_tokens:
+                if rows_left <= 0 or (rows + 1) * max(longest, request.reserved) > self.limits.max_batch_tokens:
                     kept.append(request)
                     kept.extend(self._waiting)
                     self._waiting.clear()
@@ -526,7 +556,8 @@ class GenerationEngine:
                     continue
                 admitted.append(row)
                 rows_left -= 1
-                tokens += request.reserved
+                rows += 1
+                longest = max(longest, request.reserved)
             self._waiting = kept
             self.metrics.queued(len(kept))
         return admitted
@@ -542,6 +573,21 @@ class GenerationEngine:
         return logits
 
     def _prefill(self, new: list[_Row]) -> None:
+        try:
+            logits, kv = self._prefilled(new)
+            joined = kv if self._kv is None else concat(self._kv, kv)
+        except Exception as exc:  # the running rows' cache is untouched (concat makes a new one): only the new rows fail
+            logger.exception("prefill of %d requests failed", len(new))
+            self._fail(new, ServingError(f"generation failed: {exc.__class__.__name__}: {exc}"), prefilled=False)
+            return
+        self._kv = joined
+        self._rows.extend(new)
+        self.peak_rows = max(self.peak_rows, len(self._rows))
+        self.metrics.running(len(self._rows))
+        self._take_tokens(logits, new)
+
+    def _prefilled(self, new: list[_Row]) -> tuple[torch.Tensor, BatchKV]:
+        """One forward over the new rows' prompts (padded on the left): their last logits and their cache."""
         lengths = [len(r.request.prompt_ids) for r in new]
         width = max(lengths)
         ids = torch.full((len(new), width), self._pad_id, dtype=torch.long)
@@ -553,18 +599,8 @@ class GenerationEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = new_cache()
-        try:
-            logits = self._forward(ids, mask, positions, cache, [r.slot for r in new], last_only=True)
-        except Exception as exc:  # the running rows' cache is untouched: only the new rows fail
-            logger.exception("prefill of %d requests failed", len(new))
-            self._fail(new, ServingError(f"generation failed: {exc.__class__.__name__}: {exc}"), prefilled=False)
-            return
-        kv = BatchKV(cache, mask, torch.tensor(lengths, dtype=torch.long, device=self.device))
-        self._kv = kv if self._kv is None else concat(self._kv, kv)
-        self._rows.extend(new)
-        self.peak_rows = max(self.peak_rows, len(self._rows))
-        self.metrics.running(len(self._rows))
-        self._take_tokens(logits, new)
+        logits = self._forward(ids, mask, positions, cache, [r.slot for r in new], last_only=True)
+        return logits, BatchKV(cache, mask, torch.tensor(lengths, dtype=torch.long, device=self.device))
 
     def _decode(self) -> None:
         kv = self._kv

@@ -139,6 +139,8 @@ class ServingHost:
             self._warm_up_gpu_kernel(required=settings.gpu_kernels == "on")
         events: BankEvents | None = metrics if isinstance(metrics, BankEvents) else None
         self.bank = AdapterBank(self.slotted, host_capacity_bytes=settings.adapter_host_cache_bytes, events=events)
+        self.pinned: dict[str, str | None] = {}
+        """Each ref of ADAPTERFORGE_PINNED_ADAPTERS and the version it pinned at start (``None``: nothing)."""
         config = getattr(model, "config", None)
         context = getattr(config, "max_position_embeddings", None)
         self.limits = EngineLimits(

@@ -9,6 +9,7 @@ moved aliases are served without a restart; deleted versions stop being served.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from transformers import AutoTokenizer
 
 from app.db import Database
 from app.registry.adapters import VersionSpec, create_version, get_version
+from app.settings import Settings
 from tests.app.serving_helpers import (
     PROMPTS,
     hf_generate,
@@ -629,10 +631,13 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def test_overload_answers_429_with_retry_after(tmp_path: Path, demo_model_dir: Path, base_host: Any) -> None:
+def test_overload_answers_429_with_retry_after(tmp_path: Path, demo_model_dir: Path, base_host: Any,
+                                              adapters: list[Path]) -> None:
     settings = serving_settings(tmp_path, demo_model_dir, max_batch_size=1, max_queue_depth=1)
     with served_app(settings, base_host) as client:
         engine = client.app.state.services.serving.engine
+        bank = client.app.state.services.serving.bank
+        version_id = upload(client, "cold", adapters[0])["id"]
         long = {"prompt": "x", "max_new_tokens": 200, "min_new_tokens": 200, "temperature": 0}
         answers: list[Any] = []
         threads = [threading.Thread(target=lambda: answers.append(generate(client, None, **long))) for _ in range(2)]
@@ -643,6 +648,9 @@ def test_overload_answers_429_with_retry_after(tmp_path: Path, demo_model_dir: P
         refused = generate(client, None, prompt="y", max_new_tokens=2)
         assert refused.status_code == 429, refused.text
         assert refused.json()["error"]["code"] == "rate_limited" and int(refused.headers["Retry-After"]) >= 1
+        on_adapter = generate(client, "cold", prompt="y", max_new_tokens=2)
+        assert on_adapter.status_code == 429, on_adapter.text
+        assert bank.where(version_id) == "store"  # refused before its files were read and laid out for nothing
         for t in threads:
             t.join()
         assert [a.status_code for a in answers] == [200, 200]
@@ -728,20 +736,44 @@ def test_metrics_count_requests_tokens_and_latencies(served: TestClient) -> None
 
 def test_pinned_adapters_load_at_start_and_keep_their_slot(tmp_path: Path, demo_model_dir: Path, base_host: Any,
                                                           adapters: list[Path]) -> None:
-    settings = serving_settings(tmp_path, demo_model_dir, adapter_slots=1)
+    settings = serving_settings(tmp_path, demo_model_dir, adapter_slots=2)
     with served_app(settings, base_host) as client:
         pinned_id = upload(client, "keep", adapters[0])["id"]
-        upload(client, "other", adapters[1])
-    pinned = settings.model_copy(update={"pinned_adapters": ["keep"]})
+        other_ids = [upload(client, name, adapters[i])["id"] for i, name in ((1, "other"), (2, "third"))]
+    pinned = Settings(**{**settings.model_dump(), "pinned_adapters": ["keep"]})  # (validated, unlike model_copy)
     with served_app(pinned, base_host) as client:
         bank = client.app.state.services.serving.bank
         assert bank.where(pinned_id) == "host"  # read and checked at start
         assert greedy(client, "keep", PROMPTS[0])["adapter"] == "keep@1"
         assert bank.where(pinned_id) == "device"
-        refused = generate(client, "other", prompt="x", max_new_tokens=2)  # the only slot is pinned
-        assert refused.status_code == 503 and "pinned" in refused.json()["error"]["message"]
-        assert int(refused.headers["Retry-After"]) >= 1
+        for name in ("other", "third", "other"):  # the other adapters take turns in the one unpinned slot
+            assert greedy(client, name, PROMPTS[1])["adapter"] == f"{name}@1"
+            assert bank.where(pinned_id) == "device"
+        assert sorted(bank.where(v) for v in other_ids) == ["device", "host"]
         assert greedy(client, "keep", PROMPTS[1])["adapter"] == "keep@1"
-    broken = settings.model_copy(update={"pinned_adapters": ["missing"]})
-    with pytest.raises(Exception, match="missing"), served_app(broken, base_host):
-        pass
+        assert client.get("/readyz").json()["checks"]["serving"]["pinned"] == {"keep": "keep@1"}
+
+
+def test_pinning_every_slot_is_refused_at_start(tmp_path: Path, demo_model_dir: Path) -> None:
+    """With every slot pinned, every other adapter would answer 503 (with a Retry-After that never helps)."""
+    with pytest.raises(ValueError, match="pin fewer than adapter_slots"):
+        serving_settings(tmp_path, demo_model_dir, adapter_slots=2, pinned_adapters=["a", "b@prod"])
+    assert serving_settings(tmp_path, demo_model_dir, adapter_slots=2, pinned_adapters=["a", "a"]).adapter_slots == 2
+
+
+def test_a_pinned_ref_that_names_no_adapter_does_not_keep_the_server_from_starting(
+        tmp_path: Path, demo_model_dir: Path, base_host: Any, adapters: list[Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Deleting a pinned adapter (or configuring one before it is uploaded) must not break the next start."""
+    settings = serving_settings(tmp_path, demo_model_dir, adapter_slots=3)
+    with served_app(settings, base_host) as client:
+        upload(client, "keep", adapters[0])
+        assert client.delete("/adapters/keep").status_code == 200
+    pinned = Settings(**{**settings.model_dump(), "pinned_adapters": ["keep", "later"]})
+    with caplog.at_level(logging.WARNING, logger="app.main"), served_app(pinned, base_host) as client:
+        assert client.get("/readyz").json()["checks"]["serving"]["pinned"] == {"keep": None, "later": None}
+        assert greedy(client, None, PROMPTS[0])["adapter"] is None
+        upload(client, "later", adapters[1])
+        assert greedy(client, "later", PROMPTS[0])["adapter"] == "later@1"
+    warned = [r.getMessage() for r in caplog.records if "ADAPTERFORGE_PINNED_ADAPTERS" in r.getMessage()]
+    assert len(warned) == 2 and "'keep'" in warned[0] and "'later'" in warned[1], warned

@@ -95,12 +95,12 @@ def post_json(client: TestClient, body: dict[str, Any]) -> Any:
 def test_a_prompt_with_a_lone_surrogate_is_refused_422_naming_it(served: TestClient, prompt: Any,
                                                                   param: str) -> None:
     """``"\\ud800"`` is valid JSON that no encoding holds; the tokenizer raises TypeError on it. ``messages``
-    with the same text answer 422 naming ``messages``; ``prompt`` answered 500 internal_error."""
+    with the same text answer 422 naming the message's content; ``prompt`` answered 500 internal_error."""
     response = post_json(served, {"prompt": prompt, "max_new_tokens": 2})
     assert response.status_code == 422, response.text
     assert response.json()["error"]["param"] == param
     chat = post_json(served, {"messages": [{"role": "user", "content": "\ud800"}], "max_new_tokens": 2})
-    assert chat.status_code == 422 and chat.json()["error"]["param"] == "messages", chat.text
+    assert chat.status_code == 422 and chat.json()["error"]["param"] == "messages[0].content", chat.text
     openai = served.post("/v1/completions", content=json.dumps({"model": "base", "prompt": prompt, "max_tokens": 2}),
                          headers={"content-type": "application/json"})
     assert openai.status_code == 422 and openai.json()["error"]["param"] == param, openai.text

@@ -279,3 +279,24 @@ def test_a_version_deleted_while_it_is_read_still_serves_its_request_and_is_not_
     bank.release(lease)
     bank.sweep()
     assert recorder.held == {}
+
+
+def test_host_copies_of_versions_in_no_slot_go_before_those_in_a_slot() -> None:
+    """A host tier too small for everything drops copies that nothing else holds first: a request on an adapter
+    sitting in a slot then needs no store read."""
+    bank, _, _ = make(slots=2, capacity=350)
+    reads: list[str] = []
+
+    def fetch(key: str) -> Any:
+        return bank.fetch(key, f"{key}@1", lambda: reads.append(key) or Prepared(key))
+
+    for key in ("a", "b"):  # both in slots
+        lease = fetch(key)
+        bank.acquire(lease)
+        bank.release(lease)
+    for key in ("c", "d"):  # in no slot: d's read leaves the tier over capacity
+        bank.release(fetch(key))
+    assert [bank.where(k) for k in "abcd"] == ["device", "device", "store", "host"]
+    for key in ("a", "b"):
+        bank.release(fetch(key))
+    assert reads == ["a", "b", "c", "d"]

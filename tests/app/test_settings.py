@@ -49,3 +49,15 @@ def test_bad_values_name_the_field(field: str, value: object, needle: str) -> No
     with pytest.raises(ValidationError) as err:
         Settings(**{field: value})
     assert needle in str(err.value)
+
+
+def test_a_misspelt_variable_is_refused_naming_the_setting_it_resembles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ADAPTERFORGE_API_KEY`` (no S) would otherwise leave the server without authentication, silently."""
+    monkeypatch.setenv("ADAPTERFORGE_API_KEY", "secret")
+    with pytest.raises(ValidationError, match=r"ADAPTERFORGE_API_KEY is not a setting \(did you mean ADAPTERFORGE_API_KEYS"):
+        Settings()
+    monkeypatch.delenv("ADAPTERFORGE_API_KEY")
+    monkeypatch.setenv("ADAPTERFORGE_SUPERVISOR_PID", "1")  # not settings, known: `adapterforge up`, tests, benches
+    monkeypatch.setenv("ADAPTERFORGE_TEST_POSTGRES", "postgresql+psycopg://x@y/z")
+    monkeypatch.setenv("ADAPTERFORGE_API_KEYS", '["k"]')
+    assert Settings().api_keys == ["k"]

@@ -130,6 +130,11 @@ CASES = [
             "layers_pattern": "layers",
         },
     ),
+    Case(  # PEFT reads an empty pattern as none (the default layer names)
+        "llama-layers-empty-pattern",
+        "llama",
+        {"r": 4, "target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1], "layers_pattern": ""},
+    ),
     Case(
         "gpt2-layers",
         "gpt2",
