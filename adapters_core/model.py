@@ -312,8 +312,7 @@ class AdapterModel(nn.Module):
         plan = []
         for key, value in tensors.items():
             param = live_by_peft_name.get(key)
-            allowed = ((key.endswith(".bias") and config.bias != "none") or key.endswith("base_layer.weight")
-                       or key in tables)
+            allowed = (key.endswith(".bias") and config.bias != "none") or is_saved_base_tensor(key, tables)
             if param is None or not allowed:
                 raise AdapterMismatchError(f"unexpected key {peft_format.KEY_PREFIX}{key} in adapter file")
             if tuple(param.shape) != tuple(value.shape):
@@ -652,6 +651,15 @@ def embedding_table_keys(model: nn.Module) -> set[str]:
             if candidate is module:
                 keys.add(_peft_base_name(f"{name}.weight"))
     return keys
+
+
+def is_saved_base_tensor(key: str, tables: set[str]) -> bool:
+    """Whether PEFT key ``key`` is a base model tensor PEFT writes beside an adapter as it is: the base weight or
+    bias of a layer under LoRA, an embedding table (``tables``: :func:`embedding_table_keys`), or the bias of one
+    (an output head with a bias, as Phi's), under ``save_embedding_layers``."""
+    if key.endswith((".base_layer.weight", ".base_layer.bias")) or key in tables:
+        return True
+    return key.endswith(".bias") and key.removesuffix(".bias") + ".weight" in tables
 
 
 def _peft_base_name(live_name: str) -> str:

@@ -24,7 +24,7 @@ from adapters_core.errors import (
 )
 from adapters_core.methods.lora import base_layers
 from adapters_core.methods.lora.config import LoraConfig
-from adapters_core.model import embedding_table_keys
+from adapters_core.model import embedding_table_keys, is_saved_base_tensor
 from adapters_core.peft_format import KEY_PREFIX
 from adapters_core.serving.layers import SlotWeights
 
@@ -99,8 +99,8 @@ def prepare_adapter(model: SlottedModel, config: AdapterConfig, tensors: dict[st
         if key.endswith(".bias") and lora.bias != "none":
             if not _inside_swap(key, remaining[key], prepared):
                 _bias_delta(model, key, remaining[key], prepared)
-        elif key.endswith(".base_layer.weight") or key in tables:
-            _check_embedding_table(model, key, remaining[key])
+        elif is_saved_base_tensor(key, tables):
+            _check_base_tensor(model, key, remaining[key])
         else:
             raise AdapterMismatchError(f"unexpected key {KEY_PREFIX}{key} in the adapter file for this base model")
     return prepared
@@ -204,20 +204,29 @@ def _bias_delta(model: SlottedModel, key: str, value: torch.Tensor, prepared: Pr
         )
 
 
-def _check_embedding_table(model: SlottedModel, key: str, value: torch.Tensor) -> None:
-    """PEFT saves whole embedding tables beside embedding adapters; serving needs them to be the base's own."""
-    module = key.removesuffix(".weight").removesuffix(".base_layer")
-    live = model.base_tensor(module, "weight")
+def _check_base_tensor(model: SlottedModel, key: str, value: torch.Tensor) -> None:
+    """PEFT saves base tensors beside some adapters (whole embedding tables, an output head's bias, a LoRA layer's
+    base weight); serving needs them to be the base's own: equal, or equal once the base's is rounded to the
+    file's dtype (an adapter file cast to bfloat16, or trained on a bfloat16 copy of a float32 base)."""
+    attribute = key.rsplit(".", 1)[1]
+    module = key.removesuffix(f".{attribute}").removesuffix(".base_layer")
+    live = model.base_tensor(module, attribute)
+    what = "embedding table" if attribute == "weight" else attribute
     if live is None or tuple(live.shape) != tuple(value.shape):
         shape = None if live is None else tuple(live.shape)
         raise AdapterMismatchError(
             f"{KEY_PREFIX}{key} has shape {tuple(value.shape)} but this base model's is {shape} "
             "(was the adapter trained on a different base model or with a resized vocabulary?)"
         )
-    if not torch.equal(value.to(live.dtype).to(live.device), live.detach()):
+    value = value.to(live.device)
+    base = live.detach()
+    same = torch.equal(value.to(base.dtype), base) or (
+        value.dtype != base.dtype and torch.equal(value, base.to(value.dtype)))
+    if not same:
         raise AdapterMismatchError(
-            f"{KEY_PREFIX}{key} differs from this base model's embedding table: the adapter was trained with a "
-            "modified vocabulary, which serving cannot apply per request"
+            f"{KEY_PREFIX}{key} differs from this base model's {module} {what}"
+            + (": the adapter was trained with a modified vocabulary, which serving cannot apply per request"
+               if attribute == "weight" else ": serving cannot apply a changed base tensor per request")
         )
 
 

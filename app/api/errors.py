@@ -126,10 +126,14 @@ def use_error_schema_for_validation(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def error_doc(code: str, description: str, status: int = 400) -> dict[str, Any]:
-    """An OpenAPI ``responses`` entry for an error answer."""
-    return {"description": description,
-            "content": {"application/json": {"example": error_body(code, "...", status=status)}}}
+def error_doc(code: str, description: str, status: int = 400, *, retry_after: bool = False) -> dict[str, Any]:
+    """An OpenAPI ``responses`` entry for an error answer (``retry_after``: it carries a ``Retry-After`` header)."""
+    doc: dict[str, Any] = {"description": description,
+                           "content": {"application/json": {"example": error_body(code, "...", status=status)}}}
+    if retry_after:
+        doc["headers"] = {"Retry-After": {"description": "Seconds to wait before trying again.",
+                                          "schema": {"type": "integer"}}}
+    return doc
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -178,6 +182,18 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     return error_response(422, "invalid_request", "; ".join(messages) + more, param)
 
 
+def _non_json_body(request: Request, exc: RequestValidationError) -> str | None:
+    """The media type of a body that was refused as a whole because it was not sent as JSON (``curl -d``
+    sends ``application/x-www-form-urlencoded``), else ``None``."""
+    errors = exc.errors()
+    if not errors or tuple(errors[0].get("loc") or ()) != ("body",):
+        return None
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not media or media == "application/json" or media.endswith("+json"):
+        return None
+    return media
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every error a route can raise to the one JSON error shape."""
 
@@ -186,7 +202,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        media = _non_json_body(request, exc)
+        if media is not None:  # (FastAPI hands such a body to the route as bytes: "should be a valid dictionary")
+            return error_response(415, "unsupported_media_type", f"the body was sent as {media!r}: send it as JSON, "
+                                  "with `Content-Type: application/json`")
         return _validation_response(exc)
 
     @app.exception_handler(StarletteHTTPException)

@@ -29,11 +29,12 @@ INFERENCE_ERRORS: dict[int | str, dict[str, Any]] = {
     404: ERROR_RESPONSES[404],
     413: error_doc("payload_too_large", "the body is over ADAPTERFORGE_MAX_REQUEST_BYTES", 413),
     422: ERROR_RESPONSES[422],
-    429: error_doc("rate_limited", "ADAPTERFORGE_MAX_QUEUE_DEPTH requests already wait (Retry-After)", 429),
+    429: error_doc("rate_limited", "ADAPTERFORGE_MAX_QUEUE_DEPTH requests already wait (Retry-After)", 429,
+                   retry_after=True),
     500: error_doc("internal_error", "the generation failed: a forward on the device, or this request's "
                    "next-token scores were not finite", 500),
     503: error_doc("unavailable", "inference is disabled or stopping, or every adapter slot is pinned to other "
-                   "adapters (Retry-After)", 503),
+                   "adapters (Retry-After)", 503, retry_after=True),
 }
 
 

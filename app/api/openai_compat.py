@@ -76,7 +76,9 @@ def _list_models(services: Services) -> list[registry.AdapterSummary]:
 
 
 @router.get("/models", response_model=ModelList, summary="List models",
-            description="`base` (the resident base model) and every live adapter, each usable as `model`.")
+            description="`base` (the resident base model) and every live adapter, each a value of `model` (an "
+            "adapter this server cannot serve, e.g. of a rank above ADAPTERFORGE_MAX_LORA_RANK, answers 422 when used).",
+            responses={503: inference.INFERENCE_ERRORS[503]})
 async def list_models(services: ServicesDep) -> ModelList:
     host = inference.serving_host(services)
     summaries = await asyncio.to_thread(_list_models, services)
@@ -84,7 +86,8 @@ async def list_models(services: ServicesDep) -> ModelList:
 
 
 @router.get("/models/{model:path}", response_model=ModelOut, summary="Retrieve a model",
-            description="`base` or an adapter reference, resolved now.", responses={404: ERROR_RESPONSES[404]})
+            description="`base` or an adapter reference, resolved now.",
+            responses={404: ERROR_RESPONSES[404], 422: ERROR_RESPONSES[422], 503: inference.INFERENCE_ERRORS[503]})
 async def retrieve_model(model: Annotated[str, PathParam(description="`base` or an adapter reference.")],
                          services: ServicesDep) -> ModelOut:
     host = inference.serving_host(services)
@@ -286,16 +289,71 @@ def _top_dict(host: ServingHost, step: list[tuple[int, float]], chosen: int, log
     return out
 
 
-_SSE_DOC = {
-    "description": "The completion; with `stream: true`, server-sent events of OpenAI's chunks, ending with "
-    "`data: [DONE]` (after an `{error}` chunk where a generation failed).",
-    "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}},
-}
+class UsageOut(BaseModel):
+    prompt_tokens: int = Field(description="Tokens of the prompts, each counted once whatever `n`.")
+    completion_tokens: int = Field(description="Tokens generated, over every choice.")
+    total_tokens: int = Field(description="The two together.")
+
+
+class CompletionChoiceOut(BaseModel):
+    index: int = Field(description="The choice's place: prompt i's choice j is i * n + j.")
+    text: str = Field(description="The generated text (cut before a stop string).")
+    logprobs: dict[str, Any] | None = Field(description="With `logprobs`: `tokens`, `token_logprobs`, `top_logprobs`, "
+                                            "`text_offset`.")
+    finish_reason: Literal["stop", "length"] = Field(description="`stop`: end of sequence or a stop string; "
+                                                     "`length`: max_tokens.")
+
+
+class CompletionOut(BaseModel):
+    """OpenAI's completion object (``stream: false``)."""
+
+    id: str = Field(description="`cmpl-...`.")
+    object: Literal["text_completion"] = Field(default="text_completion", description="Always `text_completion`.")
+    created: int = Field(description="Unix time.")
+    model: str = Field(description="`base`, or the adapter version that answered (`name@N`).")
+    choices: list[CompletionChoiceOut] = Field(description="n choices per prompt, in order.")
+    usage: UsageOut = Field(description="Token counts.")
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = Field(default="assistant", description="Always `assistant`.")
+    content: str = Field(description="The generated text (cut before a stop string).")
+    refusal: None = Field(default=None, description="Always null.")
+
+
+class ChatChoiceOut(BaseModel):
+    index: int = Field(description="The choice's place (0 to n - 1).")
+    message: ChatMessageOut = Field(description="The assistant's turn.")
+    logprobs: dict[str, Any] | None = Field(description="With `logprobs`: `{content: [{token, logprob, bytes, "
+                                            "top_logprobs}], refusal: null}`.")
+    finish_reason: Literal["stop", "length"] = Field(description="`stop`: end of sequence or a stop string; "
+                                                     "`length`: the token limit.")
+
+
+class ChatCompletionOut(BaseModel):
+    """OpenAI's chat completion object (``stream: false``)."""
+
+    id: str = Field(description="`chatcmpl-...`.")
+    object: Literal["chat.completion"] = Field(default="chat.completion", description="Always `chat.completion`.")
+    created: int = Field(description="Unix time.")
+    model: str = Field(description="`base`, or the adapter version that answered (`name@N`).")
+    system_fingerprint: None = Field(default=None, description="Always null.")
+    choices: list[ChatChoiceOut] = Field(description="n choices, in order.")
+    usage: UsageOut = Field(description="Token counts.")
+
+
+def _sse_doc(answer: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "model": answer,
+        "description": "The answer; with `stream: true`, server-sent events of OpenAI's chunks, ending with "
+        "`data: [DONE]` (after an `{error}` chunk where a generation failed).",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
 
 
 @router.post("/completions", summary="Create a completion (OpenAI)",
              description="OpenAI's text completion on the base model or an adapter (`model`). Streams with `stream`.",
-             responses={200: _SSE_DOC, **inference.INFERENCE_ERRORS})
+             responses={200: _sse_doc(CompletionOut), **inference.INFERENCE_ERRORS})
 async def completions(body: CompletionRequest, request: Request, services: ServicesDep) -> Any:
     host = inference.serving_host(services)
     prompt_params = body.prompt_params()
@@ -464,7 +522,7 @@ def _chat_logprobs(host: ServingHost, token_ids: list[int], logprobs: list[float
 @router.post("/chat/completions", summary="Create a chat completion (OpenAI)",
              description="OpenAI's chat completion on the base model or an adapter (`model`), rendered with the "
              "base model's chat template. Streams with `stream`.",
-             responses={200: _SSE_DOC, **inference.INFERENCE_ERRORS})
+             responses={200: _sse_doc(ChatCompletionOut), **inference.INFERENCE_ERRORS})
 async def chat_completions(body: ChatCompletionRequest, request: Request, services: ServicesDep) -> Any:
     host = inference.serving_host(services)
     n = body.n or 1

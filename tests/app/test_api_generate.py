@@ -459,6 +459,28 @@ def test_modules_to_save_match_as_peft_matches_them_and_whole_blocks_are_refused
         assert greedy(client, "plain", PROMPTS[1], n=8)["tokens"] == want_plain
 
 
+def test_copies_of_layers_called_with_more_than_one_input_are_refused_at_upload(
+        tmp_path: Path, demo_model_dir: Path, base_host: Any, tokenizer: Any) -> None:
+    """A copy of ``rotary_emb`` (called with ``position_ids``, answering a tuple) was accepted and served alone,
+    then failed every row of a batch it shared, other users' included, with a 500. Refused at upload naming
+    modules_to_save; a copy of a one-input layer (``act_fn``) is served beside others, as PEFT serves it."""
+    rotary = peft_adapter(demo_model_dir, tmp_path / "rotary", seed=61, r=4, target_modules=["q_proj"],
+                          modules_to_save=["rotary_emb"])
+    act = peft_adapter(demo_model_dir, tmp_path / "act", seed=62, r=4, target_modules=["q_proj"],
+                       modules_to_save=["act_fn"])
+    with served_app(serving_settings(tmp_path, demo_model_dir), base_host) as client:
+        files = [("files", (n, (rotary / n).read_bytes())) for n in ("adapter_config.json", "adapter_model.safetensors")]
+        refused = client.post("/adapters", files=[("name", (None, "rotary")), *files])
+        assert refused.status_code == 422, refused.text
+        error = refused.json()["error"]
+        assert error["param"] == "modules_to_save" and "position_ids" in error["message"], error
+        upload(client, "act", act)
+        model = PeftModel.from_pretrained(load_model(demo_model_dir), act).eval()
+        want, _ = hf_generate(model, tokenizer, PROMPTS[1], 8)
+        both = generate(client, "act", prompt=[PROMPTS[1], PROMPTS[2]], max_new_tokens=8, temperature=0)
+        assert both.status_code == 200 and both.json()["results"][0]["tokens"] == want, both.text
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"prompt": "hi", "min_new_tokens": 10, "max_new_tokens": 5}, "min_new_tokens"),
     ({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, "prompt"),

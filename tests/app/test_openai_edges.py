@@ -130,3 +130,22 @@ def test_a_name_the_chat_template_drops_is_refused_even_when_another_message_nam
     with pytest.raises(openai.UnprocessableEntityError) as info:
         oai.chat.completions.create(model="base", messages=messages, max_tokens=2)
     assert info.value.body["param"] == "messages[1].name"
+
+
+def test_the_documented_response_models_hold_what_the_routes_answer(client: TestClient) -> None:
+    """The OpenAPI schema of /v1/completions and /v1/chat/completions names these models: they must parse the
+    real answers, logprobs included, and the schema must point at them."""
+    from app.api.openai_compat import ChatCompletionOut, CompletionOut
+
+    done = client.post("/v1/completions", json={"model": "support", "prompt": ["hi", "there"], "n": 2,
+                                                "max_tokens": 3, "logprobs": 2, "temperature": 0})
+    assert done.status_code == 200, done.text
+    assert len(CompletionOut.model_validate(done.json(), strict=False).choices) == 4
+    chat = client.post("/v1/chat/completions", json={"model": "base", "messages": CHAT, "max_tokens": 3,
+                                                     "logprobs": True, "top_logprobs": 2})
+    assert chat.status_code == 200, chat.text
+    assert ChatCompletionOut.model_validate(chat.json(), strict=False).choices[0].logprobs is not None
+    spec = client.get("/openapi.json").json()
+    for path, name in (("/v1/completions", "CompletionOut"), ("/v1/chat/completions", "ChatCompletionOut")):
+        schema = spec["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert schema["$ref"].endswith(name)

@@ -177,3 +177,23 @@ def test_a_text_part_with_keys_the_server_does_not_read_is_refused(client: TestC
     plain = {"type": "text", "text": "hi"}
     assert client.post("/v1/chat/completions", json={"model": "base", "max_tokens": 2, "messages": [
         {"role": "user", "content": [plain]}]}).status_code == 200
+
+
+@pytest.mark.parametrize(("path", "content_type"), [
+    ("/generate", "application/x-www-form-urlencoded"),  # what `curl -d` sends
+    ("/generate", "text/plain"),
+    ("/v1/chat/completions", "application/x-www-form-urlencoded"),
+])
+def test_a_json_body_sent_as_another_media_type_is_415_saying_what_to_send(client: TestClient, path: str,
+                                                                         content_type: str) -> None:
+    body = {"prompt": "hi", "max_new_tokens": 2} if path == "/generate" else {
+        "model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    response = client.post(path, content=json.dumps(body), headers={"content-type": content_type})
+    assert response.status_code == 415, response.text
+    error = response.json()["error"]
+    assert error["code"] == "unsupported_media_type" and "Content-Type: application/json" in error["message"]
+    assert content_type in error["message"]
+    as_json = client.post(path, content=json.dumps(body), headers={"content-type": "application/json; charset=utf-8"})
+    assert as_json.status_code == 200, as_json.text
+    not_an_object = client.post(path, content="[1]", headers={"content-type": "application/json"})
+    assert not_an_object.status_code == 422  # JSON, but not the object the route takes
