@@ -273,8 +273,10 @@ def test_loop_matches_plain_torch_loop_over_hf_peft(tiny_llama_dir: Path, tmp_pa
     a = load_file(tmp_path / "ours_final" / "adapter_model.safetensors")
     b = load_file(tmp_path / "ref_final" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    for key in a:  # (Adam divides each update by its gradient's running size: an element whose gradient is near
+        # zero moves by float-rounding differences between the two forwards, 2.6e-5 on one CPU of 1e-1 weights;
+        # a wrong schedule, order or accumulation moves every element, and the losses above, by far more)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4)
 
 
 def test_accumulating_four_micro_batches_of_one_equals_one_batch_of_four(tiny_llama_dir: Path, tmp_path: Path) -> None:
