@@ -58,6 +58,7 @@ class BankEntry:
     pinned: bool = False
     evicted: bool = False
     reading: bool = False  # a fetch is reading its host copy (the others wait on ``loading``)
+    failure: Exception | None = None  # why the last read failed (the fetches that waited on it raise it too)
     loading: threading.Event = field(default_factory=threading.Event)
 
 
@@ -95,7 +96,8 @@ class AdapterBank:
     def fetch(self, key: str, ref: str, load: Callable[[], PreparedAdapter]) -> AdapterLease:
         """Lease version ``key`` to a request, reading it with ``load()`` unless host memory has it.
 
-        ``load`` errors propagate (nothing is kept). Concurrent fetches of one version load it once.
+        ``load`` errors propagate (nothing is kept). Concurrent fetches of one version load it once, and share its
+        error: a version that cannot be loaded is read once for them all, not once per waiting request in turn.
         """
         while True:
             with self._lock:
@@ -113,6 +115,7 @@ class AdapterBank:
                 owner = not entry.reading  # (a version in a slot whose host copy was dropped is read again)
                 if owner:
                     entry.reading = True
+                    entry.failure = None
                     entry.loading.clear()
             if owner:
                 return self._load(entry, load)
@@ -121,18 +124,22 @@ class AdapterBank:
                 if entry.prepared is not None:
                     self.events.hit("host")
                     return AdapterLease(entry)
-                entry.leases -= 1  # the owner's load failed: try again ourselves
+                entry.leases -= 1
+                failure = entry.failure
+                if failure is not None:  # the owner's load failed: so does this fetch, with the same error
+                    self._forget_if_unused(entry)
+                    raise failure
+                # (no error recorded: the owner was interrupted (BaseException): try again ourselves)
 
     def _load(self, entry: BankEntry, load: Callable[[], PreparedAdapter]) -> AdapterLease:
         self.events.miss("host")
         try:
             prepared = load()
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 entry.leases -= 1
-                if (self._entries.get(entry.key) is entry and entry.prepared is None and entry.slot is None
-                        and not entry.leases):
-                    del self._entries[entry.key]
+                entry.failure = exc if isinstance(exc, Exception) else None
+                self._forget_if_unused(entry)
                 entry.reading = False
                 entry.loading.set()
             raise
@@ -146,6 +153,12 @@ class AdapterBank:
             entry.reading = False
             entry.loading.set()
         return AdapterLease(entry)
+
+    def _forget_if_unused(self, entry: BankEntry) -> None:
+        """Drop ``entry`` from the bank if nothing holds or caches it (after a failed load)."""
+        if (self._entries.get(entry.key) is entry and entry.prepared is None and entry.slot is None
+                and not entry.leases):
+            del self._entries[entry.key]
 
     def _touch_host(self, entry: BankEntry) -> None:
         if entry.key in self._host:

@@ -8,6 +8,7 @@ engine thread.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import queue
@@ -234,12 +235,17 @@ class ServingHost:
                 "weights it applies to; convert it to a plain LoRA (PEFT's path_initial_model_for_weight_conversion) "
                 "and upload that", param="adapter",
             )
+        sha = _sha(version, WEIGHTS_NAME)
         try:
             config = _read_config(store, version)
-            with store.open(_sha(version, WEIGHTS_NAME)) as f:
-                return AdapterFiles(config, read_into_buffer(f))
+            with store.open(sha) as f:
+                weights = read_into_buffer(f)
         except (ArtifactNotFound, FileNotFoundError) as exc:
             raise ServingError(f"the stored files of {version.ref} are missing from the artifact store: {exc}") from exc
+        if hashlib.sha256(weights).hexdigest() != sha:  # (about a millisecond per MB, off the engine thread)
+            raise ServingError(f"the stored weights of {version.ref} do not match the sha256 recorded when they were "
+                               "stored: the artifact store is damaged (upload the adapter again)")
+        return AdapterFiles(config, weights)
 
     def prepare_files(self, version: ServedVersion, files: AdapterFiles) -> PreparedAdapter:
         """Check ``files`` against the base model and lay them out for the slots (torch work); typed errors
@@ -247,6 +253,9 @@ class ServingHost:
         try:
             tensors = load_weights(files.weights, f"the weights of {version.ref}")
             check_floating(tensors, f"the weights of {version.ref}")  # uploads are checked; older rows may not be
+        except AdapterFormatError as exc:  # the bytes stored (their sha256 checked): a file no upload check saw
+            raise AdapterNotServable(f"adapter {version.ref} cannot be served: {exc}", param="adapter") from exc
+        try:
             return self.slotted.prepare(config_from_dict(files.config), tensors)
         except RankTooLargeError as exc:
             raise RankTooLarge(

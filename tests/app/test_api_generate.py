@@ -459,6 +459,30 @@ def test_modules_to_save_match_as_peft_matches_them_and_whole_blocks_are_refused
         assert greedy(client, "plain", PROMPTS[1], n=8)["tokens"] == want_plain
 
 
+def test_stored_weights_that_no_longer_match_their_sha256_answer_500_and_are_not_served(
+        tmp_path: Path, demo_model_dir: Path, base_host: Any, adapters: list[Path]) -> None:
+    """Bytes flipped in the store were served (other tokens, 200); a truncated file answered 422 blaming the
+    base model. The store names each file by its sha256: a file that no longer has it is the server's fault."""
+    import hashlib
+
+    with served_app(serving_settings(tmp_path, demo_model_dir), base_host) as client:
+        upload(client, "dmg", adapters[0])
+        data = (adapters[0] / "adapter_model.safetensors").read_bytes()
+        stored = client.app.state.services.store.path(hashlib.sha256(data).hexdigest())
+        assert stored.read_bytes() == data
+        damaged = bytearray(data)
+        damaged[-8] ^= 0x40  # one bit of the last weight
+        stored.write_bytes(bytes(damaged))
+        for _ in range(2):  # (nothing of it is cached)
+            answer = generate(client, "dmg", prompt=PROMPTS[0], max_new_tokens=4)
+            assert answer.status_code == 500, answer.text
+            assert answer.json()["error"]["code"] == "internal_error" and "damaged" in answer.json()["error"]["message"]
+        stored.write_bytes(data[: len(data) // 2])
+        assert generate(client, "dmg", prompt=PROMPTS[0], max_new_tokens=4).status_code == 500
+        stored.write_bytes(data)
+        assert greedy(client, "dmg", PROMPTS[0], n=4)["adapter"] == "dmg@1"
+
+
 def test_copies_of_layers_called_with_more_than_one_input_are_refused_at_upload(
         tmp_path: Path, demo_model_dir: Path, base_host: Any, tokenizer: Any) -> None:
     """A copy of ``rotary_emb`` (called with ``position_ids``, answering a tuple) was accepted and served alone,

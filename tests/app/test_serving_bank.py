@@ -212,6 +212,47 @@ def test_concurrent_fetches_read_once() -> None:
     assert len(reads) == 1 and len(leases) == 5
 
 
+def test_concurrent_fetches_of_a_version_that_cannot_load_read_it_once_and_share_the_error() -> None:
+    """Each waiting request read the broken version again in turn (8 requests: 8 reads, the last answered after
+    8 times the read); they now all get the one read's error, and a later request reads it afresh."""
+    bank, _, _ = make()
+    reads: list[int] = []
+    started, release = threading.Event(), threading.Event()
+
+    def broken() -> Prepared:
+        reads.append(1)
+        started.set()
+        release.wait(10)
+        raise ValueError("truncated file")
+
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            bank.fetch("a", "a@1", broken)
+        except ValueError as exc:
+            errors.append(exc)
+
+    owner = threading.Thread(target=fetch)
+    owner.start()
+    assert started.wait(10)
+    waiters = [threading.Thread(target=fetch) for _ in range(4)]
+    for t in waiters:
+        t.start()
+    deadline = time.monotonic() + 10
+    while bank._entries["a"].leases < 5:  # every waiter is waiting on the owner's read
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    release.set()
+    for t in (owner, *waiters):
+        t.join()
+    assert len(reads) == 1 and len(errors) == 5 and all("truncated" in str(e) for e in errors)
+    assert bank.where("a") == "store" and "a" not in bank._entries
+    with pytest.raises(ValueError):
+        bank.fetch("a", "a@1", broken)
+    assert len(reads) == 2
+
+
 def test_evicting_a_running_version_clears_its_slot_after_its_rows_finish() -> None:
     bank, recorder, _ = make(slots=2)
     lease = bank.fetch("a", "a@1", lambda: Prepared("a"))
