@@ -304,15 +304,20 @@ class CompletionChoiceOut(BaseModel):
                                                      "`length`: max_tokens.")
 
 
-class CompletionOut(BaseModel):
-    """OpenAI's completion object (``stream: false``)."""
+class _AnswerOut(BaseModel):
+    """What OpenAI's completion and chat completion objects share."""
 
-    id: str = Field(description="`cmpl-...`.")
-    object: Literal["text_completion"] = Field(default="text_completion", description="Always `text_completion`.")
+    id: str = Field(description="`cmpl-...` or `chatcmpl-...`.")
     created: int = Field(description="Unix time.")
     model: str = Field(description="`base`, or the adapter version that answered (`name@N`).")
-    choices: list[CompletionChoiceOut] = Field(description="n choices per prompt, in order.")
     usage: UsageOut = Field(description="Token counts.")
+
+
+class CompletionOut(_AnswerOut):
+    """OpenAI's completion object (``stream: false``)."""
+
+    object: Literal["text_completion"] = Field(default="text_completion", description="Always `text_completion`.")
+    choices: list[CompletionChoiceOut] = Field(description="n choices per prompt, in order.")
 
 
 class ChatMessageOut(BaseModel):
@@ -330,16 +335,12 @@ class ChatChoiceOut(BaseModel):
                                                      "`length`: the token limit.")
 
 
-class ChatCompletionOut(BaseModel):
+class ChatCompletionOut(_AnswerOut):
     """OpenAI's chat completion object (``stream: false``)."""
 
-    id: str = Field(description="`chatcmpl-...`.")
     object: Literal["chat.completion"] = Field(default="chat.completion", description="Always `chat.completion`.")
-    created: int = Field(description="Unix time.")
-    model: str = Field(description="`base`, or the adapter version that answered (`name@N`).")
     system_fingerprint: None = Field(default=None, description="Always null.")
     choices: list[ChatChoiceOut] = Field(description="n choices, in order.")
-    usage: UsageOut = Field(description="Token counts.")
 
 
 def _sse_doc(answer: type[BaseModel]) -> dict[str, Any]:
