@@ -283,7 +283,7 @@ def peft_mixed_batch(model: Any, tokenizer: Any, requests: list[tuple[str, str]]
 
 
 def cold_loads(model_dir: Path, folders: list[Path], n: int, device: str, dtype: torch.dtype,
-               weight_dtype: torch.dtype | None) -> dict[str, list[float]]:
+               weight_dtype: torch.dtype | None, slot_dtype: torch.dtype | None = None) -> dict[str, list[float]]:
     """Per load, interleaved: ours = read + check + lay out + copy into a slot; peft = load_adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -294,7 +294,7 @@ def cold_loads(model_dir: Path, folders: list[Path], n: int, device: str, dtype:
     def base() -> Any:
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 
-    slotted = SlottedModel(base(), SLOTS, max_rank=64, weight_dtype=weight_dtype)
+    slotted = SlottedModel(base(), SLOTS, max_rank=64, dtype=slot_dtype, weight_dtype=weight_dtype)
     peft_model = PeftModel.from_pretrained(base(), folders[0], adapter_name="first").eval()
     times: dict[str, list[float]] = {"ours": [], "peft": [], "ours_copy_only": []}
     for i in range(-WARM_UP_LOADS, n):  # the first loads of a process (allocator, CUDA kernels) are not timed
@@ -371,6 +371,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
     spec = SPECS[args.spec or ("gpu" if device.startswith("cuda") else "cpu")]
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if args.adapter_dtype == "float16" and dtype != torch.float32:
+        raise SystemExit("--adapter-dtype float16 halves the slots of a float32 model; the cuda bench model is "
+                         "bfloat16 (its slots are 16-bit already with auto): use auto or float32")
     n_adapters = max(MIXES)
     tmp = tempfile.TemporaryDirectory(prefix="bench_serving_")
     work = Path(tmp.name)
@@ -448,7 +451,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             parted.append(where_greedy_parts(peft_model, tokenizer, peft_requests[c], served[(c, 0)], seq_outputs[c],
                                              device) | {"client": c})
     weight_dtype = torch.float16 if args.adapter_dtype == "float16" else None
-    loads = cold_loads(model_dir, folders[:33], COLD_LOADS, device, dtype, weight_dtype)
+    slot_dtype = torch.float32 if args.adapter_dtype == "float32" else None  # (as the server's slots are)
+    loads = cold_loads(model_dir, folders[:33], COLD_LOADS, device, dtype, weight_dtype, slot_dtype)
     engine_alone = in_fresh_process(engine_static_batch, work, model_dir, folders, prompts[:CLIENTS], device, rounds,
                                     args.adapter_dtype)
 

@@ -17,9 +17,11 @@ loaded; products and sums are float32, ``out`` is rounded once, at the store.
 
 Triton ships with CUDA builds of torch; it is imported only when the kernel is first loaded. Where it
 cannot be used (no Triton, ``ADAPTERFORGE_GPU_KERNELS=off``) :func:`load_gpu_bgmv` returns ``None``,
-logs why once, and the callers keep the torch path, which computes the same values; a launch that
-fails (Triton cannot compile for this GPU) is logged, the kernel stops accepting work, and that step
-and the following ones run on torch. Tests run the
+logs why once, and the callers keep the torch path, which computes the same values up to rounding (in
+16-bit products torch rounds the intermediate product and the sum, the kernel once); a launch that
+fails in Triton (it cannot compile or launch a variant for this GPU), or any launch before the warm-up
+has run every variant, is logged, the kernel stops accepting work, and that step and the following ones
+run on torch. Other faults after the warm-up (out of memory) fail that step only, as they would on torch. Tests run the
 same kernel on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py).
 """
 
@@ -51,6 +53,7 @@ class GpuBgmv:
         self.interpret = interpret  # Triton's interpreter (CPU tensors, tests), not a GPU
         self.launches = 0  # GPU kernel launches since the process started (benchmarks and checks read it)
         self.failure: str | None = None  # why a launch failed (Triton could not compile it); set: not used again
+        self.warmed = False  # every variant has run (warm_up): a later failure not Triton's is the step's alone
 
     def accepts(self, x: torch.Tensor, out: torch.Tensor) -> bool:
         """Whether :meth:`step` can take this ``x`` / ``out`` pair: ``(rows, tokens, features)`` both, the same
@@ -73,7 +76,12 @@ class GpuBgmv:
                     self._launch(x, a, b, slots, width, out)
             else:
                 self._launch(x, a, b, slots, width, out)
-        except Exception as exc:  # a Triton that cannot compile for this GPU: serve on torch's operators
+        except torch.OutOfMemoryError:
+            raise  # this step's (the engine answers its rows): the kernel stays in use
+        except Exception as exc:
+            if self.warmed and not type(exc).__module__.startswith("triton"):
+                raise  # a fault of this launch (every variant has run): the step fails, the kernel stays
+            # a Triton that cannot compile or launch this variant for this GPU: serve on torch's operators
             self.failure = f"{exc.__class__.__name__}: {exc}"
             logger.exception("the fused GPU LoRA kernel failed to launch; decode steps use torch's operators from now on")
             raise KernelUnavailable(self.failure) from exc
@@ -100,6 +108,7 @@ class GpuBgmv:
                     out = torch.zeros((1, tokens, out_features), dtype=dtype, device=device)
                     self.step(x, a, b, slots, block_r, out)
             block_r *= 2
+        self.warmed = True
         return self.launches - launches
 
     def _launch(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, width: int,
@@ -120,10 +129,10 @@ class GpuBgmv:
         block_t, block_k, block_n, warps = prefill_blocks(in_features, out_features, block_r)
         h = torch.empty((batch, tokens, width), dtype=torch.float32, device=x.device)
         blocks_t = -(-tokens // block_t)
-        shrink[(batch, blocks_t)](x, a, slots, h, tokens, in_features, capacity, width, x.stride(0), x.stride(1),
+        shrink[(blocks_t, batch)](x, a, slots, h, tokens, in_features, capacity, width, x.stride(0), x.stride(1),
                                   BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=warps,
                                   enable_fp_fusion=True)
-        expand[(batch, blocks_t, -(-out_features // block_n))](
+        expand[(blocks_t, batch, -(-out_features // block_n))](
             h, b, slots, out, tokens, out_features, capacity, width, out.stride(0), out.stride(1),
             BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps, enable_fp_fusion=True)
 

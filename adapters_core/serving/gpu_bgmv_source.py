@@ -38,17 +38,20 @@ def bgmv_step(x_ptr, a_ptr, b_ptr, slots_ptr, out_ptr, in_features, out_features
 
 @triton.jit
 def _prefill_program(slots_ptr, tokens, width, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):  # type: ignore[no-untyped-def]
-    """What a prefill program works on: its row (int64: row offsets of a long prefill pass 2**31 elements),
-    its ``BLOCK_T`` tokens and which of them exist, the row's slot, the rank lanes and which are in use."""
-    row = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    """What a prefill program works on: its row, its ``BLOCK_T`` tokens and which of them exist, the row's slot,
+    the rank lanes and which are in use. Rows and tokens are int64: a row's offset, or a token's within its row
+    (``tokens x features`` past 2**31 elements: 60k tokens of a 35,840-wide layer), would wrap in int32. Token
+    blocks are grid axis 0, rows axis 1: CUDA allows 2**31 - 1 programs on the first axis, 65,535 on the others
+    (131,070 tokens at ``BLOCK_T`` 2)."""
+    row = tl.program_id(1).to(tl.int64)
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     rank = tl.arange(0, BLOCK_R)
     return row, t, t < tokens, tl.load(slots_ptr + row).to(tl.int64), rank, rank < width
 
 
 def sgmv_shrink(x_ptr, a_ptr, slots_ptr, h_ptr, tokens, in_features, capacity, width,  # type: ignore[no-untyped-def]
                 sx_row, sx_token, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """A prefill's first half, one program per ``BLOCK_T`` tokens of row ``program_id(0)``:
+    """A prefill's first half, one program per ``BLOCK_T`` tokens (``program_id(0)``) of row ``program_id(1)``:
     ``h[i, t, :width] = x[i, t] @ A[sᵢ][:, :width]`` into a contiguous float32 ``h (rows, tokens, width)``."""
     row, t, t_ok, slot, rank, rank_ok = _prefill_program(slots_ptr, tokens, width, BLOCK_T, BLOCK_R)
     hidden = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
@@ -68,7 +71,7 @@ def sgmv_shrink(x_ptr, a_ptr, slots_ptr, h_ptr, tokens, in_features, capacity, w
 def sgmv_expand(h_ptr, b_ptr, slots_ptr, out_ptr, tokens, out_features, capacity, width,  # type: ignore[no-untyped-def]
                 so_row, so_token, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """A prefill's second half: ``out[i, t, n] += h[i, t, :width] @ B[sᵢ][:width, n]`` for ``BLOCK_T`` tokens and
-    ``BLOCK_N`` outputs of row ``program_id(0)`` per program, in float32, rounded once into ``out``."""
+    ``BLOCK_N`` outputs of row ``program_id(1)`` per program, in float32, rounded once into ``out``."""
     row, t, t_ok, slot, rank, rank_ok = _prefill_program(slots_ptr, tokens, width, BLOCK_T, BLOCK_R)
     hidden = tl.load(h_ptr + (row * tokens + t[:, None]) * width + rank[None, :],
                      mask=t_ok[:, None] & rank_ok[None, :], other=0.0)

@@ -138,17 +138,18 @@ def _lora_weights(model: SlottedModel, config: LoraConfig, name: str, remaining:
     else:
         a = _take(remaining, f"{name}.lora_A.weight", (rank, info.in_features))
         b = _take(remaining, f"{name}.lora_B.weight", (info.out_features, rank))
-    weights = SlotWeights(a=_slot_weight(a, None, model.weight_dtype, f"{name} lora_A"),
-                          b=_slot_weight(b, scaling, model.weight_dtype, f"{name} lora_B (scaled)"))
+    weights = SlotWeights(a=_slot_weight(a, None, model.weight_dtype, f"{name} lora_A", pin=_pins(model)),
+                          b=_slot_weight(b, scaling, model.weight_dtype, f"{name} lora_B (scaled)",
+                                                       pin=_pins(model)))
     if config.lora_bias:
         bias = _take(remaining, f"{name}.lora_B.bias", (info.out_features,)).to(torch.float32)
-        weights.lora_bias = _host(bias * scaling, dtype)
+        weights.lora_bias = _host(bias * scaling, dtype, pin=_pins(model))
     if config.use_dora:
         magnitude = _take(remaining, f"{name}.lora_magnitude_vector", (info.out_features,)).to(torch.float32)
         w = base_layers.linear_weight(base, info).to(torch.float32)
         delta = (b.to(w.device, torch.float32) @ a.to(w.device, torch.float32)) * scaling
         norm = torch.linalg.norm(w + delta, dim=1).cpu()
-        weights.gain = _host(magnitude / norm, dtype)
+        weights.gain = _host(magnitude / norm, dtype, pin=_pins(model))
     return weights
 
 
@@ -156,7 +157,7 @@ def _swap_state(model: SlottedModel, name: str, remaining: dict[str, torch.Tenso
     original = model.base_module(name)
     state = {}
     for key, live in original.state_dict().items():
-        state[key] = _host(_take(remaining, f"{name}.{key}", tuple(live.shape)), live.dtype)
+        state[key] = _host(_take(remaining, f"{name}.{key}", tuple(live.shape)), live.dtype, pin=_pins(model))
     return state
 
 
@@ -194,9 +195,9 @@ def _bias_delta(model: SlottedModel, key: str, value: torch.Tensor, prepared: Pr
     if not bool(delta.any()):
         return
     if module in prepared.layers:
-        prepared.layers[module].bias_delta = _host(delta, model.dtype)
+        prepared.layers[module].bias_delta = _host(delta, model.dtype, pin=_pins(model))
     elif model.bias_layer(module, int(delta.numel())):
-        prepared.biases[module] = _host(delta, model.dtype)
+        prepared.biases[module] = _host(delta, model.dtype, pin=_pins(model))
     else:
         raise AdapterMismatchError(
             f"{KEY_PREFIX}{key} changes the bias of {module}, a {type(model.base_module(module)).__name__}: serving "
@@ -230,13 +231,20 @@ def _check_base_tensor(model: SlottedModel, key: str, value: torch.Tensor) -> No
         )
 
 
-def _slot_weight(tensor: torch.Tensor, scaling: float | None, dtype: torch.dtype, what: str) -> torch.Tensor:
-    """``tensor.T`` (times ``scaling``) for a slot: a new contiguous host tensor in ``dtype``, pinned when CUDA is
-    present, written in one pass (a cold load's host time is mostly these copies). The product is computed in
+def _pins(model: SlottedModel) -> bool:
+    """Whether host copies for ``model``'s slots are page-locked: where its slots are on a CUDA device (so that
+    slot loads copy asynchronously); a model served on the CPU of a machine with a GPU pins nothing."""
+    return model.device.type == "cuda"
+
+
+def _slot_weight(tensor: torch.Tensor, scaling: float | None, dtype: torch.dtype, what: str, *,
+                 pin: bool) -> torch.Tensor:
+    """``tensor.T`` (times ``scaling``) for a slot: a new contiguous host tensor in ``dtype``, pinned where
+    ``pin``, written in one pass (a cold load's host time is mostly these copies). The product is computed in
     float32 (or in ``dtype``'s float32 arithmetic when the file already holds ``dtype``: the same values) and
     rounded once. In float16, refuses values past its range (they would be Inf)."""
     source = tensor if tensor.dtype in (torch.float32, dtype) else tensor.to(torch.float32)
-    out = torch.empty(tuple(reversed(tensor.shape)), dtype=dtype, pin_memory=torch.cuda.is_available())
+    out = torch.empty(tuple(reversed(tensor.shape)), dtype=dtype, pin_memory=pin)
     if scaling is None:
         out.copy_(source.t())
     else:
@@ -253,10 +261,10 @@ def _slot_weight(tensor: torch.Tensor, scaling: float | None, dtype: torch.dtype
     return out
 
 
-def _host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A contiguous host copy in ``dtype`` (pinned when CUDA is present, so slot loads copy asynchronously),
+def _host(tensor: torch.Tensor, dtype: torch.dtype, *, pin: bool) -> torch.Tensor:
+    """A contiguous host copy in ``dtype`` (pinned where ``pin``, so slot loads copy asynchronously),
     always its own memory: the file's tensors can be views of its whole buffer, which the host tier must
     not keep alive (nor miscount). One copy, straight into the (pinned) result."""
-    out = torch.empty(tuple(tensor.shape), dtype=dtype, pin_memory=torch.cuda.is_available())
+    out = torch.empty(tuple(tensor.shape), dtype=dtype, pin_memory=pin)
     out.copy_(tensor.detach())
     return out

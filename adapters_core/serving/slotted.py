@@ -145,7 +145,12 @@ class SlottedModel:
             logger.info("%s: LoRA products use torch", why)
             return None
         if wanted is None:
-            return load_gpu_bgmv()
+            loaded = load_gpu_bgmv()
+            if loaded is not None and loaded.interpret:  # (TRITON_INTERPRET=1 left set on a GPU host)
+                logger.warning("the fused GPU LoRA kernel would run in Triton's interpreter (TRITON_INTERPRET=1), "
+                               "which takes no CUDA tensors: LoRA products use torch")
+                return None
+            return loaded
         try:
             kernel = load_gpu_bgmv_or_raise()
         except KernelUnavailable as exc:

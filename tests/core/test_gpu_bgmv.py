@@ -208,3 +208,93 @@ def test_asked_for_where_it_cannot_run_is_an_error(kernel: GpuBgmv, monkeypatch:
     monkeypatch.setattr(kernel, "interpret", False)  # a kernel compiled for GPUs, asked for on a CPU model
     with pytest.raises(ConfigError, match="runs on a GPU, but the model is on cpu"):
         SlottedModel(model, 2, gpu_kernels=True)
+
+
+def test_prefill_token_offsets_past_2_31_elements_are_right(kernel: GpuBgmv) -> None:
+    """Token t of a row sits t x features elements in: past 2**31 (60k tokens of a 35,840-wide layer) an int32
+    offset wrapped, reading x from 4 GiB before it and writing the product there. Views with a token stride of
+    2**28 put token 8 at exactly 2**31, in storage that is virtual memory, never touched but for these rows."""
+    in_f, out_f, rank, tokens, stride = 16, 16, 16, 9, 2 ** 28
+    g = torch.Generator().manual_seed(0)
+    a, b = bank(2, in_f, rank, out_f, torch.float16, g)
+    slots = torch.tensor([1])
+    store = torch.empty(2 ** 32 + 64, dtype=torch.float16)  # 8 GiB of address space
+    x = store.as_strided((1, tokens, in_f), (tokens * stride, stride, 1), storage_offset=2 ** 31)
+    for t in range(tokens):
+        x[0, t] = torch.randn(in_f, generator=g).to(torch.float16)
+    store[:in_f] = 0.0  # where a wrapped offset lands
+    out = torch.randn(1, tokens, out_f, generator=g).to(torch.float16)
+    want = reference(x, a, b, slots, rank, out)
+    got = kernel.step(x, a, b, slots, rank, out.clone())
+    assert (got.double() - want).abs().max() < 0.1
+    del x
+    out = store.as_strided((1, tokens, out_f), (tokens * stride, stride, 1), storage_offset=2 ** 31)
+    for t in range(tokens):
+        out[0, t] = torch.randn(out_f, generator=g).to(torch.float16)
+    store[:out_f] = 0.0
+    x = torch.randn(1, tokens, in_f, generator=g).to(torch.float16)
+    want = reference(x, a, b, slots, rank, out)
+    kernel.step(x, a, b, slots, rank, out)
+    assert (out.double() - want).abs().max() < 0.1
+    assert not store[:out_f].any()  # nothing written 2**31 elements before `out`
+
+
+def test_after_the_warm_up_only_triton_failures_switch_the_kernel_off(kernel: GpuBgmv,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transient fault (out of memory for the prefill's scratch) failed the step and switched the kernel off for
+    the rest of the process: every later step ran on torch's slower operators."""
+    own = GpuBgmv(kernel._kernel, kernel._prefill_kernel, kernel.interpret)
+    x, out = torch.zeros(1, 2, 8), torch.zeros(1, 2, 8)
+    a, b = torch.zeros(1, 8, 16), torch.zeros(1, 16, 8)
+    slots = torch.zeros(1, dtype=torch.long)
+
+    def fail(error: BaseException) -> None:
+        def launch(*args: Any) -> None:
+            raise error
+        monkeypatch.setattr(own, "_launch", launch)
+
+    own.warmed = True
+    for transient in (torch.OutOfMemoryError("CUDA out of memory (injected)"), RuntimeError("illegal address")):
+        fail(transient)
+        with pytest.raises(type(transient)):
+            own.step(x, a, b, slots, 16, out)
+        assert own.failure is None and own.accepts(x, out)
+    compile_error = type("CompilationError", (Exception,), {"__module__": "triton.compiler.errors"})
+    fail(compile_error("no kernel image for this GPU"))
+    with pytest.raises(KernelUnavailable, match="no kernel image"):
+        own.step(x, a, b, slots, 16, out)
+    assert own.failure is not None and not own.accepts(x, out)
+    fresh = GpuBgmv(kernel._kernel, kernel._prefill_kernel, kernel.interpret)  # before its warm-up: any failure
+    monkeypatch.setattr(fresh, "_launch", lambda *args: (_ for _ in ()).throw(RuntimeError("driver too old")))
+    with pytest.raises(KernelUnavailable):
+        fresh.step(x, a, b, slots, 16, out)
+    assert fresh.failure is not None
+
+
+def test_auto_leaves_the_interpreter_alone_on_a_gpu_host(kernel: GpuBgmv, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture, tiny_llama_dir: Any) -> None:
+    """TRITON_INTERPRET=1 left set on a GPU host: the interpreter takes no CUDA tensors, so `auto` must not report
+    the kernel in use (every step would silently run on torch)."""
+    from adapters_core.serving.slotted import SlottedModel as Slotted
+    from tests.conftest import load_model
+
+    slotted = Slotted(load_model(tiny_llama_dir), 2)
+    monkeypatch.setattr(slotted, "device", torch.device("cuda"))
+    with caplog.at_level(logging.WARNING, logger="adapters_core.serving.slotted"):
+        assert slotted._gpu_kernel(None, torch.float32) is None
+    assert "TRITON_INTERPRET" in caplog.text
+
+
+def test_a_model_served_on_the_cpu_pins_no_host_memory_on_a_machine_with_a_gpu(
+        monkeypatch: pytest.MonkeyPatch, tiny_llama_dir: Any, tmp_path: Path) -> None:
+    """Pinning depended on `torch.cuda.is_available()`, not on the model's device: an API serving on the CPU next
+    to GPU workers page-locked its host tier (and made a CUDA context); on a CPU build it failed outright."""
+    from peft import LoraConfig, get_peft_model
+
+    from adapters_core.peft_format import read_adapter
+    from tests.conftest import load_model
+
+    get_peft_model(load_model(tiny_llama_dir), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    prepared = SlottedModel(load_model(tiny_llama_dir), 2).prepare(*read_adapter(tmp_path))
+    assert prepared.layers and not any(w.a.is_pinned() or w.b.is_pinned() for w in prepared.layers.values())
