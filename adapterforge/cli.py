@@ -57,7 +57,10 @@ def _settings(**overrides: Any) -> Any:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "?"
+            if not error["loc"]:  # a check of several settings together: its input is every setting, secrets too
+                problems.append(str(error["msg"]).removeprefix("Value error, "))
+                continue
+            field = str(error["loc"][0])
             where = f"ADAPTERFORGE_{field.upper()}" + (f" / {_FLAGS[field]}" if field in _FLAGS else "")
             problems.append(f"{where}: {error['msg']} (got {_without_password(error.get('input'))!r})")
         raise CliError("invalid settings: " + "; ".join(problems), code=2) from None

@@ -53,6 +53,25 @@ def test_bad_settings_and_flags_are_named(data_dir: Path, monkeypatch: pytest.Mo
     assert "s3cret" not in message
 
 
+@pytest.mark.parametrize(("env", "needle"), [
+    ({"ADAPTERFORGE_MAX_BATCH_TOKEN": "1"}, "ADAPTERFORGE_MAX_BATCH_TOKEN is not a setting (did you mean "
+                                            "ADAPTERFORGE_MAX_BATCH_TOKENS?)"),
+    ({"ADAPTERFORGE_ADAPTER_SLOTS": "1", "ADAPTERFORGE_PINNED_ADAPTERS": '["a"]'}, "pin fewer than adapter_slots"),
+])
+def test_checks_of_several_settings_name_the_problem_and_print_no_secret(
+        data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, env: dict[str, str],
+        needle: str) -> None:
+    """A check over the settings together has every setting as its input: printed, it showed the API keys and
+    the database password."""
+    monkeypatch.setenv("ADAPTERFORGE_DATABASE_URL", "postgresql+psycopg://admin:s3cret@127.0.0.1:1/af")
+    monkeypatch.setenv("ADAPTERFORGE_API_KEYS", '["key-s3cret"]')
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code, message = _run(["store", "gc"], caplog)
+    assert code == 2 and needle in message, message
+    assert "s3cret" not in message and "ADAPTERFORGE_?" not in message, message
+
+
 def test_log_level_is_case_insensitive(data_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                        caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("ADAPTERFORGE_LOG_LEVEL", "debug")

@@ -328,10 +328,12 @@ class SlottedModel:
         self._slot_lora[slot] = set(prepared.layers)
         self._slot_ranks.pop(slot, None)
         capacities = [layer.rank_capacity for layer in self._lora_layers.values()]
-        for name, weights in prepared.layers.items():
-            self._lora_layers[name].write(slot, weights)
-        if capacities != [layer.rank_capacity for layer in self._lora_layers.values()]:
-            self._synced = []  # a layer grew (or appeared with) new row buffers: every row re-syncs
+        try:
+            for name, weights in prepared.layers.items():
+                self._lora_layers[name].write(slot, weights)
+        finally:  # (a write that fails after another grew a layer: the other rows re-sync all the same)
+            if capacities != [layer.rank_capacity for layer in self._lora_layers.values()]:
+                self._synced = []  # a layer grew (or appeared with) new row buffers: every row re-syncs
         self._forget_rows(slot)
         for name, state in prepared.swaps.items():
             self._swaps[name].write(slot, state)

@@ -22,6 +22,16 @@ from app.api.errors import error_body
 UPLOAD_ROUTES = frozenset({("POST", "/datasets"), ("POST", "/adapters")})
 
 
+def _route_path(scope: dict[str, Any]) -> str:
+    """The request's path as the app's routes see it: without the server's ``--root-path`` prefix (uvicorn puts it
+    in ``path``) and a trailing slash (``/datasets/``, which the app redirects)."""
+    path = str(scope.get("path") or "")
+    root = str(scope.get("root_path") or "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path.rstrip("/") or "/"
+
+
 class BodyLimitMiddleware:
     """413 for a request body over ``max_bytes`` (the routes in ``exempt`` stream theirs and check it themselves)."""
 
@@ -31,7 +41,7 @@ class BodyLimitMiddleware:
         self.exempt = frozenset(exempt)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or (scope.get("method"), scope.get("path")) in self.exempt:
+        if scope["type"] != "http" or (scope.get("method"), _route_path(scope)) in self.exempt:
             await self.app(scope, receive, send)
             return
         length = dict(scope.get("headers") or []).get(b"content-length")

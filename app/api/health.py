@@ -59,8 +59,17 @@ async def _checks(services: Services) -> dict[str, Any]:
     else:
         checks["serving"] = {"ok": serving.engine.alive, "enabled": True, "queued": serving.engine.queue_depth,
                              "running": serving.engine.running_rows, **serving.lora_kernel,
-                             **({"pinned": dict(serving.pinned)} if serving.pinned else {})}
+                             **_pinned_counts(serving.pinned)}
     return checks
+
+
+def _pinned_counts(pinned: dict[str, str | None]) -> dict[str, int]:
+    """How many ADAPTERFORGE_PINNED_ADAPTERS refs pinned a version at start and how many named nothing (counts: the
+    probe needs no API key, and adapter names are the tenants' own; the log names the skipped refs)."""
+    if not pinned:
+        return {}
+    missing = sum(1 for version in pinned.values() if version is None)
+    return {"pinned": len(pinned) - missing, "pinned_missing": missing}
 
 
 @router.get(

@@ -25,7 +25,7 @@ from app.api.deps import Services, ServicesDep
 from app.api.errors import ERROR_RESPONSES, ApiError, FieldError, serving_error_body
 from app.registry import adapters as registry
 from app.serving.engine import GenerationResult, StreamDelta
-from app.serving.errors import ServingError
+from app.serving.errors import RequestTooLarge, ServingError
 from app.serving.host import ServingHost
 from app.serving.sampling import SamplingParams
 from app.serving.text import lone_surrogate
@@ -565,7 +565,10 @@ def _conversation_ids(host: ServingHost, messages: list[dict[str, Any]]) -> list
     if not named:
         return ids
     markers = {i: f"{secrets.randbelow(10**12):012d}{i:06d}" for i in named}  # digits: no filter changes them
-    text = host.render_chat([{**m, "name": markers[i]} if i in markers else m for i, m in enumerate(messages)])
+    try:
+        text = host.render_chat([{**m, "name": markers[i]} if i in markers else m for i, m in enumerate(messages)])
+    except RequestTooLarge:  # a template that refuses the markers (it checks names): every name is checked on its own
+        text = ""
     for i in named:
         if markers[i] in text:
             continue

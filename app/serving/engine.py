@@ -241,6 +241,7 @@ class GenerationEngine:
         self._stopping = False
         self.peak_rows = 0
         """The largest running batch so far (rows decoded together in one step)."""
+        self._sweep_failure_logged = -60.0
 
     # ------------------------------------------------------------------ lifecycle
     def _warm_up(self) -> None:
@@ -411,15 +412,24 @@ class GenerationEngine:
         if not self.slotted.structure_lock.acquire(blocking=False):  # never hold up submit() (which needs _cond)
             return                                                   # behind a wrapping
         try:
-            self.bank.sweep()
-        except Exception:
-            logger.exception("clearing the slots of deleted adapter versions failed; trying again later")
+            self._sweep()
         finally:
             self.slotted.structure_lock.release()
 
+    def _sweep(self) -> None:
+        """Clear the slots of deleted versions (:meth:`AdapterBank.sweep`). A failure is logged (once a minute at
+        most) and the slot tried again later; the step goes on: requests on other adapters still run."""
+        try:
+            self.bank.sweep()
+        except Exception:
+            now = time.monotonic()
+            if now - self._sweep_failure_logged >= 60.0:
+                self._sweep_failure_logged = now
+                logger.exception("clearing the slots of deleted adapter versions failed; trying again later")
+
     def _step(self) -> None:
         self._run_calls()
-        self.bank.sweep()
+        self._sweep()
         self._drop_cancelled()
         admitted = self._admit()
         if admitted:

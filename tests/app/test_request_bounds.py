@@ -197,3 +197,45 @@ def test_a_json_body_sent_as_another_media_type_is_415_saying_what_to_send(clien
     assert as_json.status_code == 200, as_json.text
     not_an_object = client.post(path, content="[1]", headers={"content-type": "application/json"})
     assert not_an_object.status_code == 422  # JSON, but not the object the route takes
+
+
+@pytest.mark.parametrize(("path", "root"), [("/api/datasets", "/api"), ("/datasets/", ""), ("/datasets", "")])
+def test_uploads_are_exempt_behind_a_root_path_and_with_a_trailing_slash(path: str, root: str) -> None:
+    """uvicorn --root-path puts the prefix into the scope's path: the upload routes stopped matching, and their
+    bodies were capped at the JSON routes' limit."""
+    import asyncio
+
+    from app.api.body_limit import BodyLimitMiddleware
+
+    reached: list[str] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"x" * 100, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        raise AssertionError(f"refused: {message}")
+
+    scope = {"type": "http", "method": "POST", "path": path, "root_path": root,
+             "headers": [(b"content-length", b"100")]}
+    asyncio.run(BodyLimitMiddleware(app, max_bytes=10)(scope, receive, send))
+    assert reached == [path]
+
+
+def test_a_template_that_checks_names_gets_each_name_checked_on_its_own(client: TestClient,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A template that refuses names it finds malformed refused the markers, and the request with them (422)."""
+    tokenizer = _host(client).tokenizer
+    template = tokenizer.chat_template.replace(
+        "message['role'] }}", "message['role'] }}{% if message.get('name') %}{% if not message['name'].isalpha() %}"
+        "{{ raise_exception('names must be letters') }}{% endif %}{{ message['name'] }}{% endif %}")
+    assert template != tokenizer.chat_template
+    monkeypatch.setattr(tokenizer, "chat_template", template)
+    messages = [{"role": "user", "content": "hi", "name": "alice"}, {"role": "user", "content": "yo", "name": "bob"}]
+    response = client.post("/v1/chat/completions", json={"model": "base", "messages": messages, "max_tokens": 2})
+    assert response.status_code == 200, response.text
+    bad = client.post("/v1/chat/completions", json={"model": "base", "max_tokens": 2,
+                                                    "messages": [{"role": "user", "content": "hi", "name": "b0b"}]})
+    assert bad.status_code == 422 and "names must be letters" in bad.json()["error"]["message"]

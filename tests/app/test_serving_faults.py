@@ -3,6 +3,7 @@ and no adapter is served with another's weights."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +33,8 @@ def folders(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     root = tmp_path_factory.mktemp("fault-adapters")
     return {"all": peft_adapter(demo_model_dir, root / "all", seed=1),
             "q": peft_adapter(demo_model_dir, root / "q", seed=2, target_modules=["q_proj"]),
-            "other": peft_adapter(demo_model_dir, root / "other", seed=3)}
+            "other": peft_adapter(demo_model_dir, root / "other", seed=3),
+            "r16": peft_adapter(demo_model_dir, root / "r16", seed=4, r=16)}
 
 
 @pytest.fixture
@@ -194,3 +196,61 @@ def test_the_key_value_cache_stays_within_max_batch_tokens_counted_as_the_padded
     finally:
         served.close()
     assert max(held) <= budget, max(held)
+
+
+def test_a_failed_load_that_grew_a_layer_leaves_the_other_rows_right(
+        demo_model_dir: Path, tmp_path: Path, folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With row buffers (no compiled kernel): a load that grew one layer's rank capacity (new, zeroed row buffers)
+    and then failed on another layer left the running rows marked as synced: they decoded with zeros there."""
+    host = ServingHost.load(Settings(data_dir=tmp_path, base_model=str(demo_model_dir), adapter_slots=3,
+                                     cpu_kernels="off"))
+    try:
+        def fetch(name: str) -> AdapterLease:
+            return host.bank.fetch(name, f"{name}@1", lambda: host.slotted.prepare(*read_adapter(folders[name])))
+
+        alone = [host.engine.submit(PROMPT, LONG, lease=fetch(n)).wait(60).token_ids for n in ("all", "other")]
+        grows = fetch("r16")  # (laid out now: the fault is in its slot write)
+        gate, steps = threading.Event(), []
+        decode = host.engine._decode
+
+        def gated() -> None:
+            steps.append(1)
+            if len(steps) == 5:
+                assert gate.wait(30)
+            decode()
+
+        monkeypatch.setattr(host.engine, "_decode", gated)
+        running = host.engine.submit_all([(PROMPT, LONG, fetch("all")), (PROMPT, LONG, fetch("other"))])
+        wait_until(lambda: len(steps) >= 5)
+        layers = list(host.slotted._lora_layers.values())
+        victim = layers[len(layers) // 2]
+        write = type(victim).write
+
+        def failing_write(self: Any, slot: int, weights: Any) -> None:
+            if self is victim:
+                raise RuntimeError("device error (injected)")
+            write(self, slot, weights)
+
+        monkeypatch.setattr(type(victim), "write", failing_write)
+        failed = host.engine.submit(PROMPT, GREEDY, lease=grows)
+        gate.set()
+        with pytest.raises(ServingError, match="device error"):
+            failed.wait(30)
+        assert [h.wait(60).token_ids for h in running] == alone
+    finally:
+        host.close()
+
+
+def test_a_slot_that_cannot_be_cleared_does_not_stop_other_requests(
+        host: ServingHost, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A failing sweep inside a step made every step fail before admitting anything: requests hung, the engine
+    spun and logged a traceback per step."""
+    def failing_sweep() -> None:
+        raise RuntimeError("clear failed (injected)")
+
+    monkeypatch.setattr(host.bank, "sweep", failing_sweep)
+    with caplog.at_level(logging.ERROR, logger="app.serving.engine"):
+        for _ in range(3):
+            assert len(host.engine.submit(PROMPT, GREEDY).wait(60).token_ids) == 6
+    assert host.engine.alive
+    assert sum("clearing the slots" in r.getMessage() for r in caplog.records) == 1  # (once a minute at most)
