@@ -219,19 +219,24 @@ def _up(host: str | None, port: int | None) -> int:
     app = create_app(settings)
     stop_requested = threading.Event()
 
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
+    def note_stop(signum: int) -> None:
         if not stop_requested.is_set():
             logger.info("%s received: shutting down", signal.Signals(signum).name)
         stop_requested.set()
         app.state.stopping.set()  # job event streams end now; generations get the grace period
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        note_stop(signum)
         server.should_exit = True
 
     class Server(uvicorn.Server):
         """uvicorn's server, telling the app when a signal asks it to stop: uvicorn installs its own
-        handlers while it serves (and re-raises the signal only once it has shut down)."""
+        handlers while it serves (and re-raises the signal only once it has shut down). Its own handling
+        decides how: a first Ctrl-C shuts down gracefully, a second forces the exit (setting
+        ``should_exit`` before it would make the first one the second)."""
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            request_stop(sig, frame)
+            note_stop(sig)
             super().handle_exit(sig, frame)
 
     server = Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),

@@ -357,8 +357,9 @@ def get_version(name: NameParam, version: VersionParam, session: SessionDep) -> 
 @router.get(
     "/{name}/versions/{version}/download",
     summary="Download a version",
-    description="The version's HF PEFT folder (`adapter_config.json` + `adapter_model.safetensors`, inside "
-    "`<name>-v<N>/`) as a `.tar.gz` (default) or, with `format=zip`, a `.zip`, streamed from the store. "
+    description="The version's HF PEFT folder (`adapter_config.json` + `adapter_model.safetensors`, and every other "
+    "file the version lists, e.g. a trained version's `README.md`, inside `<name>-v<N>/`) as a `.tar.gz` (default) "
+    "or, with `format=zip`, a `.zip`, streamed from the store. "
     "`peft.PeftModel.from_pretrained(base, folder)` loads the unpacked folder.",
     response_class=StreamingResponse,
     responses={
@@ -376,7 +377,8 @@ def download_version(
 ) -> StreamingResponse:
     found = registry.get_version(session, name, version)
     members = []
-    for filename in (CONFIG_NAME, WEIGHTS_NAME):
+    listed = sorted(f for f in found.files if f not in (CONFIG_NAME, WEIGHTS_NAME))  # (a trained version's README.md)
+    for filename in (CONFIG_NAME, WEIGHTS_NAME, *listed):
         try:
             path: Path | None = services.store.path(str(found.files[filename]["sha256"]))
         except (ArtifactNotFound, KeyError, TypeError):

@@ -543,3 +543,33 @@ def test_numbers_beyond_sql_integers_are_422_not_500(client: TestClient, adapter
     ):
         assert response.status_code == 422, response.text
         assert response.json()["error"]["param"] in ("version", "after", "Last-Event-ID")
+
+
+def test_a_download_holds_every_file_the_version_lists(client: TestClient, adapter_dir: Path) -> None:
+    """A trained version lists the README.md the trainer wrote (counted in its size); the download left it out."""
+    from sqlalchemy.orm import Session
+
+    from app.storage import LocalArtifactStore
+
+    store = LocalArtifactStore(client.settings.store_dir)  # type: ignore[attr-defined]
+    files = {}
+    for filename in ("adapter_config.json", WEIGHTS):
+        ref = store.put_bytes((adapter_dir / filename).read_bytes())
+        files[filename] = {"sha256": ref.sha256, "size": ref.size}
+    readme = store.put_bytes(b"# trained by AdapterForge\n")
+    files["README.md"] = {"sha256": readme.sha256, "size": readme.size}
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    engine = create_engine(client.settings.resolved_database_url)  # type: ignore[attr-defined]
+    with engine.begin() as conn, Session(conn) as session:
+        create_version(session, "trained", VersionSpec(method="lora", config=config, files=files,
+                                                       size=sum(f["size"] for f in files.values())))
+        session.commit()
+    engine.dispose()
+    listed = client.get("/adapters/trained").json()
+    response = client.get("/adapters/trained/versions/1/download")
+    assert response.status_code == 200, response.text
+    with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
+        names = sorted(m.name for m in tar.getmembers() if m.isfile())
+        assert tar.extractfile("trained-v1/README.md").read() == b"# trained by AdapterForge\n"  # type: ignore[union-attr]
+    assert names == ["trained-v1/README.md", "trained-v1/adapter_config.json", f"trained-v1/{WEIGHTS}"], names
+    assert "README.md" in json.dumps(listed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -47,3 +48,28 @@ def test_cli_db_upgrade(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert main(["db", "upgrade"]) == 0
     url = f"sqlite:///{tmp_path / 'data' / 'adapterforge.db'}"
     assert schema_is_current(url)
+
+
+def test_a_ctrl_c_during_an_upgrade_takes_effect_once_it_is_done(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alembic runs SQLite's DDL outside transactions: a Ctrl-C half-way through the first start left tables
+    without a recorded revision, and a database no later `adapterforge db upgrade` could bring current."""
+    import os
+    import signal
+
+    from alembic import command
+
+    from app.registry import migrate
+
+    real = command.upgrade
+
+    def interrupted(config: Any, revision: str) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C while the first migration runs
+        real(config, revision)
+
+    monkeypatch.setattr(command, "upgrade", interrupted)
+    url = f"sqlite:///{tmp_path / 'af.db'}"
+    with pytest.raises(KeyboardInterrupt):
+        migrate.upgrade(url)
+    assert migrate.current_revision(url) == migrate.head_revision()  # complete, then interrupted
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -402,3 +403,25 @@ def test_the_checkpoints_a_job_lists_exist(client: TestClient, wctx: WorkerConte
     after = client.get(f"/jobs/{job_id}/checkpoints").json()["data"]
     gone = [Path(c["path"]).name for c in after if not Path(c["path"]).exists()]
     assert gone == [], f"listed but deleted once the job ended: {gone}"
+
+
+@pytest.mark.parametrize("task_name", ["train", "merge"])
+def test_a_message_handed_to_a_worker_that_is_shutting_down_goes_back_to_the_queue(
+        task_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Celery still hands a stopping worker its prefetched message; the task returned, the message was acked and
+    gone, and the job sat queued until the reconciler re-sent it (5 minutes by default)."""
+    from celery.exceptions import Reject
+
+    from worker import tasks
+
+    ran: list[str] = []
+    monkeypatch.setattr(tasks, f"run_{task_name}_job", lambda job_id, ctx: ran.append(job_id))
+    monkeypatch.setattr(tasks, "context", lambda: None)
+    task = getattr(tasks, task_name)
+    task.run("job_a")
+    assert ran == ["job_a"]
+    monkeypatch.setattr(tasks, "SHUTDOWN", threading.Event())
+    tasks.SHUTDOWN.set()
+    with pytest.raises(Reject) as info:
+        task.run("job_b")
+    assert info.value.requeue and ran == ["job_a"]
