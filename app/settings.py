@@ -73,7 +73,7 @@ class Settings(BaseSettings):
         "products in float32, each layer's output rounded to the model's dtype), at twice the slot memory; "
         "float16 (float32 base models, e.g. on CPUs): LoRA A and B stored in float16, products still in float32: "
         "half the slot and host-cache memory and half the adapter bytes a decode step reads, at float16's rounding "
-        "of the weights (logits within about 1e-3 of HF PEFT's float32 ones, not 1e-5).",
+        "of the weights (log-probabilities within about 1e-3 of HF PEFT's float32 ones, not 1e-4).",
     )
     cpu_kernels: Literal["auto", "off"] = Field(
         default="auto", description="auto: decode steps and prefills with adapters on a CPU (float32, x86-64 "
