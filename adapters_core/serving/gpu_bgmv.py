@@ -18,10 +18,10 @@ loaded; products and sums are float32, ``out`` is rounded once, at the store.
 Triton ships with CUDA builds of torch; it is imported only when the kernel is first loaded. Where it
 cannot be used (no Triton, ``ADAPTERFORGE_GPU_KERNELS=off``) :func:`load_gpu_bgmv` returns ``None``,
 logs why once, and the callers keep the torch path, which computes the same values up to rounding (in
-16-bit products torch rounds the intermediate product and the sum, the kernel once); a launch that
-fails in Triton (it cannot compile or launch a variant for this GPU), or any launch before the warm-up
-has run every variant, is logged, the kernel stops accepting work, and that step and the following ones
-run on torch. Other faults after the warm-up (out of memory) fail that step only, as they would on torch. Tests run the
+16-bit products torch rounds the intermediate product and the sum, the kernel once); a launch of a
+variant that has never run that fails (Triton cannot compile or launch it for this GPU) is logged, the
+kernel stops accepting work, and that step and the following ones run on torch. A fault of a variant
+that has run before, or running out of memory, fails that step only, as it would on torch. Tests run the
 same kernel on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py).
 """
 
@@ -53,7 +53,7 @@ class GpuBgmv:
         self.interpret = interpret  # Triton's interpreter (CPU tensors, tests), not a GPU
         self.launches = 0  # GPU kernel launches since the process started (benchmarks and checks read it)
         self.failure: str | None = None  # why a launch failed (Triton could not compile it); set: not used again
-        self.warmed = False  # every variant has run (warm_up): a later failure not Triton's is the step's alone
+        self._launched: set[tuple[Any, ...]] = set()  # variants that have run: a later failure is the step's alone
 
     def accepts(self, x: torch.Tensor, out: torch.Tensor) -> bool:
         """Whether :meth:`step` can take this ``x`` / ``out`` pair: ``(rows, tokens, features)`` both, the same
@@ -70,6 +70,8 @@ class GpuBgmv:
         (see :meth:`accepts`)."""
         if not (a.is_contiguous() and b.is_contiguous() and x.stride(2) == 1 and out.stride(2) == 1):
             raise ValueError("the fused LoRA step needs contiguous banks and unit feature strides (see accepts)")
+        # what Triton compiles a variant for: a variant that has run once is compiled (a later fault is the launch's)
+        variant = (x.shape[1] == 1, rank_block(width), x.dtype, a.dtype, x.shape[2], out.shape[2])
         try:
             if x.is_cuda and x.device.index != torch.cuda.current_device():  # Triton launches on the current one
                 with torch.cuda.device(x.device):
@@ -79,12 +81,13 @@ class GpuBgmv:
         except torch.OutOfMemoryError:
             raise  # this step's (the engine answers its rows): the kernel stays in use
         except Exception as exc:
-            if self.warmed and not type(exc).__module__.startswith("triton"):
-                raise  # a fault of this launch (every variant has run): the step fails, the kernel stays
+            if variant in self._launched:
+                raise  # a fault of this launch, of a variant that has run: the step fails, the kernel stays
             # a Triton that cannot compile or launch this variant for this GPU: serve on torch's operators
             self.failure = f"{exc.__class__.__name__}: {exc}"
             logger.exception("the fused GPU LoRA kernel failed to launch; decode steps use torch's operators from now on")
             raise KernelUnavailable(self.failure) from exc
+        self._launched.add(variant)
         self.launches += 1 if x.shape[1] == 1 else 2
         return out
 
@@ -108,7 +111,6 @@ class GpuBgmv:
                     out = torch.zeros((1, tokens, out_features), dtype=dtype, device=device)
                     self.step(x, a, b, slots, block_r, out)
             block_r *= 2
-        self.warmed = True
         return self.launches - launches
 
     def _launch(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, width: int,

@@ -239,36 +239,36 @@ def test_prefill_token_offsets_past_2_31_elements_are_right(kernel: GpuBgmv) -> 
     assert not store[:out_f].any()  # nothing written 2**31 elements before `out`
 
 
-def test_after_the_warm_up_only_triton_failures_switch_the_kernel_off(kernel: GpuBgmv,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_a_variant_that_never_ran_switches_the_kernel_off_when_it_fails(kernel: GpuBgmv,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A transient fault (out of memory for the prefill's scratch) failed the step and switched the kernel off for
-    the rest of the process: every later step ran on torch's slower operators."""
+    the rest of the process: every later step ran on torch's slower operators. A variant that has run is
+    compiled: its faults are the step's; a new variant that fails is one Triton cannot build here."""
     own = GpuBgmv(kernel._kernel, kernel._prefill_kernel, kernel.interpret)
     x, out = torch.zeros(1, 2, 8), torch.zeros(1, 2, 8)
     a, b = torch.zeros(1, 8, 16), torch.zeros(1, 16, 8)
     slots = torch.zeros(1, dtype=torch.long)
+    own.step(x, a, b, slots, 16, out)  # this variant runs
 
     def fail(error: BaseException) -> None:
         def launch(*args: Any) -> None:
             raise error
         monkeypatch.setattr(own, "_launch", launch)
 
-    own.warmed = True
     for transient in (torch.OutOfMemoryError("CUDA out of memory (injected)"), RuntimeError("illegal address")):
         fail(transient)
         with pytest.raises(type(transient)):
             own.step(x, a, b, slots, 16, out)
         assert own.failure is None and own.accepts(x, out)
-    compile_error = type("CompilationError", (Exception,), {"__module__": "triton.compiler.errors"})
-    fail(compile_error("no kernel image for this GPU"))
-    with pytest.raises(KernelUnavailable, match="no kernel image"):
-        own.step(x, a, b, slots, 16, out)
+    fail(RuntimeError("PassManager::run failed"))  # (what Triton raises when it cannot compile)
+    with pytest.raises(KernelUnavailable, match="PassManager"):
+        own.step(x[:, :1], a, b, slots, 16, out[:, :1])  # a decode step: a variant that never ran
     assert own.failure is not None and not own.accepts(x, out)
-    fresh = GpuBgmv(kernel._kernel, kernel._prefill_kernel, kernel.interpret)  # before its warm-up: any failure
-    monkeypatch.setattr(fresh, "_launch", lambda *args: (_ for _ in ()).throw(RuntimeError("driver too old")))
-    with pytest.raises(KernelUnavailable):
+    fresh = GpuBgmv(kernel._kernel, kernel._prefill_kernel, kernel.interpret)
+    monkeypatch.setattr(fresh, "_launch", lambda *args: (_ for _ in ()).throw(torch.OutOfMemoryError("no memory")))
+    with pytest.raises(torch.OutOfMemoryError):  # (out of memory is never the kernel's fault)
         fresh.step(x, a, b, slots, 16, out)
-    assert fresh.failure is not None
+    assert fresh.failure is None
 
 
 def test_auto_leaves_the_interpreter_alone_on_a_gpu_host(kernel: GpuBgmv, monkeypatch: pytest.MonkeyPatch,

@@ -777,6 +777,7 @@ def test_a_fused_kernel_that_cannot_launch_leaves_decode_steps_to_torch(
 
     monkeypatch.setattr(kernel, "_kernel", CannotCompile())
     monkeypatch.setattr(kernel, "failure", None)
+    monkeypatch.setattr(kernel, "_launched", set())  # (a GPU where no variant has compiled yet)
     with caplog.at_level(logging.ERROR, logger="adapters_core.serving.gpu_bgmv"):
         got = decode_twice(fused)
     for step_got, step_want in zip(got, want, strict=True):
