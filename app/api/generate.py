@@ -23,7 +23,6 @@ from app.serving.engine import GenerationResult, StreamDelta
 from app.serving.errors import ServingError
 from app.serving.host import ServingHost
 from app.serving.sampling import SamplingParams
-from app.serving.text import lone_surrogate
 
 router = APIRouter(tags=["inference"])
 
@@ -87,9 +86,7 @@ class GenerateRequest(BaseModel):
         stops = self.stops
         if len(stops) > MAX_STOPS or any(not s for s in stops):
             raise FieldError("stop", f"`stop` takes up to {MAX_STOPS} non-empty strings")
-        for stop in stops:
-            if (at := lone_surrogate(stop)) is not None:
-                raise FieldError("stop", f"stop holds a lone UTF-16 surrogate at character {at}, which no text contains")
+        inference.refuse_lone_surrogates(stops, "stop")
         return self
 
     @property

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import Request
 
 from app.api.deps import Services
-from app.api.errors import ERROR_RESPONSES, ApiError, error_doc, serving_error_body
+from app.api.errors import ERROR_RESPONSES, ApiError, FieldError, error_doc, serving_error_body
 from app.registry import adapters as registry
 from app.registry.models import AdapterVersion
 from app.serving.bank import AdapterLease
@@ -22,6 +22,7 @@ from app.serving.engine import GenerationResult, RequestHandle, StreamDelta
 from app.serving.errors import AdapterNotFound, RequestTooLarge, ServingError, ServingUnavailable
 from app.serving.host import ServedVersion, ServingHost
 from app.serving.sampling import SamplingParams
+from app.serving.text import lone_surrogate
 
 # the error answers of every inference route, for their OpenAPI description
 INFERENCE_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -36,6 +37,13 @@ INFERENCE_ERRORS: dict[int | str, dict[str, Any]] = {
     503: error_doc("unavailable", "inference is disabled or stopping, or every adapter slot is pinned to other "
                    "adapters (Retry-After)", 503, retry_after=True),
 }
+
+
+def refuse_lone_surrogates(texts: Sequence[str], param: str) -> None:
+    """422 naming ``param`` for a text (a stop string) holding a lone UTF-16 surrogate, which no text contains."""
+    for text in texts:
+        if (at := lone_surrogate(text)) is not None:
+            raise FieldError(param, f"{param} holds a lone UTF-16 surrogate at character {at}, which no text contains")
 
 
 def serving_host(services: Services) -> ServingHost:

@@ -28,7 +28,6 @@ from app.serving.engine import GenerationResult, StreamDelta
 from app.serving.errors import RequestTooLarge, ServingError
 from app.serving.host import ServingHost
 from app.serving.sampling import SamplingParams
-from app.serving.text import lone_surrogate
 from app.serving.token_bytes import TextOffsets, text_offsets, token_bytes
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -169,9 +168,7 @@ class _Common(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         if len(stops) > 4 or any(not s for s in stops):
             raise FieldError("stop", "stop takes up to 4 non-empty strings")
-        for stop in stops:
-            if (at := lone_surrogate(stop)) is not None:
-                raise FieldError("stop", f"stop holds a lone UTF-16 surrogate at character {at}, which no text contains")
+        inference.refuse_lone_surrogates(stops, "stop")
         if self.stream_options is not None and not self.stream:
             raise FieldError("stream_options", "stream_options needs stream: true")
         return self

@@ -55,6 +55,21 @@ def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+def fail_writes_of_one_layer(host: ServingHost, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slot writes of the middle LoRA layer fail (a device error) until ``monkeypatch`` is undone: a slot load
+    fails part-way, after the layers before it were written."""
+    layers = list(host.slotted._lora_layers.values())
+    victim = layers[len(layers) // 2]
+    write = type(victim).write
+
+    def failing_write(self: Any, slot: int, weights: Any) -> None:
+        if self is victim:
+            raise RuntimeError("device error (injected)")
+        write(self, slot, weights)
+
+    monkeypatch.setattr(type(victim), "write", failing_write)
+
+
 def bank_holds(host: ServingHost, name: str) -> tuple[int, int]:
     entry = host.bank._entries[name]
     return entry.leases, entry.running
@@ -100,16 +115,7 @@ def test_a_slot_load_that_fails_part_way_leaves_nothing_of_that_adapter_in_the_s
     alone = host.engine.submit(PROMPT, GREEDY, lease=lease(host, folders, "q")).wait(60).token_ids
     host.evict(["q"])  # its slot is cleared and freed at the next sweep
 
-    layers = list(host.slotted._lora_layers.values())
-    victim = layers[len(layers) // 2]
-    write = type(victim).write
-
-    def failing_write(self: Any, slot: int, weights: Any) -> None:
-        if self is victim:
-            raise RuntimeError("device error (injected)")
-        write(self, slot, weights)
-
-    monkeypatch.setattr(type(victim), "write", failing_write)
+    fail_writes_of_one_layer(host, monkeypatch)
     with pytest.raises(ServingError, match="device error"):
         host.engine.submit(PROMPT, GREEDY, lease=lease(host, folders, "all")).wait(30)
     monkeypatch.undo()
@@ -222,16 +228,7 @@ def test_a_failed_load_that_grew_a_layer_leaves_the_other_rows_right(
         monkeypatch.setattr(host.engine, "_decode", gated)
         running = host.engine.submit_all([(PROMPT, LONG, fetch("all")), (PROMPT, LONG, fetch("other"))])
         wait_until(lambda: len(steps) >= 5)
-        layers = list(host.slotted._lora_layers.values())
-        victim = layers[len(layers) // 2]
-        write = type(victim).write
-
-        def failing_write(self: Any, slot: int, weights: Any) -> None:
-            if self is victim:
-                raise RuntimeError("device error (injected)")
-            write(self, slot, weights)
-
-        monkeypatch.setattr(type(victim), "write", failing_write)
+        fail_writes_of_one_layer(host, monkeypatch)
         failed = host.engine.submit(PROMPT, GREEDY, lease=grows)
         gate.set()
         with pytest.raises(ServingError, match="device error"):
